@@ -1,0 +1,51 @@
+"""The only code in vllm_sink that touches vLLM. Installed as ``vllm_sink.patches``.
+
+Grouped by the process each part runs in (vLLM V1 runs a frontend/API process, an
+EngineCore process with the scheduler, and one process per worker):
+
+* ``frontend/``    engine-config hook: reads ``additional_config["sink"]``, sets the
+                   engine settings the plugin needs, refuses what it cannot honour,
+                   and selects the two classes below through vLLM's own options;
+* ``engine_core/`` scheduler class (``scheduler_cls``) + KV-cache spec and manager
+                   registered in vLLM's KV-spec registry: the sink + ring block policy;
+* ``worker/``      worker class (``worker_cls``) + model-runner mixin: virtual
+                   sequences, cache-relative positions, key re-rotation.
+
+``patches/README.md`` is the ledger: why, how, verified versions, removal plan.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from vllm_sink.patches._patching import VERIFIED_VLLM, PatchError, version_supported, vllm_version
+
+logger = logging.getLogger("vllm.vllm_sink")
+
+_REGISTERED = False
+
+
+def register_plugin() -> None:
+    """Body of ``vllm_sink.register()``: idempotent, fail-closed on unverified vLLM."""
+    global _REGISTERED
+    if _REGISTERED:
+        return
+    _REGISTERED = True
+    if not version_supported():
+        logger.warning(
+            "vllm_sink %s is verified on vLLM %s only; this is vLLM %s. The plugin stays "
+            "inert: a \"sink\" section in additional_config is ignored.",
+            _plugin_version(), VERIFIED_VLLM, vllm_version())
+        return
+    from vllm_sink.patches.frontend import engine_args
+
+    engine_args.PATCH.apply()
+
+
+def _plugin_version() -> str:
+    from vllm_sink._version import __version__
+
+    return __version__
+
+
+__all__ = ["PatchError", "register_plugin"]

@@ -1,0 +1,18 @@
+"""The resolved sink layout of an engine, read back from its VllmConfig (any process)."""
+
+from __future__ import annotations
+
+from vllm_sink.config import SinkConfig, SinkLayout
+
+
+def sink_layout(vllm_config) -> SinkLayout | None:
+    """The layout the frontend resolved into ``additional_config["sink"]``, or None."""
+    extra = getattr(vllm_config, "additional_config", None)
+    section = extra.get("sink") if isinstance(extra, dict) else None
+    if section is None:
+        return None
+    if "position_limit" not in section:
+        raise RuntimeError("additional_config['sink'] was not resolved by the vllm_sink "
+                           "frontend hook; is the plugin installed in this process?")
+    return SinkConfig.from_section(section).resolve(
+        vllm_config.cache_config.block_size, section["position_limit"])

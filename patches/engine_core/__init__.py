@@ -1,0 +1,1 @@
+"""EngineCore-process parts: the scheduler class and the sink + ring KV policy."""

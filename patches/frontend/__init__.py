@@ -1,0 +1,1 @@
+"""Frontend-process patches (the process that builds the engine config)."""

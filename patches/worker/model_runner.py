@@ -1,0 +1,287 @@
+"""Worker: the model runner shows every request to vLLM as its *virtual sequence*.
+
+``SinkRunnerMixin`` is mixed into vLLM's (V1) ``CPUModelRunner`` by the sink worker.
+It overrides six runner methods, each wrapping and delegating to vLLM's own:
+
+``get_kv_cache_spec``   full-attention specs -> ``SinkAttentionSpec`` (others refused)
+``load_model``          finds each attention layer's RoPE module, refuses unsupported
+``initialize_kv_cache`` probes the backend's key layout (``kv_keys``)
+``_update_states``      before: absolute -> virtual token counts, long prompts trimmed
+                        to what the step needs; after: eviction (rows, block table,
+                        key re-rotation) and the next slice of a streamed prompt
+``_prepare_inputs``     adds each request's position offset O to ``positions``
+``_get_prompt_logprobs_dict``  runs in absolute coordinates (full prompt)
+
+Invariants between steps, per request (virtual = absolute - E for window tokens):
+* ``req_state`` and the input-batch row hold the virtual sequence: cached tokens
+  (<= C), then at most one not-yet-computed token (the sampled one, or the next prompt
+  token when the prompt continues: that keeps vLLM from sampling a partial prefill);
+  so a row never needs more than C + 1 slots, however long the stream or prompt;
+* the block-table row is ``ring_row(sinks, ring, shift)``; stock kernels attend it as
+  an ordinary dense sequence of length <= C;
+* every cached key sits at position ``virtual index + O`` (see vllm_sink.policy).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+import numpy as np
+import torch
+
+from vllm_sink.config import SinkConfigError, SinkLayout
+from vllm_sink.patches.engine_core.kv_policy import SinkAttentionSpec
+from vllm_sink.patches.worker.kv_keys import LayerKeys, probe_key_layout
+from vllm_sink.patches.worker.rope_layers import find_layer_rotaries
+from vllm_sink.policy import SinkStream, StepPlan, ring_row
+
+logger = logging.getLogger("vllm.vllm_sink")
+
+
+@dataclasses.dataclass
+class RequestSink:
+    """Worker-side state of one sink request."""
+
+    stream: SinkStream
+    prompt: list[int] | None          # full prompt (absolute), until fully visible
+    prompt_len: int                   # P
+    visible: int                      # prompt tokens shown to vLLM so far (absolute)
+    blocks: tuple[list[int], ...]     # physical blocks per KV group, allocation order
+    snapshot: list[torch.Tensor] | None = None  # pristine sink keys, one per layer
+    step_start: int = 0               # absolute computed tokens at the current step
+
+
+class SinkRunnerMixin:
+    sink_layout: SinkLayout
+
+    def sink_init(self, layout: SinkLayout) -> None:
+        self.sink_layout = layout
+        self.sink_requests: dict[str, RequestSink] = {}
+        self.sink_rotaries: dict[str, tuple[torch.Tensor, bool]] = {}
+        self.sink_layers: list[list[LayerKeys]] = []  # per KV group
+
+    # ---- startup -------------------------------------------------------------------
+    def get_kv_cache_spec(self):
+        from vllm.v1.kv_cache_interface import FullAttentionSpec
+
+        specs = super().get_kv_cache_spec()
+        out = {}
+        for name, spec in specs.items():
+            if (type(spec) is not FullAttentionSpec or spec.sliding_window is not None
+                    or spec.attention_chunk_size is not None):
+                what = type(spec).__name__
+                if getattr(spec, "sliding_window", None) is not None:
+                    what = f"sliding-window attention ({spec.sliding_window} tokens)"
+                raise SinkConfigError(
+                    f"Layer {name} uses {what}; sink mode supports models whose "
+                    "attention layers are all full (global) attention.")
+            out[name] = SinkAttentionSpec.from_full(spec, self.sink_layout)
+        if not out:
+            raise SinkConfigError("The model has no KV-cache attention layers.")
+        return out
+
+    def load_model(self, *args, **kwargs) -> None:
+        super().load_model(*args, **kwargs)
+        from vllm.model_executor.layers.attention import Attention
+
+        layers = {name: m for name, m in
+                  self.compilation_config.static_forward_context.items()
+                  if isinstance(m, Attention)}
+        self.sink_rotaries = find_layer_rotaries(self.get_model(), layers,
+                                                 self.sink_layout.position_limit)
+
+    def initialize_kv_cache(self, kv_cache_config, *args, **kwargs) -> None:
+        super().initialize_kv_cache(kv_cache_config, *args, **kwargs)
+        if kwargs.get("is_profiling") or (args and args[0] is True):
+            return
+        ctx = self.compilation_config.static_forward_context
+        self.sink_layers = []
+        for group in kv_cache_config.kv_cache_groups:
+            spec = group.kv_cache_spec
+            offsets = None
+            layers = []
+            for name in group.layer_names:
+                attn, kv = ctx[name], ctx[name].kv_cache
+                if offsets is None:
+                    offsets = probe_key_layout(attn, kv, spec.block_size,
+                                               spec.num_kv_heads, spec.head_size,
+                                               spec.head_size_v)
+                table, neox = self.sink_rotaries[name]
+                layers.append(LayerKeys(kv, offsets, spec.block_size, spec.num_kv_heads,
+                                        spec.head_size, table, neox))
+            self.sink_layers.append(layers)
+        logger.info("vllm_sink: worker ready, key layout probed for %d layers; %s",
+                    sum(map(len, self.sink_layers)), self.sink_layout.describe())
+
+    # ---- per step: before vLLM updates its batch ------------------------------------
+    def _update_states(self, scheduler_output):
+        for req_id in scheduler_output.finished_req_ids:
+            self.sink_requests.pop(req_id, None)
+        layout = self.sink_layout
+        new_reqs = []
+        for nr in scheduler_output.scheduled_new_reqs:
+            if nr.req_id in self.requests:
+                raise NotImplementedError(
+                    "resumable streaming-input sessions are not supported in sink mode")
+            if nr.prompt_token_ids is None:
+                raise NotImplementedError("prompt embeddings are not supported in sink mode")
+            if nr.num_computed_tokens:
+                raise RuntimeError("sink mode requests start with no computed tokens")
+            blocks = tuple(list(g) for g in nr.block_ids)
+            if any(len(g) != layout.blocks_per_request for g in blocks):
+                raise RuntimeError(f"request {nr.req_id} got {[len(g) for g in blocks]} "
+                                   f"blocks, expected {layout.blocks_per_request}")
+            n = scheduler_output.num_scheduled_tokens[nr.req_id]
+            P = len(nr.prompt_token_ids)
+            visible = min(P, n + 1)
+            self.sink_requests[nr.req_id] = RequestSink(
+                SinkStream(layout), nr.prompt_token_ids if visible < P else None, P,
+                visible, blocks)
+            mask = nr.prompt_is_token_ids
+            new_reqs.append(dataclasses.replace(
+                nr, prompt_token_ids=list(nr.prompt_token_ids[:visible]),
+                prompt_is_token_ids=None if mask is None else list(mask[:visible])))
+        cached = scheduler_output.scheduled_cached_reqs
+        virtual = []
+        for i, req_id in enumerate(cached.req_ids):
+            if req_id in cached.resumed_req_ids:
+                raise RuntimeError(f"sink request {req_id} was preempted; sink mode "
+                                   "reserves every block at admission so this must not "
+                                   "happen")
+            rs = self.sink_requests[req_id]
+            rs.step_start = cached.num_computed_tokens[i]
+            virtual.append(rs.stream.virtual(rs.step_start))
+        output = dataclasses.replace(
+            scheduler_output, scheduled_new_reqs=new_reqs,
+            scheduled_cached_reqs=dataclasses.replace(cached, num_computed_tokens=virtual))
+        result = super()._update_states(output)
+        self._sink_after_update(scheduler_output)
+        return result
+
+    # ---- per step: after vLLM updated its batch -------------------------------------
+    def _sink_after_update(self, scheduler_output) -> None:
+        evicted_any = False
+        for req_id, n in scheduler_output.num_scheduled_tokens.items():
+            rs = self.sink_requests[req_id]
+            plan = rs.stream.plan(rs.step_start, n)
+            if plan.evict_tokens:
+                self._sink_evict(req_id, rs, plan)
+                evicted_any = True
+            if plan.first_eviction and self.sink_layout.sink_tokens:
+                rs.snapshot = self._sink_read_sinks(rs)
+            if plan.rebase_by:
+                self._sink_rotate_window(rs, plan)
+            if plan.sinks_move and rs.snapshot is not None:
+                self._sink_write_sinks(rs, plan.offset)
+            if rs.prompt is not None:
+                self._sink_show_prompt(req_id, rs, min(rs.prompt_len, rs.step_start + n + 1))
+        if evicted_any and not self.input_batch.no_penalties:
+            # Penalties read the (virtual) prompt from a tensor built at batch changes.
+            self.input_batch.sampling_metadata = self.input_batch._make_sampling_metadata()
+
+    def _sink_evict(self, req_id: str, rs: RequestSink, plan: StepPlan) -> None:
+        """Drop virtual tokens S .. S+t-1 from req_state, batch row and block table."""
+        S, t = self.sink_layout.sink_tokens, plan.evict_tokens
+        ib, state = self.input_batch, self.requests[req_id]
+        row = ib.req_id_to_index[req_id]
+        total = int(ib.num_tokens_no_spec[row])
+        ib.token_ids_cpu[row, S:total - t] = ib.token_ids_cpu[row, S + t:total].copy()
+        ib.is_token_ids[row, S:total - t] = ib.is_token_ids[row, S + t:total].copy()
+        t_prompt = min(t, max(0, len(state.prompt_token_ids) - S))
+        del state.prompt_token_ids[S:S + t_prompt]
+        if t > t_prompt:  # in place: the batch and logits processors share this list
+            del state.output_token_ids[:t - t_prompt]
+        state.num_prompt_tokens -= t_prompt
+        state.num_computed_tokens -= t
+        ib.num_prompt_tokens[row] -= t_prompt
+        ib.num_tokens_no_spec[row] -= t
+        ib.num_computed_tokens_cpu[row] -= t
+        sb = self.sink_layout.sink_blocks
+        rows = tuple(ring_row(g[:sb], g[sb:], rs.stream.shift) for g in rs.blocks)
+        state.block_ids = rows
+        ib.block_table.add_row(rows, row)
+
+    def _sink_show_prompt(self, req_id: str, rs: RequestSink, upto: int) -> None:
+        """Append prompt tokens [visible, upto) to the request's virtual prompt."""
+        if upto <= rs.visible:
+            return
+        assert rs.prompt is not None
+        new = rs.prompt[rs.visible:upto]
+        ib, state = self.input_batch, self.requests[req_id]
+        assert not state.output_token_ids
+        row = ib.req_id_to_index[req_id]
+        start, k = state.num_tokens, len(new)
+        state.prompt_token_ids.extend(new)
+        state.num_prompt_tokens += k
+        ib.token_ids_cpu[row, start:start + k] = new
+        ib.is_token_ids[row, start:start + k] = True
+        ib.num_prompt_tokens[row] += k
+        ib.num_tokens_no_spec[row] += k
+        rs.visible = upto
+        if upto == rs.prompt_len and req_id not in self.num_prompt_logprobs:
+            rs.prompt = None  # fully shown: the worker no longer needs its own copy
+
+    # ---- key re-rotation --------------------------------------------------------------
+    def _sink_blocks(self, rs: RequestSink, group: int, first: int, last: int) -> torch.Tensor:
+        sb = self.sink_layout.sink_blocks
+        g = rs.blocks[group]
+        row = ring_row(g[:sb], g[sb:], rs.stream.shift)
+        return torch.tensor(row[first:last], dtype=torch.long)
+
+    def _sink_read_sinks(self, rs: RequestSink) -> list[torch.Tensor]:
+        sb = self.sink_layout.sink_blocks
+        return [lk.read(self._sink_blocks(rs, g, 0, sb)).clone()
+                for g, layers in enumerate(self.sink_layers) for lk in layers]
+
+    def _sink_write_sinks(self, rs: RequestSink, offset: int) -> None:
+        """Sinks := pristine snapshot rotated to positions v + O (one rotation, f32)."""
+        sb = self.sink_layout.sink_blocks
+        snaps = iter(rs.snapshot or [])
+        for g, layers in enumerate(self.sink_layers):
+            blocks = self._sink_blocks(rs, g, 0, sb)
+            for lk in layers:
+                lk.rotate_blocks(blocks, offset, source=next(snaps))
+
+    def _sink_rotate_window(self, rs: RequestSink, plan: StepPlan) -> None:
+        """Rebase: move every cached window key by ``plan.rebase_by`` (= -O)."""
+        B, sb = self.sink_layout.block_size, self.sink_layout.sink_blocks
+        last = -(-plan.cached_after // B)
+        if last <= sb:
+            return
+        for g, layers in enumerate(self.sink_layers):
+            blocks = self._sink_blocks(rs, g, sb, last)
+            for lk in layers:
+                lk.rotate_blocks(blocks, plan.rebase_by)
+
+    # ---- positions ----------------------------------------------------------------------
+    def _prepare_inputs(self, scheduler_output, num_scheduled_tokens: np.ndarray, *args, **kwargs):
+        result = super()._prepare_inputs(scheduler_output, num_scheduled_tokens, *args, **kwargs)
+        ib = self.input_batch
+        offsets = np.array([self.sink_requests[r].stream.offset for r in ib.req_ids],
+                           dtype=np.int64)
+        if offsets.any():
+            total = int(num_scheduled_tokens.sum())
+            per_token = np.repeat(offsets, num_scheduled_tokens[:len(offsets)])
+            self.positions[:total] += torch.from_numpy(per_token).to(self.positions.dtype)
+        return result
+
+    # ---- prompt logprobs in absolute coordinates ---------------------------------------
+    def _get_prompt_logprobs_dict(self, hidden_states, num_scheduled_tokens):
+        swapped = []
+        for req_id in self.num_prompt_logprobs:
+            rs, state = self.sink_requests.get(req_id), self.requests.get(req_id)
+            if rs is None or state is None or rs.prompt is None:
+                continue
+            swapped.append((state, state.prompt_token_ids, state.num_computed_tokens))
+            state.prompt_token_ids = rs.prompt
+            state.num_computed_tokens = rs.step_start
+        try:
+            return super()._get_prompt_logprobs_dict(hidden_states, num_scheduled_tokens)
+        finally:
+            for state, prompt, computed in swapped:
+                state.prompt_token_ids, state.num_computed_tokens = prompt, computed
+            for req_id, rs in self.sink_requests.items():
+                if rs.prompt is not None and rs.visible == rs.prompt_len and \
+                        req_id not in self.num_prompt_logprobs:
+                    rs.prompt = None

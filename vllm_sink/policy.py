@@ -1,0 +1,143 @@
+"""Eviction rule, ring order and position offsets of one endless stream. Pure Python.
+
+A request's KV cache is a *virtual sequence* of at most C tokens::
+
+    virtual index:  0 .. S-1   | S .. L-1
+    contents:       sink tokens | the most recent L-S tokens (the window)
+
+Absolute token ``a`` of the stream (0-based, counting every token ever fed) sits at
+virtual index ``a`` if it is a sink, else ``a - E`` where E (``evicted``) is the number
+of window tokens evicted so far. Eviction only ever removes the oldest window tokens.
+
+Eviction rule (before a step that adds n tokens to L cached ones)::
+
+    if L + n > C:  e = ceil((L + n - C) / B) blocks;  t = min(e * B, L - S) tokens go
+
+t < e*B only when the window holds fewer than e blocks' worth of tokens (its newest
+block partly filled): then the whole window goes. n <= W guarantees L - t + n <= C.
+
+Worked example, B = 4, S = 4, W = 8 (C = 12), one token per decode step:
+  L = 12, n = 1  ->  e = ceil(1/4) = 1, t = 4: virtual 4..7 (absolute 4..7) are evicted,
+  E = 4, L = 8; the new token (absolute 12) goes to virtual 8.  The next three decode
+  steps fit (L = 9, 10, 11, 12); the fifth evicts absolute 8..11, and so on: the cache
+  oscillates between C - B + 1 and C tokens, one block evicted every B tokens.
+
+Ring order. The request owns ``sink_blocks + K`` physical blocks for its whole life
+(K = window blocks). Virtual block ``j >= sink_blocks`` lives in ring block
+``(shift + j - sink_blocks) % K`` where ``shift`` counts ring blocks rotated away by
+evictions. Evicting e whole blocks advances shift by e; every surviving token keeps its
+physical slot, because its virtual block index drops by exactly e. (After evicting a
+partial window the window is empty, so nothing is left to keep in place.)
+
+Positions (the "offset" scheme). The model is fed position ``v + O`` for virtual index
+``v``; O (``offset``) grows by t at each eviction, so every window key keeps the
+position it was written with (v drops by t, O grows by t). Sink keys (v fixed) must be
+re-rotated to ``v + O``: always from a pristine snapshot taken before the first
+eviction, so rounding never accumulates. Scores depend only on position differences,
+so attention equals that of a dense model over the cache at positions 0..L-1.
+When ``O + C`` would pass the position limit, *rebase*: rotate the window keys by -O
+once, set O = 0, restore the sinks from the snapshot.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from vllm_sink.config import SinkLayout
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def eviction_for_step(layout: SinkLayout, cached: int, new: int) -> int:
+    """Number of tokens to evict before adding ``new`` tokens to ``cached`` ones."""
+    if new > layout.window_tokens:
+        raise ValueError(
+            f"a step of {new} new tokens cannot fit a window of {layout.window_tokens}: "
+            "the chunk size must not exceed window_tokens"
+        )
+    if not 0 <= cached <= layout.capacity:
+        raise ValueError(f"cached={cached} outside 0..{layout.capacity}")
+    overflow = cached + new - layout.capacity
+    if overflow <= 0:
+        return 0
+    blocks = cdiv(overflow, layout.block_size)
+    return min(blocks * layout.block_size, cached - layout.sink_tokens)
+
+
+def ring_row(sink_ids: list[int], ring_ids: list[int], shift: int) -> list[int]:
+    """Block-table row in virtual order: sinks, then the ring starting at ``shift``.
+
+    >>> ring_row([7], [1, 2, 3], shift=4)   # 4 % 3 = 1: ring block 2 is now the oldest
+    [7, 2, 3, 1]
+    """
+    if not ring_ids:
+        return list(sink_ids)
+    k = shift % len(ring_ids)
+    return list(sink_ids) + list(ring_ids[k:]) + list(ring_ids[:k])
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    """What must happen to one request's cache before a step runs."""
+
+    cached_before: int      # L: virtual tokens cached when the step was scheduled
+    evict_tokens: int       # t: oldest window tokens dropped before the step
+    evict_blocks: int       # ring blocks rotated: ceil(t / B)
+    first_eviction: bool    # take the pristine sink snapshot before touching anything
+    offset: int             # O after this step's eviction (and rebase, if any)
+    rebase_by: int          # if != 0: rotate window keys by this (= -O before the reset)
+
+    @property
+    def cached_after(self) -> int:
+        return self.cached_before - self.evict_tokens
+
+    @property
+    def sinks_move(self) -> bool:
+        """Whether sink keys must be rewritten (from the snapshot, rotated by offset)."""
+        return self.evict_tokens > 0 or self.rebase_by != 0
+
+
+class SinkStream:
+    """The eviction state of one request: evicted count E, offset O, ring shift.
+
+    Both the worker (to drive its caches) and tests/metrics (to mirror it) run it on
+    the sequence of (absolute computed tokens, scheduled tokens) the scheduler emits.
+    """
+
+    __slots__ = ("layout", "evicted", "offset", "shift", "evictions", "rebases")
+
+    def __init__(self, layout: SinkLayout) -> None:
+        self.layout = layout
+        self.evicted = 0    # E: window tokens evicted so far
+        self.offset = 0     # O: added to virtual indices to form positions
+        self.shift = 0      # ring blocks rotated so far
+        self.evictions = 0  # eviction events
+        self.rebases = 0    # rebase events
+
+    def virtual(self, absolute: int) -> int:
+        """Virtual index of absolute token count ``absolute`` (>= every evicted token)."""
+        return absolute - self.evicted
+
+    def plan(self, absolute_computed: int, new: int) -> StepPlan:
+        """Advance the state for a step adding ``new`` tokens; return what to do."""
+        L = self.virtual(absolute_computed)
+        t = eviction_for_step(self.layout, L, new)
+        first = t > 0 and self.evicted == 0
+        rebase_by = 0
+        if t:
+            self.evicted += t
+            self.offset += t
+            self.shift += cdiv(t, self.layout.block_size)
+            self.evictions += 1
+            # Largest position fed this step is O + C - 1 at most (L - t + n <= C).
+            if self.offset + self.layout.capacity > self.layout.position_limit:
+                rebase_by = -self.offset
+                self.offset = 0
+                self.rebases += 1
+        return StepPlan(L, t, cdiv(t, self.layout.block_size), first, self.offset,
+                        rebase_by)
+
+    def position(self, virtual_index: int) -> int:
+        return virtual_index + self.offset

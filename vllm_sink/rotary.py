@@ -1,0 +1,60 @@
+"""Rotating cached keys to new positions: the RoPE arithmetic, in float32. Torch only.
+
+vLLM caches keys *after* RoPE: ``k_p = R(p) k`` where R(p) rotates each pair of
+rotary dimensions i by the angle ``p * f_i``. Rotations of the same pair commute, so
+moving a cached key from position p to p + delta needs no knowledge of p::
+
+    R(p + delta) k = R(delta) R(p) k = R(delta) k_p
+
+``R(delta)`` comes from the model's own cos/sin table, computed in float32 (never the
+bf16 copy the model keeps): row |delta| of the table, with sin negated when delta < 0.
+Tables that bake a magnitude into cos/sin (YaRN's mscale) are normalised by row 0,
+where cos = mscale and sin = 0, so the rotation stays a pure rotation.
+
+Pairing (``is_neox``): neox pairs dim i with i + R/2 (Llama, Qwen, Mistral ...);
+gptj pairs 2i with 2i + 1. Only the first ``rotary_dim`` dims rotate (partial rotary).
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def rotation_for_delta(cos_sin_f32: torch.Tensor, delta: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(cos, sin) of ``delta * f_i``, each ``[rotary_dim // 2]`` float32.
+
+    ``cos_sin_f32``: ``[max_positions, rotary_dim]`` = cat(cos, sin) per position, as
+    vLLM's ``RotaryEmbedding._compute_cos_sin_cache()`` returns it.
+    """
+    n = abs(int(delta))
+    if n >= cos_sin_f32.shape[0]:
+        raise ValueError(f"rotation by {delta} needs table row {n}, table has "
+                         f"{cos_sin_f32.shape[0]} rows")
+    half = cos_sin_f32.shape[-1] // 2
+    scale = cos_sin_f32[0, :half].to(torch.float32)  # mscale (1 for plain RoPE)
+    cos = cos_sin_f32[n, :half].to(torch.float32) / scale
+    sin = cos_sin_f32[n, half:].to(torch.float32) / scale
+    return cos, (sin if delta >= 0 else -sin)
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, is_neox: bool) -> torch.Tensor:
+    """Rotate the first ``2 * len(cos)`` dims of ``x [..., D]``; float32 math, x's dtype out."""
+    rot = 2 * cos.shape[-1]
+    xf = x.to(torch.float32)
+    out = xf.clone()
+    if is_neox:
+        x1, x2 = xf[..., : rot // 2], xf[..., rot // 2 : rot]
+        out[..., : rot // 2] = x1 * cos - x2 * sin
+        out[..., rot // 2 : rot] = x2 * cos + x1 * sin
+    else:
+        x1, x2 = xf[..., 0:rot:2], xf[..., 1:rot:2]
+        out[..., 0:rot:2] = x1 * cos - x2 * sin
+        out[..., 1:rot:2] = x2 * cos + x1 * sin
+    return out.to(x.dtype)
+
+
+def rope_table(inv_freq: torch.Tensor, positions: int, mscale: float = 1.0) -> torch.Tensor:
+    """A float32 ``[positions, 2 * len(inv_freq)]`` cos/sin table, vLLM's layout."""
+    t = torch.arange(positions, dtype=torch.float32)
+    freqs = torch.outer(t, inv_freq.to(torch.float32))
+    return torch.cat((freqs.cos() * mscale, freqs.sin() * mscale), dim=-1)
