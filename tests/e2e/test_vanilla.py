@@ -1,0 +1,59 @@
+"""The default model in vLLM; the plugin inert without a "sink" section; sink mode
+within capacity equal to vanilla vLLM."""
+
+import pytest
+
+from tests.e2e.conftest import generate_in_subprocess
+
+pytestmark = pytest.mark.e2e
+
+PROMPTS = ["The capital of France is", "Once upon a time, there was a",
+           "def fibonacci(n):\n    ", "The three primary colors are"]
+
+
+@pytest.fixture(scope="module")
+def vanilla(default_model_dir):
+    from tests.e2e.conftest import make_llm, shutdown
+
+    llm = make_llm(default_model_dir, block_size=32)
+    yield llm
+    shutdown(llm)
+
+
+def _greedy(llm, prompts, n):
+    from vllm import SamplingParams
+
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts],
+                        SamplingParams(temperature=0, max_tokens=n, ignore_eos=True),
+                        use_tqdm=False)
+    return [list(o.outputs[0].token_ids) for o in outs]
+
+
+def test_default_model_says_paris(vanilla):
+    from vllm import SamplingParams
+
+    out = vanilla.generate(["The capital of France is"],
+                           SamplingParams(temperature=0, max_tokens=3), use_tqdm=False)
+    assert out[0].outputs[0].text.startswith(" Paris.")
+
+
+def test_plugin_inert_without_sink_section(vanilla, default_model_dir):
+    """Same outputs with the plugin loaded (no sink section) as with it disabled."""
+    tok = vanilla.get_tokenizer()
+    prompts = [tok.encode(p) for p in PROMPTS]
+    with_plugin = _greedy(vanilla, prompts, 48)
+    without = generate_in_subprocess(default_model_dir, prompts, 48,
+                                     {"VLLM_PLUGINS": "no_such_plugin"}, block_size=32)
+    assert with_plugin == without
+    assert vanilla.llm_engine.vllm_config.model_config.max_model_len == 8192
+
+
+def test_within_capacity_equals_vanilla(vanilla, default_model_dir, engine_factory):
+    """No eviction (prompt + output <= C): token-for-token identical to vanilla vLLM."""
+    tok = vanilla.get_tokenizer()
+    prompts = [tok.encode(p) for p in PROMPTS]
+    expected = _greedy(vanilla, prompts, 80)
+    sink = engine_factory(default_model_dir, {"sink_tokens": 4, "window_tokens": 224})
+    assert _greedy(sink, prompts, 80) == expected
+    stats = sink.collective_rpc("sink_stats")[0]
+    assert stats["evictions"] == 0 and stats["requests"] == len(PROMPTS)

@@ -1,0 +1,73 @@
+"""patches/frontend/engine_args: what sink mode sets, and every refusal names the fix.
+
+Builds real VllmConfigs through vLLM's EngineArgs (no engine is started)."""
+
+import pytest
+
+pytestmark = pytest.mark.e2e
+
+pytest.importorskip("vllm")
+
+from vllm.engine.arg_utils import EngineArgs  # noqa: E402
+
+from vllm_sink import SinkConfigError, model_variant  # noqa: E402
+
+
+def _config(model, sink=None, **kw):
+    extra = {} if sink is None else {"sink": sink}
+    return EngineArgs(model=model, additional_config=extra, **kw).create_engine_config()
+
+
+def test_sink_mode_sets_what_it_needs(default_model_dir):
+    cfg = _config(default_model_dir, {"sink_tokens": 4, "window_tokens": 100})
+    assert cfg.cache_config.block_size == 32
+    assert cfg.cache_config.enable_prefix_caching is False
+    assert cfg.scheduler_config.enable_chunked_prefill
+    assert cfg.scheduler_config.max_num_batched_tokens <= 128
+    assert cfg.model_config.max_model_len == 1 << 30
+    assert cfg.parallel_config.worker_cls.endswith("SinkCPUWorker")
+    assert cfg.scheduler_config.scheduler_cls.endswith("SinkScheduler")
+    assert cfg.additional_config["sink"] == {"sink_tokens": 32, "window_tokens": 128,
+                                             "position_limit": 8192}
+
+
+def test_without_sink_section_config_is_vanilla(default_model_dir):
+    cfg = _config(default_model_dir)
+    assert cfg.model_config.max_model_len == 8192
+    assert cfg.parallel_config.worker_cls == "vllm.v1.worker.cpu_worker.CPUWorker"
+    assert cfg.scheduler_config.scheduler_cls is None or \
+        "vllm_sink" not in str(cfg.scheduler_config.scheduler_cls)
+    assert "sink" not in cfg.additional_config
+
+
+def test_max_model_len_becomes_stream_cap(default_model_dir):
+    cfg = _config(default_model_dir, {"window_tokens": 64}, max_model_len=50_000)
+    assert cfg.model_config.max_model_len == 50_000      # > 8192 positions: fine
+    assert cfg.additional_config["sink"]["position_limit"] == 8192
+
+
+@pytest.mark.parametrize("kwargs, sink, words", [
+    ({"enable_prefix_caching": True}, {}, ["--enable-prefix-caching", "Remove it"]),
+    ({"enable_chunked_prefill": False}, {}, ["chunked-prefill"]),
+    ({"kv_cache_dtype": "fp8"}, {}, ["fp8", "--kv-cache-dtype auto"]),
+    ({"pipeline_parallel_size": 2}, {}, ["pipeline"]),
+    ({"enable_lora": True}, {}, ["LoRA"]),
+    ({"max_num_batched_tokens": 4096}, {"window_tokens": 256},
+     ["--max-num-batched-tokens 4096", "at most 256"]),
+    ({}, {"window_tokens": 9000}, ["exceeds the model's position limit 8192",
+                                   "window_tokens\" to at most 8160"]),
+    ({}, {"sink_tokens": 4, "window": 100}, ["Unknown key", "window"]),
+    ({"worker_cls": "my.Worker"}, {}, ["--worker-cls", "--worker-extension-cls"]),
+])
+def test_refusals_name_the_setting_and_fix(default_model_dir, kwargs, sink, words):
+    with pytest.raises(SinkConfigError) as e:
+        _config(default_model_dir, sink, **kwargs)
+    for w in words:
+        assert w in str(e.value)
+
+
+def test_length_dependent_rope_refused(default_model_dir):
+    model = model_variant(default_model_dir, rope_parameters={
+        "rope_type": "dynamic", "factor": 2.0, "rope_theta": 100000.0})
+    with pytest.raises(SinkConfigError, match="rope_type 'dynamic'"):
+        _config(model, {})

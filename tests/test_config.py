@@ -1,0 +1,97 @@
+"""vllm_sink.config: keys, rounding to blocks, errors that name the key and the fix."""
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from vllm_sink.config import SinkConfig, SinkConfigError, SinkLayout
+
+pytestmark = pytest.mark.cpu
+
+
+def test_rounds_up_to_whole_blocks():
+    layout = SinkConfig.from_section({"sink_tokens": 4, "window_tokens": 2000}).resolve(32, 8192)
+    # 4 -> one block of 32; 2000 -> 63 blocks = 2016; C = 2048 = 64 blocks.
+    assert (layout.sink_tokens, layout.window_tokens, layout.capacity) == (32, 2016, 2048)
+    assert layout.blocks_per_request == 64
+
+
+def test_window_only_ablation_allowed():
+    layout = SinkConfig.from_section({"sink_tokens": 0, "window_tokens": 64}).resolve(32, 512)
+    assert layout.sink_tokens == 0 and layout.capacity == 64
+
+
+def test_default_window_fits_small_models():
+    # No window given: 2048 shrunk to what the position limit leaves after the sinks.
+    layout = SinkConfig.from_section({}).resolve(32, 512)
+    assert layout.capacity <= 512 and layout.sink_tokens == 32
+    assert layout.window_tokens == 480
+    assert SinkConfig.from_section({}).resolve(32, 8192).window_tokens == 2048
+
+
+@pytest.mark.parametrize("section, words", [
+    ({"sink_tokenz": 4}, ["sink_tokenz", "Valid keys", "sink_tokens"]),
+    ({"window_tokens": "2048"}, ["window_tokens", "integer"]),
+    ({"window_tokens": True}, ["window_tokens", "integer"]),
+    ({"window_tokens": 0}, ["window_tokens", ">= 1"]),
+    ({"sink_tokens": -1}, ["sink_tokens", ">= 0"]),
+    ([4, 2048], ["JSON object"]),
+    ("sink", ["JSON object"]),
+])
+def test_bad_sections_name_the_key(section, words):
+    with pytest.raises(SinkConfigError) as e:
+        SinkConfig.from_section(section)
+    for word in words:
+        assert word in str(e.value)
+
+
+def test_capacity_beyond_model_positions_refused_with_fix():
+    with pytest.raises(SinkConfigError) as e:
+        SinkConfig.from_section({"sink_tokens": 4, "window_tokens": 600}).resolve(32, 512)
+    msg = str(e.value)
+    assert "512" in msg and '"window_tokens" to at most 480' in msg
+
+
+def test_position_limit_cannot_exceed_model():
+    with pytest.raises(SinkConfigError, match="position_limit"):
+        SinkConfig.from_section({"position_limit": 9000}).resolve(32, 8192)
+    layout = SinkConfig.from_section({"window_tokens": 64, "position_limit": 200}).resolve(32, 8192)
+    assert layout.position_limit == 200
+
+
+@given(st.integers(0, 5000), st.integers(1, 5000), st.sampled_from([1, 16, 32, 128]),
+       st.integers(2, 20000))
+def test_resolve_is_a_fixed_point(sink, window, block, limit):
+    """Either a clear SinkConfigError, or a layout that round-trips through to_section."""
+    try:
+        layout = SinkConfig(sink, window).resolve(block, limit)
+    except SinkConfigError:
+        assert -(-sink // block) * block + -(-window // block) * block > limit
+        return
+    assert layout.sink_tokens >= sink and layout.sink_tokens - sink < block
+    assert layout.window_tokens >= window and layout.window_tokens - window < block
+    again = SinkConfig.from_section(layout.to_section()).resolve(block, limit)
+    assert again == layout
+
+
+_json = st.recursive(
+    st.none() | st.booleans() | st.integers(-10**12, 10**12) | st.floats(allow_nan=True)
+    | st.text(max_size=8),
+    lambda c: st.lists(c, max_size=3) | st.dictionaries(st.text(max_size=12), c, max_size=4),
+    max_leaves=8)
+
+
+@settings(max_examples=300)
+@given(st.one_of(_json, st.dictionaries(
+    st.sampled_from(["sink_tokens", "window_tokens", "position_limit", "x"]), _json,
+    max_size=3)))
+def test_parser_never_crashes_on_arbitrary_json(section):
+    """Fuzz: any JSON value parses into a config or raises SinkConfigError, nothing else."""
+    try:
+        config = SinkConfig.from_section(section)
+    except SinkConfigError:
+        return
+    try:
+        assert isinstance(config.resolve(32, 8192), SinkLayout)
+    except SinkConfigError:
+        pass

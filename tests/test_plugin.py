@@ -1,0 +1,98 @@
+"""Plugin registration: idempotent, version-guarded (fail closed), patches revertible."""
+
+import logging
+
+import pytest
+
+pytestmark = pytest.mark.cpu
+
+pytest.importorskip("vllm")
+
+import vllm_sink.patches as patches  # noqa: E402
+from vllm_sink.patches import _patching  # noqa: E402
+from vllm_sink.patches._patching import Patch, PatchError  # noqa: E402
+from vllm_sink.patches.frontend import engine_args  # noqa: E402
+
+
+@pytest.fixture
+def fresh_registry(monkeypatch):
+    monkeypatch.setattr(patches, "_REGISTERED", False)
+    was_applied = engine_args.PATCH.applied
+    engine_args.PATCH.revert()
+    yield
+    engine_args.PATCH.revert()
+    if was_applied:
+        engine_args.PATCH.apply()
+
+
+def test_entry_point_declared():
+    from importlib.metadata import entry_points
+
+    eps = [e for e in entry_points(group="vllm.general_plugins") if e.name == "vllm_sink"]
+    assert eps and eps[0].value == "vllm_sink:register"
+
+
+def test_register_is_idempotent(fresh_registry):
+    from vllm.engine.arg_utils import EngineArgs
+
+    original = EngineArgs.__dict__["create_engine_config"]
+    import vllm_sink
+
+    vllm_sink.register()
+    wrapped = EngineArgs.__dict__["create_engine_config"]
+    assert wrapped is not original and wrapped.__wrapped__ is original
+    vllm_sink.register()
+    patches._REGISTERED = False
+    vllm_sink.register()       # even re-running the body does not wrap twice
+    assert EngineArgs.__dict__["create_engine_config"] is wrapped
+    engine_args.PATCH.revert()
+    assert EngineArgs.__dict__["create_engine_config"] is original
+
+
+def test_unsupported_vllm_stays_inert(fresh_registry, monkeypatch, caplog):
+    import vllm
+    from vllm.engine.arg_utils import EngineArgs
+
+    original = EngineArgs.__dict__["create_engine_config"]
+    monkeypatch.setattr(vllm, "__version__", "0.33.0")
+    caplog.set_level(logging.WARNING, logger="vllm.vllm_sink")
+    patches.register_plugin()
+    assert EngineArgs.__dict__["create_engine_config"] is original
+    assert not engine_args.PATCH.applied
+    lines = [r.getMessage() for r in caplog.records if "vllm_sink" in r.getMessage()]
+    assert len(lines) == 1 and "0.33.0" in lines[0] and "inert" in lines[0]
+    with pytest.raises(PatchError, match="verified on"):
+        engine_args.PATCH.apply()
+
+
+def test_patch_refuses_missing_or_foreign_targets():
+    class Owner:
+        def f(self):
+            return 1
+
+    import sys
+    import types
+
+    mod = types.ModuleType("_sink_fake_target")
+    mod.Owner = Owner
+    sys.modules["_sink_fake_target"] = mod
+    try:
+        a = Patch("_sink_fake_target:Owner.f", lambda orig: lambda self: orig(self) + 1)
+        b = Patch("_sink_fake_target:Owner.f", lambda orig: lambda self: orig(self) + 10)
+        assert a.apply() == 1 and Owner().f() == 2
+        assert a.apply() == 0 and Owner().f() == 2
+        with pytest.raises(PatchError, match="already patched"):
+            b.apply()
+        a.revert()
+        assert Owner().f() == 1
+        with pytest.raises(PatchError, match="does not exist"):
+            Patch("_sink_fake_target:Owner.g", lambda o: o).apply()
+    finally:
+        del sys.modules["_sink_fake_target"]
+
+
+def test_version_check_is_exact():
+    assert _patching.version_supported()
+    from packaging.specifiers import SpecifierSet
+
+    assert not _patching.version_supported(SpecifierSet("==0.31.0"))

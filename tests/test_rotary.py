@@ -1,0 +1,56 @@
+"""vllm_sink.rotary: moving post-RoPE keys equals rotating the raw key at the target."""
+
+import pytest
+import torch
+
+from vllm_sink.rotary import rope_table, rotate, rotation_for_delta
+
+pytestmark = pytest.mark.cpu
+
+
+def _rope_at(x, table, pos, is_neox):
+    half = table.shape[-1] // 2
+    return rotate(x, table[pos, :half] / table[0, :half], table[pos, half:] / table[0, :half],
+                  is_neox)
+
+
+@pytest.mark.parametrize("is_neox", [True, False])
+@pytest.mark.parametrize("rotary_dim, head", [(64, 64), (32, 64)])  # full and partial
+@pytest.mark.parametrize("mscale", [1.0, 1.3])                        # YaRN-style magnitude
+def test_move_equals_direct(is_neox, rotary_dim, head, mscale):
+    torch.manual_seed(0)
+    inv_freq = 1.0 / (10000 ** (torch.arange(0, rotary_dim, 2).float() / rotary_dim))
+    table = rope_table(inv_freq, 4096, mscale)
+    k = torch.randn(5, 3, head)
+    for p, delta in [(7, 100), (3000, -2900), (0, 4095), (500, -500)]:
+        stored = _rope_at(k, table, p, is_neox)
+        moved = rotate(stored, *rotation_for_delta(table, delta), is_neox)
+        direct = _rope_at(k, table, p + delta, is_neox)
+        assert torch.allclose(moved, direct, atol=2e-4), (p, delta)
+        assert torch.equal(moved[..., rotary_dim:], k[..., rotary_dim:])  # untouched dims
+
+
+def test_rotation_keeps_norm_and_inverts():
+    inv_freq = 1.0 / (10000 ** (torch.arange(0, 64, 2).float() / 64))
+    table = rope_table(inv_freq, 1024, 1.7)
+    k = torch.randn(4, 64)
+    there = rotate(k, *rotation_for_delta(table, 777), True)
+    back = rotate(there, *rotation_for_delta(table, -777), True)
+    assert torch.allclose(there.norm(dim=-1), k.norm(dim=-1), atol=1e-4)
+    assert torch.allclose(back, k, atol=1e-5)
+
+
+def test_bf16_rotation_is_one_rounding():
+    inv_freq = 1.0 / (10000 ** (torch.arange(0, 64, 2).float() / 64))
+    table = rope_table(inv_freq, 2048)
+    k = torch.randn(8, 64).to(torch.bfloat16)
+    out = rotate(k, *rotation_for_delta(table, 1000), True)
+    assert out.dtype == torch.bfloat16
+    exact = rotate(k.float(), *rotation_for_delta(table, 1000), True)
+    assert (out.float() - exact).abs().max() <= exact.abs().max() * 2 ** -8
+
+
+def test_delta_beyond_table_refused():
+    table = rope_table(torch.ones(2), 10)
+    with pytest.raises(ValueError, match="row 10"):
+        rotation_for_delta(table, -10)
