@@ -86,6 +86,11 @@ def test_rebase_and_streamed_prompt_match_reference(default_model_dir, reference
         long_prompt = kjv[20000:20500]
         (toks, lps), = _run(llm, [long_prompt], 200)
         batch = _run(llm, [kjv[30000:30010], kjv[31000:31050]], 300)
+        from vllm import SamplingParams
+
+        (scored,) = llm.generate([{"prompt_token_ids": long_prompt}],
+                                 SamplingParams(max_tokens=1, prompt_logprobs=0),
+                                 use_tqdm=False)
         stats = llm.collective_rpc("sink_stats")[0]
     finally:
         shutdown(llm)
@@ -96,6 +101,11 @@ def test_rebase_and_streamed_prompt_match_reference(default_model_dir, reference
           f"{stats['rebases']} rebases")
     for prompt, (t, lp) in zip([kjv[30000:30010], kjv[31000:31050]], batch):
         _check(ref, prompt, t, lp, len(prompt))
+    # Prompt log-probs of the streamed prompt, in absolute positions.
+    got = torch.tensor([scored.prompt_logprobs[i][tok].logprob
+                        for i, tok in enumerate(long_prompt) if i > 0])
+    want = ref.stream().teacher_force(long_prompt, [64] * 7 + [52])[1:]
+    assert (got - want).abs().max() <= 0.1 and (got - want).abs().mean() <= 0.01
 
 
 def test_window_only_matches_reference(default_model_dir, reference_model, kjv):

@@ -1,0 +1,80 @@
+"""Block accounting through vLLM's own metrics: C/B blocks per request, constant during
+long streams, admission waits (no preemption) when the pool is full, and every block
+returns after completion and after abort."""
+
+import pytest
+
+from tests.e2e.conftest import make_llm, shutdown
+
+pytestmark = pytest.mark.e2e
+
+SINK = {"sink_tokens": 4, "window_tokens": 96}        # 4 blocks of 32 per request
+BLOCK_BYTES = 2 * 30 * 3 * 32 * 64 * 2                # K+V, 30 layers, 3 heads, bf16
+
+
+@pytest.fixture(scope="module")
+def engine(default_model_dir):
+    # 14 blocks: the null block + room for exactly 3 sink requests (12 blocks).
+    llm = make_llm(default_model_dir, SINK, kv_cache_memory_bytes=14 * BLOCK_BYTES,
+                   disable_log_stats=False)
+    yield llm.llm_engine
+    shutdown(llm)
+
+
+def _metrics(eng) -> dict:
+    return {m.name: getattr(m, "value", None) for m in eng.get_metrics()}
+
+
+def _blocks_used(eng) -> int:
+    total = eng.vllm_config.cache_config.num_gpu_blocks - 1
+    return round(_metrics(eng)["vllm:kv_cache_usage_perc"] * total)
+
+
+def test_pool_holds_three_requests(engine):
+    assert engine.vllm_config.cache_config.num_gpu_blocks == 14
+
+
+def test_blocks_constant_then_released_and_admission_waits(engine):
+    from vllm import SamplingParams
+
+    for i in range(5):
+        engine.add_request(f"long{i}", {"prompt_token_ids": list(range(200, 230 + i))},
+                           SamplingParams(max_tokens=400, ignore_eos=True))
+    seen_full, lengths, steps = 0, {}, 0
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.finished:
+                lengths[out.request_id] = len(out.outputs[0].token_ids)
+        steps += 1
+        m = _metrics(engine)
+        running = int(m["vllm:num_requests_running"])
+        assert running <= 3
+        assert _blocks_used(engine) == 4 * running       # exactly C/B per request
+        seen_full += running == 3 and m["vllm:num_requests_waiting"] == 2
+    # 400 tokens per stream = 3x+ the 128-token capacity; all five ran to the end.
+    assert lengths == {f"long{i}": 400 for i in range(5)}
+    assert seen_full > 300                  # three ran while two waited
+    assert _metrics(engine)["vllm:num_preemptions"] == 0
+    assert _blocks_used(engine) == 0
+
+
+def test_abort_returns_blocks(engine):
+    from vllm import SamplingParams
+
+    for i in range(3):
+        engine.add_request(f"ab{i}", {"prompt_token_ids": list(range(300, 340))},
+                           SamplingParams(max_tokens=10_000, ignore_eos=True))
+    for _ in range(150):                     # well past the first evictions
+        engine.step()
+    assert _blocks_used(engine) == 12
+    engine.abort_request(["ab0", "ab1", "ab2"])
+    engine.step()
+    assert not engine.has_unfinished_requests()
+    assert _blocks_used(engine) == 0
+    # The engine still serves normally afterwards.
+    engine.add_request("after", {"prompt_token_ids": [1, 2, 3]},
+                       SamplingParams(max_tokens=5, ignore_eos=True))
+    outs = []
+    while engine.has_unfinished_requests():
+        outs += [o for o in engine.step() if o.finished]
+    assert len(outs[0].outputs[0].token_ids) == 5
