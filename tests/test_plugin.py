@@ -20,6 +20,7 @@ def fresh_registry(monkeypatch):
     was_applied = engine_args.PATCH.applied
     engine_args.PATCH.revert()
     yield
+    monkeypatch.undo()
     engine_args.PATCH.revert()
     if was_applied:
         engine_args.PATCH.apply()
