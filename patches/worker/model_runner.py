@@ -64,10 +64,20 @@ class SinkRunnerMixin:
         self.sink_counters = {"evictions": 0, "tokens_evicted": 0, "rebases": 0,
                               "sink_rewrites": 0, "requests": 0}
 
+        self.sink_board = None  # StatsBoard on rank 0, read by the frontend's /metrics
+
     def sink_stats(self) -> dict[str, int]:
         return {**self.sink_counters, "active_requests": len(self.sink_requests),
+                "kv_blocks_reserved": sum(len(g) for r in self.sink_requests.values()
+                                          for g in r.blocks),
                 "max_offset": max((r.stream.offset for r in self.sink_requests.values()),
                                   default=0)}
+
+    def _sink_publish(self) -> None:
+        if self.sink_board is not None:
+            stats = self.sink_stats()
+            stats.pop("max_offset")
+            self.sink_board.write(stats)
 
     # ---- startup -------------------------------------------------------------------
     def get_kv_cache_spec(self):
@@ -166,6 +176,7 @@ class SinkRunnerMixin:
             scheduled_cached_reqs=dataclasses.replace(cached, num_computed_tokens=virtual))
         result = super()._update_states(output)
         self._sink_after_update(scheduler_output)
+        self._sink_publish()
         return result
 
     # ---- per step: after vLLM updated its batch -------------------------------------

@@ -7,6 +7,8 @@
   cap the scheduler uses, so every worker buffer is sized by the capacity;
 * its model runner is vLLM's ``CPUModelRunner`` with ``SinkRunnerMixin`` mixed in (the
   runner is built by vLLM and then re-classed, so nothing of vLLM's is copied).
+
+Rank 0 also publishes the sink counters on a ``StatsBoard`` for the frontend's /metrics.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from vllm.v1.worker.cpu_worker import CPUWorker
 
 from vllm_sink.patches._layout import sink_layout
 from vllm_sink.patches.worker.model_runner import SinkRunnerMixin
+from vllm_sink.stats_board import StatsBoard, board_path
 
 
 class SinkCPUModelRunner(SinkRunnerMixin, CPUModelRunner):
@@ -43,6 +46,20 @@ class SinkCPUWorker(CPUWorker):
                                f"{type(runner).__name__}")
         runner.__class__ = SinkCPUModelRunner
         runner.sink_init(self.sink_layout)
+        if self.rank == 0:  # counters for the frontend's /metrics (same host)
+            layout = self.sink_layout
+            runner.sink_board = StatsBoard(board_path(self.vllm_config.instance_id),
+                                           create=True)
+            runner.sink_board.write({
+                "sink_tokens": layout.sink_tokens, "window_tokens": layout.window_tokens,
+                "capacity": layout.capacity, "block_size": layout.block_size,
+                "position_limit": layout.position_limit})
+
+    def shutdown(self) -> None:
+        board = getattr(getattr(self, "model_runner", None), "sink_board", None)
+        if board is not None:
+            board.unlink()
+        super().shutdown()
 
     def sink_stats(self) -> dict[str, int]:
         """Counters for tests and tools: ``llm.collective_rpc("sink_stats")``."""

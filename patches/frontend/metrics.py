@@ -1,0 +1,84 @@
+"""Frontend: ``vllm_sink:*`` series on the server's existing Prometheus ``/metrics``.
+
+A custom collector in prometheus_client's default registry (the one vLLM's /metrics
+endpoint serves) reads the rank-0 worker's ``StatsBoard`` at scrape time. Registered
+once per process; it reports the most recently started sink engine.
+"""
+
+from __future__ import annotations
+
+import threading
+
+from vllm_sink.stats_board import StatsBoard, board_path
+
+_GAUGES = {
+    "active_requests": "Sink requests currently holding a KV block set",
+    "kv_blocks_reserved": "KV blocks reserved by sink requests (capacity/B per request)",
+    "sink_tokens": "Effective sink tokens per request (whole KV blocks)",
+    "window_tokens": "Effective window tokens per request (whole KV blocks)",
+    "capacity": "Effective KV capacity per request in tokens (sink + window)",
+    "block_size": "KV block size in tokens",
+    "position_limit": "Largest position + 1 fed to the model",
+}
+_COUNTERS = {
+    "requests": "Sink requests started",
+    "evictions": "Eviction events (whole window blocks dropped before a step)",
+    "tokens_evicted": "Window tokens evicted",
+    "rebases": "Position-offset rebases (window keys rotated back once)",
+    "sink_rewrites": "Sink-key rewrites from the pristine snapshot",
+}
+
+
+class SinkCollector:
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._path: str | None = None
+        self._board: StatsBoard | None = None
+        self._labels: dict[str, str] = {}
+
+    def watch(self, instance_id: str, model_name: str) -> None:
+        with self._lock:
+            self._path = board_path(instance_id)
+            self._board = None
+            self._labels = {"model_name": model_name}
+
+    def describe(self):
+        return []  # names are dynamic per engine; skip registry-time collision checks
+
+    def collect(self):
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        with self._lock:
+            if self._path is None:
+                return
+            if self._board is None:
+                self._board = StatsBoard.open(self._path)
+            if self._board is None:
+                return
+            values = self._board.read()
+            labels = self._labels
+        names, label_values = list(labels), list(labels.values())
+        for key, doc in _GAUGES.items():
+            g = GaugeMetricFamily(f"vllm_sink:{key}", doc, labels=names)
+            g.add_metric(label_values, values[key])
+            yield g
+        for key, doc in _COUNTERS.items():
+            c = CounterMetricFamily(f"vllm_sink:{key}", doc, labels=names)
+            c.add_metric(label_values, values[key])
+            yield c
+
+
+_COLLECTOR: SinkCollector | None = None
+
+
+def watch_engine(vllm_config) -> None:
+    """Expose the sink counters of this engine on the process's Prometheus registry."""
+    global _COLLECTOR
+    if _COLLECTOR is None:
+        from prometheus_client import REGISTRY
+
+        _COLLECTOR = SinkCollector()
+        REGISTRY.register(_COLLECTOR)
+    names = vllm_config.model_config.served_model_name
+    name = names[0] if isinstance(names, (list, tuple)) else names
+    _COLLECTOR.watch(vllm_config.instance_id, str(name or vllm_config.model_config.model))
