@@ -1,4 +1,8 @@
-"""``vllm-sink`` command line: ``vllm-sink model`` prints the default model directory."""
+"""``vllm-sink`` command line.
+
+    vllm-sink model        materialize the default model, print its directory
+    vllm-sink loadtest     many concurrent endless sessions against a server
+"""
 
 from __future__ import annotations
 
@@ -33,6 +37,13 @@ def main(argv: list[str] | None = None) -> int:
                    help="a variant with config.json fields overridden, e.g. "
                         "--set max_position_embeddings=512")
     p.set_defaults(func=_cmd_model)
+
+    from vllm_sink import loadtest
+
+    p = sub.add_parser("loadtest", help="drive many concurrent endless sessions against "
+                       "a server and report throughput, latency, KV blocks and memory")
+    loadtest.add_arguments(p)
+    p.set_defaults(func=loadtest.run_from_args)
     args = parser.parse_args(argv)
     return args.func(args)
 

