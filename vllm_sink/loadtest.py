@@ -82,6 +82,7 @@ class TurnRecord:
     prompt_tokens: int = 0
     itl: list[float] = field(default_factory=list)
     error: str | None = None
+    detail: str | None = None          # first line of the error message
     stopped: bool = False              # closed by the run's end, not an error
 
 
@@ -227,6 +228,7 @@ class LoadTest:
             raise
         except Exception as e:  # noqa: BLE001 - every failure is counted by kind
             rec.error = rec.error or type(e).__name__
+            rec.detail = str(e).splitlines()[0][:300] if str(e) else None
         return None
 
     async def _session(self, http, session: int, model: str) -> None:
@@ -348,6 +350,7 @@ class LoadTest:
             "ttft_ms": {f"p{q}": ms(_pct(ttft, q)) for q in (50, 90, 99)},
             "itl_ms": {f"p{q}": ms(_pct(itl, q)) for q in (50, 90, 99)},
             "errors": dict(errors), "error_count": sum(errors.values()),
+            "error_examples": {t.error: t.detail for t in self.turns if t.error},
             "kv_blocks_while_all_active": blocks_full,
             "kv_blocks_flat": len(blocks_full) == 1 if blocks_full else None,
             "kv_blocks_after": (self.samples[-1].get("vllm_sink:kv_blocks_reserved")

@@ -1,7 +1,7 @@
 """Worker: the model runner shows every request to vLLM as its *virtual sequence*.
 
 ``SinkRunnerMixin`` is mixed into vLLM's (V1) ``CPUModelRunner`` by the sink worker.
-It overrides six runner methods, each wrapping and delegating to vLLM's own:
+It overrides seven runner methods, each wrapping and delegating to vLLM's own:
 
 ``get_kv_cache_spec``   full-attention specs -> ``SinkAttentionSpec`` (others refused)
 ``load_model``          finds each attention layer's RoPE module, refuses unsupported
@@ -10,6 +10,8 @@ It overrides six runner methods, each wrapping and delegating to vLLM's own:
                         to what the step needs; after: eviction (rows, block table,
                         key re-rotation) and the next slice of a streamed prompt
 ``_prepare_inputs``     adds each request's position offset O to ``positions``
+``_bookkeeping_sync``   rewinds seeded generators of partial-prefill rows by state
+                        (CPU generators have no offset to rewind)
 ``_get_prompt_logprobs_dict``  runs in absolute coordinates (full prompt)
 
 Invariants between steps, per request (virtual = absolute - E for window tokens):
@@ -282,6 +284,17 @@ class SinkRunnerMixin:
     def _prepare_inputs(self, scheduler_output, num_scheduled_tokens: np.ndarray, *args, **kwargs):
         result = super()._prepare_inputs(scheduler_output, num_scheduled_tokens, *args, **kwargs)
         ib = self.input_batch
+        # Seeded requests in a partial prefill step: vLLM rewinds their generator after
+        # the discarded sample with set_offset, which CPU generators do not support.
+        # Sink mode chunks prompts often (chunk <= window), so remember each such
+        # generator's state here and restore it in _bookkeeping_sync instead.
+        self._sink_rng_rewind = {}
+        if ib.generators:
+            mask = self.discard_request_mask.np[:ib.num_reqs]
+            for i in np.nonzero(mask)[0]:
+                gen = ib.generators.get(int(i))
+                if gen is not None:
+                    self._sink_rng_rewind[int(i)] = (gen, gen.get_state())
         offsets = np.array([self.sink_requests[r].stream.offset for r in ib.req_ids],
                            dtype=np.int64)
         if offsets.any():
@@ -289,6 +302,18 @@ class SinkRunnerMixin:
             per_token = np.repeat(offsets, num_scheduled_tokens[:len(offsets)])
             self.positions[:total] += torch.from_numpy(per_token).to(self.positions.dtype)
         return result
+
+    def _bookkeeping_sync(self, *args, **kwargs):
+        rewind = getattr(self, "_sink_rng_rewind", {})
+        hidden = {}
+        for i, (gen, state) in rewind.items():
+            gen.set_state(state)                      # undo the discarded draw
+            hidden[i] = self.input_batch.generators.pop(i)
+        try:
+            return super()._bookkeeping_sync(*args, **kwargs)
+        finally:
+            self.input_batch.generators.update(hidden)
+            self._sink_rng_rewind = {}
 
     # ---- prompt logprobs in absolute coordinates ---------------------------------------
     def _get_prompt_logprobs_dict(self, hidden_states, num_scheduled_tokens):

@@ -1,0 +1,72 @@
+"""A real `vllm serve` process on 127.0.0.1 for tests: start, wait for /health, stop."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import requests
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    def __init__(self, model: str, sink: dict | None, *args: str, env: dict | None = None,
+                 kv_gib: int = 1, log_path: str | None = None) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.model = model
+        vllm = str(Path(sys.executable).with_name("vllm"))
+        cmd = [vllm, "serve", model, "--host", "127.0.0.1", "--port", str(self.port),
+               "--served-model-name", "smol", "--enforce-eager", *args]
+        if sink is not None:
+            cmd += ["--additional-config", json.dumps({"sink": sink})]
+        self.log_path = log_path or f"/tmp/vllm_sink_test_server_{self.port}.log"
+        self.log = open(self.log_path, "w")
+        full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "VLLM_CPU_KVCACHE_SPACE": str(kv_gib),
+                    **(env or {})}
+        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT,
+                                     env=full_env, start_new_session=True)
+
+    def wait_ready(self, timeout: float = 300.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.tail()}")
+            try:
+                if requests.get(self.url + "/health", timeout=2).status_code == 200:
+                    return
+            except requests.RequestException:
+                pass
+            time.sleep(1)
+        raise TimeoutError(f"server not ready after {timeout}s:\n{self.tail()}")
+
+    def tail(self, n: int = 60) -> str:
+        self.log.flush()
+        return "".join(open(self.log_path).readlines()[-n:])
+
+    def metrics(self) -> dict[str, float]:
+        from vllm_sink.loadtest import parse_prometheus
+
+        return parse_prometheus(requests.get(self.url + "/metrics", timeout=10).text)
+
+    def stop(self, timeout: float = 60.0) -> int:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGINT)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(10)
+        self.log.close()
+        return self.proc.returncode
