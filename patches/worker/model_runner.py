@@ -26,6 +26,7 @@ Invariants between steps, per request (virtual = absolute - E for window tokens)
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import logging
 
@@ -183,12 +184,12 @@ class SinkRunnerMixin:
 
     # ---- per step: after vLLM updated its batch -------------------------------------
     def _sink_after_update(self, scheduler_output) -> None:
-        evicted_any = False
+        evicted_any = refresh = False
         for req_id, n in scheduler_output.num_scheduled_tokens.items():
             rs = self.sink_requests[req_id]
             plan = rs.stream.plan(rs.step_start, n)
             if plan.evict_tokens:
-                self._sink_evict(req_id, rs, plan)
+                refresh |= self._sink_evict(req_id, rs, plan)
                 evicted_any = True
                 self.sink_counters["evictions"] += 1
                 self.sink_counters["tokens_evicted"] += plan.evict_tokens
@@ -202,12 +203,16 @@ class SinkRunnerMixin:
                 self.sink_counters["sink_rewrites"] += 1
             if rs.prompt is not None:
                 self._sink_show_prompt(req_id, rs, min(rs.prompt_len, rs.step_start + n + 1))
-        if evicted_any and not self.input_batch.no_penalties:
+        if refresh:
+            self.input_batch.refresh_metadata()
+        elif evicted_any and not self.input_batch.no_penalties:
             # Penalties read the (virtual) prompt from a tensor built at batch changes.
             self.input_batch.sampling_metadata = self.input_batch._make_sampling_metadata()
 
-    def _sink_evict(self, req_id: str, rs: RequestSink, plan: StepPlan) -> None:
-        """Drop virtual tokens S .. S+t-1 from req_state, batch row and block table."""
+    def _sink_evict(self, req_id: str, rs: RequestSink, plan: StepPlan) -> bool:
+        """Drop virtual tokens S .. S+t-1 from req_state, batch row and block table.
+
+        Returns True when logits processors must re-read the request (min_tokens)."""
         S, t = self.sink_layout.sink_tokens, plan.evict_tokens
         ib, state = self.input_batch, self.requests[req_id]
         row = ib.req_id_to_index[req_id]
@@ -227,6 +232,18 @@ class SinkRunnerMixin:
         rows = tuple(ring_row(g[:sb], g[sb:], rs.stream.shift) for g in rs.blocks)
         state.block_ids = rows
         ib.block_table.add_row(rows, row)
+        # min_tokens counts the (virtual) output list: lower it by the outputs evicted,
+        # and re-register the row so logits processors see the new value.
+        evicted_outputs = t - t_prompt
+        params = state.sampling_params
+        if evicted_outputs and params is not None and params.min_tokens:
+            params = copy.copy(params)
+            params.min_tokens = max(0, params.min_tokens - evicted_outputs)
+            state.sampling_params = params
+            ib.batch_update_builder.added.append(
+                (row, params, state.prompt_token_ids, state.output_token_ids))
+            return True
+        return False
 
     def _sink_show_prompt(self, req_id: str, rs: RequestSink, upto: int) -> None:
         """Append prompt tokens [visible, upto) to the request's virtual prompt."""

@@ -78,3 +78,21 @@ def test_abort_returns_blocks(engine):
     while engine.has_unfinished_requests():
         outs += [o for o in engine.step() if o.finished]
     assert len(outs[0].outputs[0].token_ids) == 5
+
+
+def test_min_tokens_longer_than_window(engine):
+    """min_tokens counts every generated token, not just those still cached: stop
+    tokens suppressed for 150 tokens (> the 96-token window) are allowed afterwards."""
+    from vllm import SamplingParams
+
+    tok = engine.get_tokenizer()
+    stops = sorted({tok.encode(p)[-1] for p in (".", ",", "?", "!", "\n", " the", " a")})
+    engine.add_request("mt", {"prompt_token_ids": tok.encode("Write about the history of the world.")},
+                       SamplingParams(temperature=0, max_tokens=400, min_tokens=150,
+                                      stop_token_ids=stops, ignore_eos=True))
+    out = None
+    while engine.has_unfinished_requests():
+        out = next((o for o in engine.step() if o.finished), out)
+    ids = list(out.outputs[0].token_ids)
+    assert 150 <= len(ids) < 400, len(ids)
+    assert not set(ids[:149]) & set(stops)

@@ -149,3 +149,28 @@ def test_vllm_bench_serve_interop(server, tmp_path):
     assert result["completed"] == 8 and result.get("failed", 0) == 0
     assert result["total_output_tokens"] == 8 * 2 * CONTEXT
     _wait_idle(server)
+
+
+def test_seeded_sampling_with_chunked_prompt_is_deterministic(server):
+    """Seeded sampling over a prompt streamed in many chunks: no engine error (vLLM's
+    CPU generators cannot rewind by offset) and the same seed gives the same text."""
+    prompt = " ".join(f"item{i}" for i in range(300))
+    body = {"model": "smol", "prompt": prompt, "max_tokens": 40, "temperature": 1.0,
+            "seed": 1234}
+    a = requests.post(server.url + "/v1/completions", json=body, timeout=300)
+    b = requests.post(server.url + "/v1/completions", json=body, timeout=300)
+    assert a.status_code == b.status_code == 200, a.text
+    assert a.json()["choices"][0]["text"] == b.json()["choices"][0]["text"]
+    assert requests.get(server.url + "/health", timeout=5).status_code == 200
+
+
+def test_chat_client_example(server):
+    script = Path(__file__).resolve().parents[2] / "examples" / "chat_client.py"
+    done = subprocess.run([sys.executable, str(script), "--url", server.url,
+                           "--max-tokens", "300"],
+                          input="Tell me about the sea.\nAnd the mountains?\n/quit\n",
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "KV capacity 224 tokens" in done.stdout
+    turns = [line for line in done.stdout.splitlines() if "[conversation:" in line]
+    assert len(turns) == 2 and "evicted while answering" in turns[1]
