@@ -117,7 +117,9 @@ def model_variant(base: str, **config_overrides) -> str:
     key = hashlib.sha1(
         (str(base_path.resolve()) + json.dumps(config_overrides, sort_keys=True)).encode()
     ).hexdigest()[:10]
-    name = base_path.name + "-" + "-".join(f"{k}{v}" for k, v in sorted(config_overrides.items()))
+    readable = "-".join(f"{k}{v}" for k, v in sorted(config_overrides.items())
+                        if isinstance(v, (int, float, str)) and len(str(v)) <= 16)
+    name = f"{base_path.name}-{readable}"[:100]
     target = cache_dir() / "variants" / f"{name}-{key}"
     if (target / _DONE).exists():
         return str(target)

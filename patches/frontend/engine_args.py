@@ -74,6 +74,10 @@ def _check_explicit_args(args) -> None:
     if (args.pipeline_parallel_size or 1) > 1:
         raise _refuse("--pipeline-parallel-size > 1", "not supported with sink mode "
                       "yet; use tensor parallelism.")
+    if (getattr(args, "decode_context_parallel_size", 1) or 1) > 1 or \
+            (getattr(args, "prefill_context_parallel_size", 1) or 1) > 1:
+        raise _refuse("context parallelism (--decode/prefill-context-parallel-size > 1)",
+                      "the ring is per request, not sharded by position. Remove it.")
     if (args.data_parallel_size or 1) > 1:
         raise _refuse("--data-parallel-size > 1", "not supported with sink mode yet; "
                       "run one server per replica.")
@@ -123,10 +127,25 @@ def _check_model(vllm_config) -> None:
     if mc.is_hybrid or mc.is_attention_free:
         raise SinkConfigError(f"{name} has non-attention (e.g. Mamba) layers; sink "
                               "mode needs a pure attention decoder.")
-    # Sliding-window layers are refused by the worker, which sees each layer's spec.
+    cfg = mc.hf_text_config
+    layer_types = getattr(cfg, "layer_types", None) or []
+    sliding = getattr(cfg, "sliding_window", None)
+    if any("sliding" in str(t) or "chunked" in str(t) for t in layer_types) or (
+            sliding and getattr(cfg, "use_sliding_window", True)
+            and not mc.disable_sliding_window and not layer_types):
+        raise SinkConfigError(
+            f"{name} has sliding-window (or chunked local) attention layers; sink mode "
+            "needs full-attention layers, its own window replaces them. If the model was "
+            "trained without them, pass --disable-sliding-window.")
     from vllm.transformers_utils.config import iter_rope_parameters
 
-    for params in iter_rope_parameters(mc.hf_text_config):
+    rope = list(iter_rope_parameters(cfg))
+    if not rope and not getattr(cfg, "rope_theta", None):
+        raise SinkConfigError(f"{name} declares no RoPE; sink mode keeps positions "
+                              "cache-relative by re-rotating RoPE keys (models with absolute "
+                              "or ALiBi positions are not supported).")
+    # The worker re-checks every layer: its KV spec and its rotary module.
+    for params in rope:
         rope_type = params.get("rope_type", params.get("type", "default"))
         if rope_type not in SUPPORTED_ROPE_TYPES:
             raise SinkConfigError(

@@ -71,3 +71,27 @@ def test_length_dependent_rope_refused(default_model_dir):
         "rope_type": "dynamic", "factor": 2.0, "rope_theta": 100000.0})
     with pytest.raises(SinkConfigError, match="rope_type 'dynamic'"):
         _config(model, {})
+
+
+def test_sliding_window_model_refused(default_model_dir):
+    model = model_variant(default_model_dir, sliding_window=256,
+                          layer_types=["sliding_attention", "full_attention"] * 15)
+    with pytest.raises(SinkConfigError, match="sliding-window"):
+        _config(model, {})
+
+
+def test_model_without_rope_refused(tmp_path):
+    import json
+
+    (tmp_path / "config.json").write_text(json.dumps({
+        "model_type": "gpt2", "architectures": ["GPT2LMHeadModel"], "n_embd": 64,
+        "n_head": 2, "n_layer": 2, "vocab_size": 1000, "n_positions": 512}))
+    with pytest.raises(SinkConfigError, match="no RoPE"):
+        _config(str(tmp_path), {}, skip_tokenizer_init=True, load_format="dummy")
+    # The same model without a sink section is vLLM's business, not ours.
+    _config(str(tmp_path), None, skip_tokenizer_init=True, load_format="dummy")
+
+
+def test_context_parallel_refused(default_model_dir):
+    with pytest.raises(SinkConfigError, match="context parallelism"):
+        _config(default_model_dir, {}, decode_context_parallel_size=2)
