@@ -2,6 +2,7 @@
 
     vllm-sink model        materialize the default model, print its directory
     vllm-sink loadtest     many concurrent endless sessions against a server
+    vllm-sink soak         a long loadtest that fails on memory growth, leaks or errors
 """
 
 from __future__ import annotations
@@ -44,6 +45,14 @@ def main(argv: list[str] | None = None) -> int:
                        "a server and report throughput, latency, KV blocks and memory")
     loadtest.add_arguments(p)
     p.set_defaults(func=loadtest.run_from_args)
+    sub.add_parser("soak", help="long run of endless sessions; fails on RSS growth, KV "
+                   "block drift or errors (vllm-sink soak --help)", add_help=False)
+    if argv is None:
+        argv = sys.argv[1:]
+    if argv[:1] == ["soak"]:
+        from vllm_sink import soak
+
+        return soak.main(argv[1:])
     args = parser.parse_args(argv)
     return args.func(args)
 

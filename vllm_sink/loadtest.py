@@ -47,6 +47,7 @@ class LoadConfig:
     tokens: int | None = None          # per session
     mode: str = "generate"             # "generate" | "chat"
     turn_tokens: int = 64              # max tokens per chat turn
+    request_tokens: int | None = None  # generate mode: tokens per request, then another
     max_turns: int = 10_000            # per session (bounds the request count)
     model: str | None = None
     api_key: str | None = None
@@ -106,6 +107,14 @@ def parse_prometheus(text: str) -> dict[str, float]:
         except ValueError:
             continue
     return out
+
+
+def _pool_blocks(metrics_text: str) -> int | None:
+    """num_gpu_blocks from vLLM's ``vllm:cache_config_info`` labels."""
+    import re
+
+    m = re.search(r'vllm:cache_config_info\{[^}]*num_gpu_blocks="(\d+)"', metrics_text)
+    return int(m.group(1)) if m else None
 
 
 def _local_server_pid(port: int) -> int | None:
@@ -235,11 +244,18 @@ class LoadTest:
         rng = random.Random(self.cfg.seed * 100_003 + session)
         topic = TOPICS[session % len(TOPICS)]
         if self.cfg.mode == "generate":
-            max_tokens = self.cfg.tokens or 1 << 29
-            body = {"model": model, "prompt": topic, "max_tokens": max_tokens,
-                    "temperature": 0.8, "top_p": 0.95, "ignore_eos": True,
-                    "seed": self.cfg.seed + session}
-            await self._turn(http, session, 0, "/v1/completions", body)
+            # One endless completion, or (request_tokens) back-to-back long completions.
+            for turn in range(self.cfg.max_turns):
+                if self._session_done(session):
+                    return
+                left = (self.cfg.tokens - self.session_tokens[session]) if self.cfg.tokens \
+                    else 1 << 29
+                max_tokens = min(left, self.cfg.request_tokens or left)
+                body = {"model": model, "prompt": topic, "max_tokens": max_tokens,
+                        "temperature": 0.8, "top_p": 0.95, "ignore_eos": True,
+                        "seed": self.cfg.seed + 7919 * session + turn}
+                if await self._turn(http, session, turn, "/v1/completions", body) is None:
+                    return
             return
         messages = [{"role": "user", "content": topic}]
         for turn in range(self.cfg.max_turns):
@@ -267,7 +283,12 @@ class LoadTest:
             try:
                 async with http.get(self.cfg.url.rstrip("/") + "/metrics",
                                     headers=self._headers()) as r:
-                    m = parse_prometheus(await r.text()) if r.status == 200 else {}
+                    text = await r.text() if r.status == 200 else ""
+                m = parse_prometheus(text)
+                pool = _pool_blocks(text)
+                if pool and "vllm:kv_cache_usage_perc" in m:
+                    # Blocks in use in the scheduler's pool (the null block excluded).
+                    sample["pool_blocks_used"] = round(m["vllm:kv_cache_usage_perc"] * (pool - 1))
                 for key in ("vllm_sink:kv_blocks_reserved", "vllm_sink:active_requests",
                             "vllm:kv_cache_usage_perc", "vllm:num_requests_running",
                             "vllm:num_requests_waiting", "vllm_sink:capacity",
@@ -390,7 +411,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="seconds (default 60 unless --tokens is given)")
     p.add_argument("--tokens", type=int, default=None, help="tokens per session")
     p.add_argument("--mode", choices=["generate", "chat"], default=d.mode)
-    p.add_argument("--turn-tokens", type=int, default=d.turn_tokens)
+    p.add_argument("--turn-tokens", type=int, default=d.turn_tokens,
+                   help="chat mode: max tokens per turn")
+    p.add_argument("--request-tokens", type=int, default=None,
+                   help="generate mode: tokens per request, then start another "
+                        "(default: one endless request per session)")
     p.add_argument("--max-turns", type=int, default=d.max_turns)
     p.add_argument("--model", default=None, help="default: the server's first model")
     p.add_argument("--api-key", default=None)
@@ -408,6 +433,7 @@ def run_from_args(args: argparse.Namespace) -> int:
         None if args.tokens is not None else 60.0)
     cfg = LoadConfig(url=args.url, sessions=args.sessions, duration=duration,
                      tokens=args.tokens, mode=args.mode, turn_tokens=args.turn_tokens,
+                     request_tokens=args.request_tokens,
                      max_turns=args.max_turns, model=args.model, api_key=args.api_key,
                      timeout=args.timeout, metrics_interval=args.metrics_interval,
                      seed=args.seed, session_ids=args.session_ids, quiet=args.quiet)
