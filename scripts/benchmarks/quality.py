@@ -77,7 +77,9 @@ def main() -> int:
         print(f"{name}: overall ppl {results[name]['overall_ppl']:.2f}, "
               f"last/first-post-eviction {results[name]['last_over_first']:.3f}", flush=True)
 
-    # Dense vanilla vLLM: the first context-length tokens, then past the limit.
+    # Dense vanilla vLLM: the first context-length tokens, then past the limit; and,
+    # as a content-difficulty baseline, every segment scored on its own (dense, with
+    # its context restarted at the segment start): the KJV is not uniformly hard.
     llm = make_llm(model)
     try:
         limit = llm.llm_engine.vllm_config.model_config.max_model_len
@@ -87,20 +89,37 @@ def main() -> int:
             past = "accepted"
         except Exception as e:  # vLLM refuses prompts past max_model_len
             past = f"refused: {type(e).__name__}: {str(e).splitlines()[0][:160]}"
+        restart = []
+        for k in range(0, len(tokens), args.segment):
+            seg = tokens[k:k + min(args.segment, limit - 1)]
+            if len(seg) > 1:
+                lp = stream_logprobs(llm, seg)
+                restart.append({"start": k, "end": k + len(seg),
+                                "ppl": math.exp(-sum(lp) / len(lp))})
     finally:
         shutdown(llm)
     dense_segs = segment_ppl(dense_lps, 0, args.segment)
     results["dense vanilla vLLM"] = {
         "context_limit": limit, "segments": dense_segs,
         "overall_ppl": math.exp(-sum(dense_lps) / len(dense_lps)), "past_limit": past}
-
+    results["dense, restarted per segment"] = {
+        "segments": restart,
+        "overall_ppl": math.exp(sum(math.log(r["ppl"]) for r in restart) / len(restart))}
+    # Flatness relative to content difficulty: ratio to the restarted dense baseline.
+    for name, r in results.items():
+        if "capacity" in r:
+            rel = [s["ppl"] / b["ppl"] for s, b in zip(r["segments"], restart)]
+            r["relative_to_restart"] = rel
+            first = next(i for i, s in enumerate(r["segments"]) if s["start"] >= r["capacity"])
+            r["relative_last_over_first"] = rel[-1] / rel[first]
     rows = []
     for name, r in results.items():
         rows.append({"config": name, "capacity": r.get("capacity", r.get("context_limit")),
                      "ppl (after first eviction)": r["overall_ppl"],
                      "first post-eviction segment": r.get("first_post_eviction_ppl"),
                      "last segment": r["segments"][-1]["ppl"],
-                     "last / first": r.get("last_over_first")})
+                     "last / first": r.get("last_over_first"),
+                     "last / first vs restarted dense": r.get("relative_last_over_first")})
     print(f"\nKJV stream of {len(tokens)} tokens, segments of {args.segment}:")
     print(table(rows, list(rows[0])))
     print(f"dense vanilla vLLM past its {limit}-token limit: {past}")
