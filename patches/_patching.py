@@ -71,16 +71,18 @@ class Patch:
         current = owner.__dict__.get(attr) if isinstance(owner, type) else getattr(owner, attr, None)
         if current is None:
             raise PatchError(f"{self.target} does not exist in this vLLM")
-        mark = getattr(current, _MARK, None)
+        mark = getattr(getattr(current, "__func__", current), _MARK, None)
         if mark is self:
             return 0
         if mark is not None:
             raise PatchError(f"{self.target} is already patched by {mark.target}")
-        wrapper = self.make_wrapper(current)
-        functools.update_wrapper(wrapper, current)
+        kind = type(current) if isinstance(current, (staticmethod, classmethod)) else None
+        func = current.__func__ if kind else current
+        wrapper = self.make_wrapper(func)
+        functools.update_wrapper(wrapper, func)
         setattr(wrapper, _MARK, self)
         self._owner, self._attr, self._original = owner, attr, current
-        setattr(owner, attr, wrapper)
+        setattr(owner, attr, kind(wrapper) if kind else wrapper)
         return 1
 
     def revert(self) -> None:

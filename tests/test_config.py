@@ -31,8 +31,12 @@ def test_default_window_fits_small_models():
 
 @pytest.mark.parametrize("section, words", [
     ({"sink_tokenz": 4}, ["sink_tokenz", "Valid keys", "sink_tokens"]),
-    ({"window_tokens": "2048"}, ["window_tokens", "integer"]),
-    ({"window_tokens": True}, ["window_tokens", "integer"]),
+    ({"window_tokens": "2048"}, ["window_tokens", "number"]),
+    ({"window_tokens": True}, ["window_tokens", "number"]),
+    ({"window_tokens": 100.5}, ["window_tokens", "integer"]),
+    ({"sessions": "yes"}, ["sessions", "true or false"]),
+    ({"session_idle_timeout": 0}, ["session_idle_timeout", ">= 0.001"]),
+    ({"max_parked_sessions": -1}, ["max_parked_sessions", ">= 0"]),
     ({"window_tokens": 0}, ["window_tokens", ">= 1"]),
     ({"sink_tokens": -1}, ["sink_tokens", ">= 0"]),
     ([4, 2048], ["JSON object"]),
@@ -43,6 +47,16 @@ def test_bad_sections_name_the_key(section, words):
         SinkConfig.from_section(section)
     for word in words:
         assert word in str(e.value)
+
+
+def test_session_keys_and_resolved_section_round_trip():
+    cfg = SinkConfig.from_section({"sessions": False, "max_parked_sessions": 3,
+                                   "session_idle_timeout": 2})
+    layout = cfg.resolve(32, 8192)
+    again = SinkConfig.from_section(cfg.resolved_section(layout))
+    assert again == cfg.__class__(**{**cfg.__dict__, **layout.to_section()})
+    assert (again.sessions, again.max_parked_sessions, again.session_idle_timeout) == \
+        (False, 3, 2.0)
 
 
 def test_capacity_beyond_model_positions_refused_with_fix():

@@ -26,12 +26,17 @@ DEFAULT_WINDOW_TOKENS = 2048
 
 _EXAMPLE = '{"sink": {"sink_tokens": 4, "window_tokens": 2048}}'
 
-# key -> (minimum value, meaning) for every accepted key; all are integers.
-_KEYS: dict[str, tuple[int, str]] = {
-    "sink_tokens": (0, "initial tokens kept forever as attention sinks (0 = window-only)"),
-    "window_tokens": (1, "most recent tokens kept in the rolling window"),
-    "position_limit": (2, "largest position + 1 ever fed to the model "
-                          "(default: the model's context length)"),
+# key -> (type, minimum value, meaning) for every accepted key.
+_KEYS: dict[str, tuple[type, float, str]] = {
+    "sink_tokens": (int, 0, "initial tokens kept forever as attention sinks (0 = window-only)"),
+    "window_tokens": (int, 1, "most recent tokens kept in the rolling window"),
+    "position_limit": (int, 2, "largest position + 1 ever fed to the model "
+                               "(default: the model's context length)"),
+    "sessions": (bool, 0, "park a finished request's KV under its session_id and resume "
+                          "it on the next turn (default true)"),
+    "max_parked_sessions": (int, 0, "parked sessions kept at most (default 256)"),
+    "session_idle_timeout": (float, 0.001, "seconds a parked session may stay idle "
+                                           "(default 600)"),
 }
 
 
@@ -39,16 +44,27 @@ class SinkConfigError(ValueError):
     """A ``"sink"`` section (or an engine setting next to it) that cannot be honoured."""
 
 
-def _as_int(key: str, value: Any) -> int:
+def _as_type(key: str, kind: type, value: Any):
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        raise SinkConfigError(f'additional_config["sink"]["{key}"] must be true or false, '
+                              f"got {value!r} ({type(value).__name__}).")
     # bool is an int subclass; "true" for a token count is always a mistake.
-    if isinstance(value, bool) or not isinstance(value, int):
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise SinkConfigError(
-            f'additional_config["sink"]["{key}"] must be an integer, got '
-            f"{value!r} ({type(value).__name__}). Example: {_EXAMPLE}"
-        )
-    return value
+            f'additional_config["sink"]["{key}"] must be a number, got '
+            f"{value!r} ({type(value).__name__}). Example: {_EXAMPLE}")
+    if kind is int:
+        if isinstance(value, float):
+            if not value.is_integer():
+                raise SinkConfigError(f'additional_config["sink"]["{key}"] must be an '
+                                      f"integer, got {value!r}. Example: {_EXAMPLE}")
+            value = int(value)
+        return value
+    if value != value or value in (float("inf"), float("-inf")):
+        raise SinkConfigError(f'additional_config["sink"]["{key}"] must be finite, got {value!r}')
+    return float(value)
 
 
 @dataclass(frozen=True)
@@ -58,6 +74,9 @@ class SinkConfig:
     sink_tokens: int = DEFAULT_SINK_TOKENS
     window_tokens: int | None = None
     position_limit: int | None = None
+    sessions: bool = True
+    max_parked_sessions: int = 256
+    session_idle_timeout: float = 600.0
 
     @classmethod
     def from_section(cls, section: Any) -> SinkConfig:
@@ -69,24 +88,30 @@ class SinkConfig:
             )
         unknown = sorted(str(k) for k in section if k not in _KEYS)
         if unknown:
-            valid = ", ".join(f"{k} ({meaning})" for k, (_, meaning) in _KEYS.items())
+            valid = ", ".join(f"{k} ({meaning})" for k, (_, _, meaning) in _KEYS.items())
             raise SinkConfigError(
                 f'Unknown key(s) in additional_config["sink"]: {", ".join(unknown)}. '
                 f"Valid keys: {valid}."
             )
-        values: dict[str, int | None] = {}
-        for key, (minimum, meaning) in _KEYS.items():
+        values: dict[str, Any] = {}
+        for key, (kind, minimum, meaning) in _KEYS.items():
             raw = section.get(key)
             if raw is None:
                 continue
-            value = _as_int(key, raw)
-            if value < minimum:
+            value = _as_type(key, kind, raw)
+            if kind is not bool and value < minimum:
                 raise SinkConfigError(
                     f'additional_config["sink"]["{key}"] = {value} is out of range: '
                     f"it is the number of {meaning} and must be >= {minimum}."
                 )
             values[key] = value
-        return cls(**values)  # type: ignore[arg-type]
+        return cls(**values)
+
+    def resolved_section(self, layout: SinkLayout) -> dict[str, Any]:
+        """The section every process re-parses: geometry resolved, policies explicit."""
+        return {**layout.to_section(), "sessions": self.sessions,
+                "max_parked_sessions": self.max_parked_sessions,
+                "session_idle_timeout": self.session_idle_timeout}
 
     def resolve(self, block_size: int, model_position_limit: int) -> SinkLayout:
         """Round to whole blocks of ``block_size`` and check against the model."""

@@ -29,35 +29,53 @@ FIELDS = (
     "position_limit",
 )
 
+# Written by the scheduler (EngineCore): persistent sessions.
+SESSION_FIELDS = (
+    "parked_sessions",      # sessions whose KV is parked
+    "blocks_parked",        # KV blocks they hold
+    "session_requests",     # requests that carried a session id (cumulative)
+    "resumes",              # requests that resumed a parked session (cumulative)
+    "miss_none_parked",     # no parked KV for the id (first turn, evicted, expired)
+    "miss_prefix",          # the prompt does not start with the parked tokens
+    "miss_no_new_tokens",   # the prompt is exactly the parked tokens
+    "miss_in_use",          # the session is already running in another request
+    "miss_prompt_logprobs", # prompt log-probs need the whole prompt recomputed
+    "parked_evictions",     # parked sessions dropped to make room (LRU) or over the cap
+    "parked_expired",       # parked sessions dropped after the idle timeout
+)
 
-def board_path(instance_id: str) -> str:
+
+def board_path(instance_id: str, role: str = "worker") -> str:
     root = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) \
         else tempfile.gettempdir()
     safe = "".join(c for c in str(instance_id) if c.isalnum() or c in "-_") or "default"
-    return os.path.join(root, f"vllm_sink-{safe}.stats")
+    return os.path.join(root, f"vllm_sink-{safe}-{role}.stats")
 
 
 class StatsBoard:
-    def __init__(self, path: str, create: bool = False) -> None:
+    def __init__(self, path: str, create: bool = False,
+                 fields: tuple[str, ...] = FIELDS) -> None:
         self.path = path
+        self.fields = fields
+        self._index = {name: i for i, name in enumerate(fields)}
         if create:
-            np.zeros(len(FIELDS), dtype=np.int64).tofile(path)
+            np.zeros(len(fields), dtype=np.int64).tofile(path)
         self._array = np.memmap(path, dtype=np.int64, mode="r+" if create else "r",
-                                shape=(len(FIELDS),))
+                                shape=(len(fields),))
 
     @classmethod
-    def open(cls, path: str) -> StatsBoard | None:
+    def open(cls, path: str, fields: tuple[str, ...] = FIELDS) -> StatsBoard | None:
         try:
-            return cls(path)
+            return cls(path, fields=fields)
         except (OSError, ValueError):
             return None
 
     def write(self, values: dict[str, int]) -> None:
         for name, value in values.items():
-            self._array[FIELDS.index(name)] = int(value)
+            self._array[self._index[name]] = int(value)
 
     def read(self) -> dict[str, int]:
-        return {name: int(v) for name, v in zip(FIELDS, np.array(self._array))}
+        return {name: int(v) for name, v in zip(self.fields, np.array(self._array))}
 
     def unlink(self) -> None:
         try:

@@ -59,15 +59,22 @@ class SinkAttentionSpec(FullAttentionSpec):
 
 
 class SinkRingManager(FullAttentionManager):
-    """Whole block set at admission, never more; no prefix caching, no skipping."""
+    """Whole block set at admission, never more; no prefix caching, no skipping.
 
-    def _missing(self, request_id: str) -> int:
+    The only "computed blocks" it ever adopts are a parked session's full block set
+    (patches/engine_core/sessions.py), handed over as a prefix hit on resume."""
+
+    on_adopt = None  # callback(request_id) set by the sink scheduler
+
+    def _missing(self, request_id: str, adopting: int = 0) -> int:
         spec = self.kv_cache_spec
         assert isinstance(spec, SinkAttentionSpec)
-        return max(0, spec.blocks_per_request - len(self.req_to_blocks.get(request_id, ())))
+        held = len(self.req_to_blocks.get(request_id, ())) + adopting
+        return max(0, spec.blocks_per_request - held)
 
-    def get_num_blocks_to_allocate(self, request_id, *args, **kwargs) -> int:
-        return self._missing(request_id)
+    def get_num_blocks_to_allocate(self, request_id, num_tokens=0, new_computed_blocks=(),
+                                   *args, **kwargs) -> int:
+        return self._missing(request_id, len(new_computed_blocks or ()))
 
     def allocate_new_blocks(self, request_id, *args, **kwargs):
         n = self._missing(request_id)
@@ -90,8 +97,14 @@ class SinkRingManager(FullAttentionManager):
     def cache_blocks(self, *args, **kwargs) -> None:
         return
 
-    def add_local_computed_blocks(self, *args, **kwargs) -> None:
-        return
+    def add_local_computed_blocks(self, request_id, new_computed_blocks, *args, **kwargs) -> None:
+        if not new_computed_blocks:
+            return
+        blocks = self.req_to_blocks[request_id]
+        assert not blocks, "a resumed session is adopted before any allocation"
+        blocks.extend(new_computed_blocks)
+        if self.on_adopt is not None:
+            self.on_adopt(request_id)
 
     def remove_skipped_blocks(self, *args, **kwargs) -> None:
         return

@@ -5,6 +5,11 @@ A plain vLLM ``Scheduler`` whose constructor first registers the sink + ring KV 
 every KV-cache group really is a sink group: the plugin never runs half-applied.
 Scheduling itself is vLLM's: the manager guarantees a running sink request never needs
 a new block, so it is never preempted, and admission waits for a free block set.
+
+It also runs persistent sessions (``SessionStore``) through four small overrides:
+``add_request`` (strips client-supplied private arguments), ``_free_request_blocks``
+(park instead of free), ``schedule`` (bounds on parked sessions first) and the KV
+manager's ``get_computed_blocks`` (a resume is a prefix hit of the parked tokens).
 """
 
 from __future__ import annotations
@@ -13,8 +18,12 @@ import logging
 
 from vllm.v1.core.sched.scheduler import Scheduler
 
-from vllm_sink.patches._layout import sink_layout
-from vllm_sink.patches.engine_core.kv_policy import SinkAttentionSpec, register_kv_policy
+from vllm_sink.patches import _directives
+from vllm_sink.patches._layout import sink_config, sink_layout
+from vllm_sink.patches.engine_core.kv_policy import (SinkAttentionSpec, SinkRingManager,
+                                                     register_kv_policy)
+from vllm_sink.patches.engine_core.sessions import SessionStore
+from vllm_sink.stats_board import SESSION_FIELDS, StatsBoard, board_path
 
 logger = logging.getLogger("vllm.vllm_sink")
 
@@ -32,7 +41,47 @@ class SinkScheduler(Scheduler):
         if not groups or bad:
             raise RuntimeError(f"sink mode: KV-cache groups without the sink policy: {bad}")
         self.sink_blocks_per_request = self.sink_layout.blocks_per_request * len(groups)
+        self.sink_sessions = SessionStore(self, sink_config(vllm_config),
+                                          self.sink_layout.blocks_per_request)
+        for manager in self.kv_cache_manager.coordinator.single_type_managers:
+            assert isinstance(manager, SinkRingManager)
+            manager.on_adopt = self.sink_sessions.adopted
+        original = self.kv_cache_manager.get_computed_blocks
+
+        def get_computed_blocks(request):
+            hit = self.sink_sessions.try_resume(request)
+            if hit is None:
+                return original(request)
+            blocks, length = hit
+            return self.kv_cache_manager.create_kv_cache_blocks(blocks), length, 0
+
+        self.kv_cache_manager.get_computed_blocks = get_computed_blocks
+        self.sink_board = StatsBoard(board_path(vllm_config.instance_id, "scheduler"),
+                                     create=True, fields=SESSION_FIELDS)
         logger.info("vllm_sink: scheduler ready, %d KV blocks in the pool, %d per sink "
                     "request (%d concurrent requests fit)", kv_cache_config.num_blocks,
                     self.sink_blocks_per_request,
                     (kv_cache_config.num_blocks - 1) // self.sink_blocks_per_request)
+
+    def add_request(self, request) -> None:
+        params = request.sampling_params
+        extra = getattr(params, "extra_args", None) if params is not None else None
+        if isinstance(extra, dict) and any(k.startswith(_directives.PRIVATE_ARG_PREFIX)
+                                           for k in extra):
+            params.extra_args = {k: v for k, v in extra.items()
+                                 if not k.startswith(_directives.PRIVATE_ARG_PREFIX)}
+        super().add_request(request)
+
+    def _free_request_blocks(self, request) -> None:
+        if not self.sink_sessions.on_finish(request):
+            super()._free_request_blocks(request)
+
+    def schedule(self, *args, **kwargs):
+        self.sink_sessions.before_schedule()
+        output = super().schedule(*args, **kwargs)
+        self.sink_board.write(self.sink_sessions.stats())
+        return output
+
+    def shutdown(self) -> None:
+        self.sink_board.unlink()
+        super().shutdown()

@@ -213,10 +213,13 @@ def _create_sink_engine_config(original, args, section, call_args, call_kwargs):
     mc.max_model_len = new_len
 
     vllm_config.additional_config = {**vllm_config.additional_config,
-                                     "sink": layout.to_section()}
+                                     "sink": sink.resolved_section(layout)}
+    from vllm_sink.patches.frontend import session_ids
     from vllm_sink.patches.frontend.metrics import watch_engine
 
     watch_engine(vllm_config)
+    if sink.sessions:
+        session_ids.PATCH.apply()
     for name, old, new in changed:
         logger.info("vllm_sink: %s %r -> %r", name, old, new)
     logger.info("vllm_sink: sink mode on: %s; max stream length %d tokens",

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import threading
 
-from vllm_sink.stats_board import StatsBoard, board_path
+from vllm_sink.stats_board import SESSION_FIELDS, StatsBoard, board_path
 
 _GAUGES = {
     "active_requests": "Sink requests currently holding a KV block set",
@@ -20,6 +20,17 @@ _GAUGES = {
     "block_size": "KV block size in tokens",
     "position_limit": "Largest position + 1 fed to the model",
 }
+_SESSION_GAUGES = {
+    "parked_sessions": "Sessions whose KV is parked between requests",
+    "blocks_parked": "KV blocks held by parked sessions",
+}
+_SESSION_COUNTERS = {
+    "session_requests": "Requests that carried a session id",
+    "resumes": "Requests that resumed a parked session (only new tokens prefilled)",
+    "parked_evictions": "Parked sessions dropped to make room or over the cap",
+    "parked_expired": "Parked sessions dropped after the idle timeout",
+}
+_MISSES = ("none_parked", "prefix", "no_new_tokens", "in_use", "prompt_logprobs")
 _COUNTERS = {
     "requests": "Sink requests started",
     "evictions": "Eviction events (whole window blocks dropped before a step)",
@@ -34,12 +45,15 @@ class SinkCollector:
         self._lock = threading.Lock()
         self._path: str | None = None
         self._board: StatsBoard | None = None
+        self._sessions: StatsBoard | None = None
+        self._session_path: str | None = None
         self._labels: dict[str, str] = {}
 
     def watch(self, instance_id: str, model_name: str) -> None:
         with self._lock:
             self._path = board_path(instance_id)
-            self._board = None
+            self._session_path = board_path(instance_id, "scheduler")
+            self._board = self._sessions = None
             self._labels = {"model_name": model_name}
 
     def describe(self):
@@ -53,9 +67,12 @@ class SinkCollector:
                 return
             if self._board is None:
                 self._board = StatsBoard.open(self._path)
+            if self._sessions is None and self._session_path:
+                self._sessions = StatsBoard.open(self._session_path, SESSION_FIELDS)
             if self._board is None:
                 return
             values = self._board.read()
+            sessions = self._sessions.read() if self._sessions is not None else None
             labels = self._labels
         names, label_values = list(labels), list(labels.values())
         for key, doc in _GAUGES.items():
@@ -66,6 +83,22 @@ class SinkCollector:
             c = CounterMetricFamily(f"vllm_sink:{key}", doc, labels=names)
             c.add_metric(label_values, values[key])
             yield c
+        if sessions is None:
+            return
+        for key, doc in _SESSION_GAUGES.items():
+            g = GaugeMetricFamily(f"vllm_sink:{key}", doc, labels=names)
+            g.add_metric(label_values, sessions[key])
+            yield g
+        for key, doc in _SESSION_COUNTERS.items():
+            c = CounterMetricFamily(f"vllm_sink:{key}", doc, labels=names)
+            c.add_metric(label_values, sessions[key])
+            yield c
+        misses = CounterMetricFamily("vllm_sink:session_misses",
+                                     "Session requests that could not resume, by reason",
+                                     labels=names + ["reason"])
+        for reason in _MISSES:
+            misses.add_metric(label_values + [reason], sessions[f"miss_{reason}"])
+        yield misses
 
 
 _COLLECTOR: SinkCollector | None = None

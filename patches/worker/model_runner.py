@@ -34,6 +34,7 @@ import numpy as np
 import torch
 
 from vllm_sink.config import SinkConfigError, SinkLayout
+from vllm_sink.patches import _directives
 from vllm_sink.patches.engine_core.kv_policy import SinkAttentionSpec
 from vllm_sink.patches.worker.kv_keys import LayerKeys, probe_key_layout
 from vllm_sink.patches.worker.rope_layers import find_layer_rotaries
@@ -61,6 +62,7 @@ class SinkRunnerMixin:
     def sink_init(self, layout: SinkLayout) -> None:
         self.sink_layout = layout
         self.sink_requests: dict[str, RequestSink] = {}
+        self.sink_parked: dict[str, RequestSink] = {}   # session key -> parked state
         self.sink_rotaries: dict[str, tuple[torch.Tensor, bool]] = {}
         self.sink_layers: list[list[LayerKeys]] = []  # per KV group
         # Cumulative counters over the worker's life (exposed by SinkCPUWorker.sink_stats).
@@ -71,6 +73,7 @@ class SinkRunnerMixin:
 
     def sink_stats(self) -> dict[str, int]:
         return {**self.sink_counters, "active_requests": len(self.sink_requests),
+                "parked_sessions": len(self.sink_parked),
                 "kv_blocks_reserved": sum(len(g) for r in self.sink_requests.values()
                                           for g in r.blocks),
                 "max_offset": max((r.stream.offset for r in self.sink_requests.values()),
@@ -80,6 +83,7 @@ class SinkRunnerMixin:
         if self.sink_board is not None:
             stats = self.sink_stats()
             stats.pop("max_offset")
+            stats.pop("parked_sessions")
             self.sink_board.write(stats)
 
     # ---- startup -------------------------------------------------------------------
@@ -137,8 +141,19 @@ class SinkRunnerMixin:
 
     # ---- per step: before vLLM updates its batch ------------------------------------
     def _update_states(self, scheduler_output):
-        for req_id in scheduler_output.finished_req_ids:
-            self.sink_requests.pop(req_id, None)
+        finished, session_ops = _directives.split(scheduler_output.finished_req_ids)
+        parks = {}
+        for op, req_id, key in session_ops:
+            if op == "drop":
+                parks = {r: k for r, k in parks.items() if k != key}
+                self.sink_parked.pop(key, None)
+            else:
+                parks[req_id] = key
+        for req_id in finished:
+            rs = self.sink_requests.pop(req_id, None)
+            if rs is not None and req_id in parks:
+                rs.prompt = None
+                self.sink_parked[parks[req_id]] = rs
         layout = self.sink_layout
         new_reqs = []
         for nr in scheduler_output.scheduled_new_reqs:
@@ -147,13 +162,18 @@ class SinkRunnerMixin:
                     "resumable streaming-input sessions are not supported in sink mode")
             if nr.prompt_token_ids is None:
                 raise NotImplementedError("prompt embeddings are not supported in sink mode")
+            n = scheduler_output.num_scheduled_tokens[nr.req_id]
+            extra = getattr(nr.sampling_params, "extra_args", None) or {}
+            resume = extra.get(_directives.RESUME_ARG)
+            if resume is not None:
+                new_reqs.append(self._sink_resume(nr, n, resume))
+                continue
             if nr.num_computed_tokens:
                 raise RuntimeError("sink mode requests start with no computed tokens")
             blocks = tuple(list(g) for g in nr.block_ids)
             if any(len(g) != layout.blocks_per_request for g in blocks):
                 raise RuntimeError(f"request {nr.req_id} got {[len(g) for g in blocks]} "
                                    f"blocks, expected {layout.blocks_per_request}")
-            n = scheduler_output.num_scheduled_tokens[nr.req_id]
             P = len(nr.prompt_token_ids)
             visible = min(P, n + 1)
             self.sink_counters["requests"] += 1
@@ -175,12 +195,36 @@ class SinkRunnerMixin:
             rs.step_start = cached.num_computed_tokens[i]
             virtual.append(rs.stream.virtual(rs.step_start))
         output = dataclasses.replace(
-            scheduler_output, scheduled_new_reqs=new_reqs,
+            scheduler_output, scheduled_new_reqs=new_reqs, finished_req_ids=finished,
             scheduled_cached_reqs=dataclasses.replace(cached, num_computed_tokens=virtual))
         result = super()._update_states(output)
         self._sink_after_update(scheduler_output)
         self._sink_publish()
         return result
+
+    def _sink_resume(self, nr, n: int, key: str):
+        """A request resuming parked session ``key``: its first A prompt tokens are the
+        parked stream, cached in the parked blocks. Show vLLM the virtual sequence:
+        sinks + the window's tokens (absolute S+E .. A-1) + the next prompt slice."""
+        rs = self.sink_parked.pop(key, None)
+        if rs is None:
+            raise RuntimeError(f"sink worker has no parked state for session {key!r}")
+        if any(sorted(a) != sorted(b) for a, b in zip(rs.blocks, nr.block_ids)):
+            raise RuntimeError(f"resumed session {key!r} got other blocks than it parked")
+        A, P = nr.num_computed_tokens, list(nr.prompt_token_ids)
+        S, E = self.sink_layout.sink_tokens, rs.stream.evicted
+        cached = P[:min(S, A)] + (P[S + E:A] if A > S else [])
+        assert len(cached) == rs.stream.virtual(A) <= self.sink_layout.capacity
+        visible = min(len(P), A + n + 1)
+        rs.prompt = P if visible < len(P) else None
+        rs.prompt_len, rs.visible, rs.step_start = len(P), visible, A
+        self.sink_requests[nr.req_id] = rs
+        self.sink_counters["requests"] += 1
+        sb = self.sink_layout.sink_blocks
+        rows = tuple(ring_row(g[:sb], g[sb:], rs.stream.shift) for g in rs.blocks)
+        return dataclasses.replace(nr, prompt_token_ids=cached + P[A:visible],
+                                   prompt_is_token_ids=None, num_computed_tokens=len(cached),
+                                   block_ids=rows)
 
     # ---- per step: after vLLM updated its batch -------------------------------------
     def _sink_after_update(self, scheduler_output) -> None:
