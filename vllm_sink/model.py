@@ -138,3 +138,50 @@ def model_variant(base: str, **config_overrides) -> str:
         (target / "config.json").write_text(json.dumps(config, indent=2))
         (target / _DONE).write_text(json.dumps(config_overrides))
     return str(target)
+
+
+def padded_heads_variant(base: str, num_heads: int, num_kv_heads: int) -> str:
+    """An exactly equivalent copy of ``base`` with zero attention heads appended.
+
+    Tensor parallelism splits attention heads across workers, so it needs head counts
+    divisible by the TP size; SmolLM2-135M has 9 query / 3 KV heads. Extra query heads
+    get zero ``q_proj`` rows and zero ``o_proj`` columns, extra KV heads zero
+    ``k_proj``/``v_proj`` rows, and the GQA group size is kept (9/3 -> 12/4 adds one
+    group), so every added head contributes exactly nothing: same logits, same model.
+    """
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    base_path = Path(base)
+    config = json.loads((base_path / "config.json").read_text())
+    H, KV = config["num_attention_heads"], config["num_key_value_heads"]
+    D = config.get("head_dim") or config["hidden_size"] // H
+    if num_heads // num_kv_heads != H // KV or num_heads < H or num_kv_heads < KV:
+        raise ValueError(f"keep the GQA group size {H // KV}: got {num_heads}/{num_kv_heads}")
+    target = cache_dir() / "variants" / f"{base_path.name}-heads{num_heads}-kv{num_kv_heads}"
+    if (target / _DONE).exists():
+        return str(target)
+    with _locked(target):
+        if (target / _DONE).exists():
+            return str(target)
+        target.mkdir(parents=True, exist_ok=True)
+        weights = load_file(str(base_path / "model.safetensors"))
+        out = {}
+        for name, w in weights.items():
+            if name.endswith("q_proj.weight"):
+                w = torch.cat([w, w.new_zeros((num_heads - H) * D, w.shape[1])])
+            elif name.endswith(("k_proj.weight", "v_proj.weight")):
+                w = torch.cat([w, w.new_zeros((num_kv_heads - KV) * D, w.shape[1])])
+            elif name.endswith("o_proj.weight"):
+                w = torch.cat([w, w.new_zeros(w.shape[0], (num_heads - H) * D)], dim=1)
+            out[name] = w.contiguous()
+        save_file(out, str(target / "model.safetensors"), metadata={"format": "pt"})
+        for item in base_path.iterdir():
+            if item.name not in ("config.json", "model.safetensors", _DONE) and \
+                    not item.name.endswith(".lock") and not (target / item.name).exists():
+                (target / item.name).symlink_to(item.resolve())
+        config.update(num_attention_heads=num_heads, num_key_value_heads=num_kv_heads,
+                      head_dim=D)
+        (target / "config.json").write_text(json.dumps(config, indent=2))
+        (target / _DONE).write_text("padded")
+    return str(target)

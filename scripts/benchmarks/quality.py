@@ -1,6 +1,10 @@
 """Stream quality (StreamingLLM Fig. 3/5 in miniature): perplexity along a long KJV
 stream, measured inside vLLM (prompt log-probs of one long streamed prompt).
 
+The stream is fed in steps of ``--chunk`` tokens (default 128; each step evicts for
+room first, so a token sees between W - chunk and W recent tokens; a step as large as
+the window would start every step with an empty window).
+
 Configurations (block size 32): sink+window with 4 sinks (one 32-token block) and
 windows 1024 and 2048; window-only (0 sinks) of the same capacities; dense vanilla
 vLLM up to its context limit, and what vLLM does past it. Perplexity is reported per
@@ -46,6 +50,9 @@ def main() -> int:
     ap.add_argument("--tokens", type=int, default=200_000)
     ap.add_argument("--offset", type=int, default=0, help="where in the KJV stream to start")
     ap.add_argument("--segment", type=int, default=SEGMENT)
+    ap.add_argument("--chunk", type=int, default=128,
+                    help="tokens per streaming step (prefill chunk); each step first evicts "
+                         "for room, so a step of n tokens starts with about W - n cached")
     args = ap.parse_args()
 
     from vllm_sink import default_model
@@ -61,7 +68,7 @@ def main() -> int:
     ]
     results = {}
     for name, sink in configs:
-        llm = make_llm(model, sink)
+        llm = make_llm(model, sink, max_num_batched_tokens=args.chunk)
         try:
             capacity = sink["window_tokens"] + (32 if sink["sink_tokens"] else 0)
             lps = stream_logprobs(llm, tokens)
@@ -131,7 +138,8 @@ def main() -> int:
             row[name] = r["segments"][i]["ppl"] if i < len(r["segments"]) else None
         seg_rows.append(row)
     print(table(seg_rows, list(seg_rows[0])))
-    save("quality", {"tokens": len(tokens), "segment": args.segment, "results": results})
+    save("quality", {"tokens": len(tokens), "segment": args.segment, "chunk": args.chunk,
+                     "results": results})
     _plot(results, args.segment)
     return 0
 
