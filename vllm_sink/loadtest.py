@@ -363,6 +363,12 @@ class LoadTest:
                               if "vllm_sink:kv_blocks_reserved" in s})
         rss = [s["server_rss_bytes"] for s in self.samples if s.get("server_rss_bytes")]
         ms = lambda v: None if v is None else round(v * 1000, 2)  # noqa: E731
+        by_turn: dict[int, list[float]] = {}
+        prompt_by_turn: dict[int, list[int]] = {}
+        for t in self.turns:
+            if t.ttft is not None:
+                by_turn.setdefault(t.turn, []).append(t.ttft)
+                prompt_by_turn.setdefault(t.turn, []).append(t.prompt_tokens)
         return {
             "config": asdict(self.cfg), "model": model,
             "sessions": self.cfg.sessions, "requests": len(self.turns),
@@ -370,6 +376,9 @@ class LoadTest:
             "tokens_per_s": round(tokens / elapsed, 2) if elapsed > 0 else 0.0,
             "ttft_ms": {f"p{q}": ms(_pct(ttft, q)) for q in (50, 90, 99)},
             "itl_ms": {f"p{q}": ms(_pct(itl, q)) for q in (50, 90, 99)},
+            "ttft_by_turn_ms": {turn: ms(_pct(v, 50)) for turn, v in sorted(by_turn.items())},
+            "prompt_tokens_by_turn": {turn: int(_pct(v, 50)) for turn, v
+                                      in sorted(prompt_by_turn.items())},
             "errors": dict(errors), "error_count": sum(errors.values()),
             "error_examples": {t.error: t.detail for t in self.turns if t.error},
             "kv_blocks_while_all_active": blocks_full,
@@ -384,12 +393,20 @@ class LoadTest:
         }
 
 
+def _turn_line(s: dict) -> str:
+    items = list(s["ttft_by_turn_ms"].items())
+    if len(items) > 8:  # first 4 and last 4 turns
+        items = items[:4] + [("..", "..")] + items[-4:]
+    return " ".join(f"{t}:{v}" for t, v in items)
+
+
 def format_table(s: dict) -> str:
     rows = [
         ("sessions", s["sessions"]), ("requests", s["requests"]),
         ("elapsed (s)", s["elapsed_s"]), ("total tokens", s["total_tokens"]),
         ("aggregate tokens/s", s["tokens_per_s"]),
         ("TTFT p50/p90/p99 (ms)", "/".join(str(v) for v in s["ttft_ms"].values())),
+        *([("TTFT p50 by turn (ms)", _turn_line(s))] if len(s["ttft_by_turn_ms"]) > 1 else []),
         ("ITL p50/p90/p99 (ms)", "/".join(str(v) for v in s["itl_ms"].values())),
         ("errors", s["error_count"] if not s["errors"] else
          f"{s['error_count']} " + json.dumps(s["errors"])),

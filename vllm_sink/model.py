@@ -106,6 +106,28 @@ def default_model() -> str:
     return str(target)
 
 
+def _materialize(target: Path, build, note: str) -> str:
+    """Build a checkpoint directory once: ``build(target)`` under a file lock, then a
+    completion marker; concurrent callers wait and reuse it."""
+    if (target / _DONE).exists():
+        return str(target)
+    with _locked(target):
+        if not (target / _DONE).exists():
+            target.mkdir(parents=True, exist_ok=True)
+            build(target)
+            (target / _DONE).write_text(note)
+    return str(target)
+
+
+def _link_files(base: Path, target: Path, skip: tuple[str, ...]) -> None:
+    """Symlink the checkpoint files of ``base`` into ``target``, except ``skip``."""
+    for item in base.iterdir():
+        if item.name in skip or item.name == _DONE or item.name.endswith(".lock"):
+            continue
+        if not (target / item.name).exists():
+            (target / item.name).symlink_to(item.resolve())
+
+
 def model_variant(base: str, **config_overrides) -> str:
     """A copy of checkpoint ``base`` with ``config.json`` fields overridden.
 
@@ -121,23 +143,14 @@ def model_variant(base: str, **config_overrides) -> str:
                         if isinstance(v, (int, float, str)) and len(str(v)) <= 16)
     name = f"{base_path.name}-{readable}"[:100]
     target = cache_dir() / "variants" / f"{name}-{key}"
-    if (target / _DONE).exists():
-        return str(target)
-    with _locked(target):
-        if (target / _DONE).exists():
-            return str(target)
-        target.mkdir(parents=True, exist_ok=True)
-        for item in base_path.iterdir():
-            if item.name in ("config.json", _DONE) or item.name.endswith(".lock"):
-                continue
-            link = target / item.name
-            if not link.exists():
-                link.symlink_to(item.resolve())
+
+    def build(out: Path) -> None:
+        _link_files(base_path, out, skip=("config.json",))
         config = json.loads((base_path / "config.json").read_text())
         config.update(config_overrides)
-        (target / "config.json").write_text(json.dumps(config, indent=2))
-        (target / _DONE).write_text(json.dumps(config_overrides))
-    return str(target)
+        (out / "config.json").write_text(json.dumps(config, indent=2))
+
+    return _materialize(target, build, json.dumps(config_overrides))
 
 
 def padded_heads_variant(base: str, num_heads: int, num_kv_heads: int) -> str:
@@ -159,12 +172,8 @@ def padded_heads_variant(base: str, num_heads: int, num_kv_heads: int) -> str:
     if num_heads // num_kv_heads != H // KV or num_heads < H or num_kv_heads < KV:
         raise ValueError(f"keep the GQA group size {H // KV}: got {num_heads}/{num_kv_heads}")
     target = cache_dir() / "variants" / f"{base_path.name}-heads{num_heads}-kv{num_kv_heads}"
-    if (target / _DONE).exists():
-        return str(target)
-    with _locked(target):
-        if (target / _DONE).exists():
-            return str(target)
-        target.mkdir(parents=True, exist_ok=True)
+
+    def build(out_dir: Path) -> None:
         weights = load_file(str(base_path / "model.safetensors"))
         out = {}
         for name, w in weights.items():
@@ -175,13 +184,10 @@ def padded_heads_variant(base: str, num_heads: int, num_kv_heads: int) -> str:
             elif name.endswith("o_proj.weight"):
                 w = torch.cat([w, w.new_zeros(w.shape[0], (num_heads - H) * D)], dim=1)
             out[name] = w.contiguous()
-        save_file(out, str(target / "model.safetensors"), metadata={"format": "pt"})
-        for item in base_path.iterdir():
-            if item.name not in ("config.json", "model.safetensors", _DONE) and \
-                    not item.name.endswith(".lock") and not (target / item.name).exists():
-                (target / item.name).symlink_to(item.resolve())
+        save_file(out, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
+        _link_files(base_path, out_dir, skip=("config.json", "model.safetensors"))
         config.update(num_attention_heads=num_heads, num_key_value_heads=num_kv_heads,
                       head_dim=D)
-        (target / "config.json").write_text(json.dumps(config, indent=2))
-        (target / _DONE).write_text("padded")
-    return str(target)
+        (out_dir / "config.json").write_text(json.dumps(config, indent=2))
+
+    return _materialize(target, build, "padded")

@@ -75,24 +75,17 @@ class SinkCollector:
             sessions = self._sessions.read() if self._sessions is not None else None
             labels = self._labels
         names, label_values = list(labels), list(labels.values())
-        for key, doc in _GAUGES.items():
-            g = GaugeMetricFamily(f"vllm_sink:{key}", doc, labels=names)
-            g.add_metric(label_values, values[key])
-            yield g
-        for key, doc in _COUNTERS.items():
-            c = CounterMetricFamily(f"vllm_sink:{key}", doc, labels=names)
-            c.add_metric(label_values, values[key])
-            yield c
+        tables = [(GaugeMetricFamily, _GAUGES, values), (CounterMetricFamily, _COUNTERS, values)]
+        if sessions is not None:
+            tables += [(GaugeMetricFamily, _SESSION_GAUGES, sessions),
+                       (CounterMetricFamily, _SESSION_COUNTERS, sessions)]
+        for family, docs, source in tables:
+            for key, doc in docs.items():
+                metric = family(f"vllm_sink:{key}", doc, labels=names)
+                metric.add_metric(label_values, source[key])
+                yield metric
         if sessions is None:
             return
-        for key, doc in _SESSION_GAUGES.items():
-            g = GaugeMetricFamily(f"vllm_sink:{key}", doc, labels=names)
-            g.add_metric(label_values, sessions[key])
-            yield g
-        for key, doc in _SESSION_COUNTERS.items():
-            c = CounterMetricFamily(f"vllm_sink:{key}", doc, labels=names)
-            c.add_metric(label_values, sessions[key])
-            yield c
         misses = CounterMetricFamily("vllm_sink:session_misses",
                                      "Session requests that could not resume, by reason",
                                      labels=names + ["reason"])

@@ -32,23 +32,17 @@ def hardware() -> str:
 
 
 def make_llm(model: str, sink: dict | None = None, **kw):
-    from vllm import LLM
+    """The tests' engine factory, with a 1 GiB KV pool by default."""
+    from tests.e2e.conftest import make_llm as make
 
-    kw.setdefault("enforce_eager", True)
     kw.setdefault("kv_cache_memory_bytes", 1 << 30)
-    kw.setdefault("seed", 0)
-    return LLM(model, additional_config={"sink": sink} if sink is not None else {}, **kw)
+    return make(model, sink, **kw)
 
 
 def shutdown(llm) -> None:
-    import gc
+    from tests.e2e.conftest import shutdown as stop
 
-    try:
-        llm.llm_engine.engine_core.shutdown()
-    except Exception:
-        pass
-    del llm
-    gc.collect()
+    stop(llm)
 
 
 def engine_rss_bytes() -> int:
