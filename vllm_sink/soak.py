@@ -77,6 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--request-tokens", type=int, default=2048,
                    help="tokens per request (0: one endless request per session)")
     p.add_argument("--max-rss-growth", type=float, default=0.02)
+    p.add_argument("--timeout", type=float, default=1800.0, help="per request (s)")
     p.add_argument("--api-key", default=None)
     p.add_argument("--json", default=None)
     p.add_argument("--quiet", action="store_true")
@@ -86,7 +87,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     cfg = LoadConfig(url=args.url, sessions=args.sessions, duration=args.duration,
                      mode="generate", request_tokens=args.request_tokens or None,
-                     api_key=args.api_key, metrics_interval=args.interval, quiet=args.quiet)
+                     api_key=args.api_key, metrics_interval=args.interval, quiet=args.quiet,
+                     timeout=args.timeout)
     summary = asyncio.run(LoadTest(cfg).run())
     verdict = analyse(summary, args.warmup, args.max_rss_growth)
     rows = [("sessions", args.sessions), ("duration (s)", summary["elapsed_s"]),

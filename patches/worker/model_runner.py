@@ -358,10 +358,14 @@ class SinkRunnerMixin:
                     self._sink_rng_rewind[int(i)] = (gen, gen.get_state())
         offsets = np.array([self.sink_requests[r].stream.offset for r in ib.req_ids],
                            dtype=np.int64)
+        total = int(num_scheduled_tokens.sum())
         if offsets.any():
-            total = int(num_scheduled_tokens.sum())
             per_token = np.repeat(offsets, num_scheduled_tokens[:len(offsets)])
             self.positions[:total] += torch.from_numpy(per_token).to(self.positions.dtype)
+        # The contract: positions fed to the model stay below the position limit.
+        if total and int(self.positions[:total].max()) >= self.sink_layout.position_limit:
+            raise RuntimeError("vllm_sink: a position reached the position limit "
+                               f"{self.sink_layout.position_limit}; this is a bug")
         return result
 
     def _bookkeeping_sync(self, *args, **kwargs):

@@ -39,17 +39,22 @@ class Server:
                                      env=full_env, start_new_session=True)
 
     def wait_ready(self, timeout: float = 300.0) -> None:
+        """Wait for /health; on failure stop the whole process group, then raise."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.tail()}")
+                tail = self.tail()
+                self.stop()
+                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{tail}")
             try:
                 if requests.get(self.url + "/health", timeout=2).status_code == 200:
                     return
             except requests.RequestException:
                 pass
             time.sleep(1)
-        raise TimeoutError(f"server not ready after {timeout}s:\n{self.tail()}")
+        tail = self.tail()
+        self.stop()
+        raise TimeoutError(f"server not ready after {timeout}s:\n{tail}")
 
     def tail(self, n: int = 60) -> str:
         self.log.flush()
@@ -61,6 +66,8 @@ class Server:
         return parse_prometheus(requests.get(self.url + "/metrics", timeout=10).text)
 
     def stop(self, timeout: float = 60.0) -> int:
+        if self.log.closed:
+            return self.proc.returncode
         if self.proc.poll() is None:
             os.killpg(self.proc.pid, signal.SIGINT)
             try:

@@ -125,7 +125,10 @@ def test_abort_many_at_once_frees_all_blocks(servers):
 
 
 def test_requests_cannot_observe_each_other(servers):
-    """Greedy output of B is the same alone, after A reused the blocks, and next to A."""
+    """B's greedy output is the same alone and after A's stream reused the blocks; run
+    next to A it never shows A's data. (Next to A, B shares its batch with A, and batch
+    shape alone can move bf16 near-ties: vanilla vLLM is not batch-invariant either, so
+    only the start of the text is compared there.)"""
     sink, _ = servers
     b = {"model": "smol", "prompt": "The capital of Italy is", "max_tokens": 300,
          "temperature": 0, "ignore_eos": True}
@@ -135,6 +138,7 @@ def test_requests_cannot_observe_each_other(servers):
     alone = requests.post(url, json=b, timeout=300).json()["choices"][0]["text"]
     requests.post(url, json=a, timeout=300).raise_for_status()
     after = requests.post(url, json=b, timeout=300).json()["choices"][0]["text"]
+    assert after == alone
     results = {}
 
     def run(key, body):
@@ -145,8 +149,9 @@ def test_requests_cannot_observe_each_other(servers):
         t.start()
     for t in threads:
         t.join()
-    assert alone == after == results["b"]
-    assert "swordfish" not in alone
+    assert results["b"][:40] == alone[:40]
+    for text in (alone, after, results["b"]):
+        assert "swordfish" not in text and "7731" not in text
 
 
 def test_no_new_endpoints(servers):
@@ -174,9 +179,11 @@ def test_soak_command_short(servers, tmp_path):
 def tiny_pool_server(small_model):
     # 22 blocks: the null block + room for 3 sink requests of 7 blocks.
     srv = Server(small_model, SINK, "--kv-cache-memory-bytes", str(22 * BLOCK_BYTES))
-    srv.wait_ready()
-    yield srv
-    srv.stop()
+    try:
+        srv.wait_ready()
+        yield srv
+    finally:
+        srv.stop()
 
 
 def test_admission_waits_when_pool_full(tiny_pool_server):

@@ -84,9 +84,11 @@ def server(default_model_dir):
     sink = {**SINK, "max_parked_sessions": 3, "session_idle_timeout": 5}
     srv = Server(default_model_dir, sink, "--api-key", "key-a", "key-b",
                  "--kv-cache-memory-bytes", str(25 * BLOCK_BYTES))
-    srv.wait_ready()
-    yield srv
-    srv.stop()
+    try:
+        srv.wait_ready()
+        yield srv
+    finally:
+        srv.stop()
 
 
 def _chat(server, key, session, messages, max_tokens=48):
