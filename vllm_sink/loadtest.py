@@ -293,7 +293,8 @@ class LoadTest:
                             "vllm:kv_cache_usage_perc", "vllm:num_requests_running",
                             "vllm:num_requests_waiting", "vllm_sink:capacity",
                             "vllm_sink:block_size", "vllm_sink:tokens_evicted_total",
-                            "vllm:num_preemptions_total"):
+                            "vllm:num_preemptions_total", "vllm_sink:running_requests",
+                            "vllm_sink:pool_blocks_in_use", "vllm_sink:blocks_parked"):
                     if key in m:
                         sample[key] = m[key]
             except Exception as e:  # noqa: BLE001

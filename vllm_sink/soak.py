@@ -8,10 +8,10 @@ blocks reserved and the errors. Fails (exit 1) if, after ``--warmup`` seconds:
 
 * resident memory grows by more than ``--max-rss-growth`` (default 2%) over its
   level at the end of the warm-up;
-* KV blocks drift: a sample where the blocks in use in the scheduler's pool differ
-  from the worker's active sink requests x blocks per request by more than one
-  request's set (one step of skew between the two is allowed), or blocks still held
-  after the run (in the pool or by the worker);
+* KV blocks drift: a sample where the blocks taken from the scheduler's pool differ
+  from its running requests x blocks per request + parked sessions' blocks (both read
+  at the same instant from the scheduler), or blocks still held after the run (by the
+  pool or by the worker);
 * any request fails.
 """
 
@@ -37,14 +37,15 @@ def analyse(summary: dict, warmup: float, max_growth: float) -> dict:
     peak = max(after) if after else None
     growth = (peak - baseline) / baseline if baseline else None
     drift = [s for s in samples if per_request is not None
-             and "pool_blocks_used" in s and "vllm_sink:active_requests" in s
-             and abs(s["pool_blocks_used"] - s["vllm_sink:active_requests"] * per_request)
-             > per_request]
+             and "vllm_sink:pool_blocks_in_use" in s and "vllm_sink:running_requests" in s
+             and s["vllm_sink:pool_blocks_in_use"] - s.get("vllm_sink:blocks_parked", 0)
+             != s["vllm_sink:running_requests"] * per_request]
     final_blocks = None
     if samples:
         last = samples[-1]
         final_blocks = max(last.get("vllm_sink:kv_blocks_reserved") or 0,
-                           last.get("pool_blocks_used") or 0)
+                           (last.get("vllm_sink:pool_blocks_in_use") or 0)
+                           - (last.get("vllm_sink:blocks_parked") or 0))
     failures = []
     if growth is None:
         failures.append("no RSS samples after warm-up (is the server local?)")
@@ -53,7 +54,8 @@ def analyse(summary: dict, warmup: float, max_growth: float) -> dict:
     if per_request is None:
         failures.append("no vllm_sink metrics (is sink mode on?)")
     if drift:
-        failures.append(f"{len(drift)} samples where pool blocks != active x {per_request}")
+        failures.append(f"{len(drift)} samples where pool blocks != running x {per_request}"
+                        " + parked")
     if final_blocks:
         failures.append(f"{final_blocks} blocks still reserved after the run")
     if summary["error_count"]:

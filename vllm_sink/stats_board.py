@@ -29,8 +29,10 @@ FIELDS = (
     "position_limit",
 )
 
-# Written by the scheduler (EngineCore): persistent sessions.
+# Written by the scheduler (EngineCore) after every schedule(): its pool and sessions.
 SESSION_FIELDS = (
+    "running_requests",     # requests the scheduler is running (each holds C/B blocks)
+    "pool_blocks_in_use",   # blocks taken from the KV pool (running + parked)
     "parked_sessions",      # sessions whose KV is parked
     "blocks_parked",        # KV blocks they hold
     "session_requests",     # requests that carried a session id (cumulative)

@@ -79,7 +79,11 @@ class SinkScheduler(Scheduler):
     def schedule(self, *args, **kwargs):
         self.sink_sessions.before_schedule()
         output = super().schedule(*args, **kwargs)
-        self.sink_board.write(self.sink_sessions.stats())
+        pool = self.kv_cache_manager.block_pool
+        self.sink_board.write({**self.sink_sessions.stats(),
+                               "running_requests": len(self.running),
+                               "pool_blocks_in_use": pool.num_gpu_blocks - 1
+                               - pool.get_num_free_blocks()})
         return output
 
     def shutdown(self) -> None:

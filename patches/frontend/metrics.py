@@ -21,6 +21,8 @@ _GAUGES = {
     "position_limit": "Largest position + 1 fed to the model",
 }
 _SESSION_GAUGES = {
+    "running_requests": "Requests the scheduler is running (each holds capacity/B blocks)",
+    "pool_blocks_in_use": "KV blocks taken from the pool (running requests + parked sessions)",
     "parked_sessions": "Sessions whose KV is parked between requests",
     "blocks_parked": "KV blocks held by parked sessions",
 }
