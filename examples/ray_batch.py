@@ -1,6 +1,6 @@
 """Ray Data batch inference with vLLM + vllm_sink inside Ray workers.
 
-    .venv/bin/pip install "ray[data]"
+    .venv/bin/pip install "ray[data]==2.60.0"
     .venv/bin/python examples/ray_batch.py --out /tmp/sink_ray_out          # JSONL + Parquet
 
 A dataset of prompts flows through ``map_batches`` into an actor that owns an ``LLM``
@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 
@@ -52,6 +53,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--prompts", type=int, default=8)
     ap.add_argument("--context", type=int, default=512, help="trained context of the copy")
     ap.add_argument("--tokens", type=int, default=None, help="default: 4 x context + 100")
+    ap.add_argument("--actors", type=int, default=1, help="LLM actors (one engine each)")
+    ap.add_argument("--address", default=None,
+                    help="Ray cluster to join (default: $RAY_ADDRESS, else a local Ray)")
     ap.add_argument("--compare", action="store_true")
     args = ap.parse_args(argv)
 
@@ -63,12 +67,16 @@ def main(argv: list[str] | None = None) -> int:
     tokens = args.tokens or 4 * args.context + 100
     items = [{"prompt": PROMPTS[i % len(PROMPTS)]} for i in range(args.prompts)]
 
-    ray.init(num_cpus=2, include_dashboard=False, ignore_reinit_error=True,
-             runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1"}})
+    runtime_env = {"env_vars": {"HF_HUB_OFFLINE": "1"}}
+    if args.address or os.environ.get("RAY_ADDRESS"):     # an existing cluster
+        ray.init(address=args.address, runtime_env=runtime_env)
+    else:                                                  # a local Ray on this machine
+        ray.init(num_cpus=max(2, args.actors), include_dashboard=False,
+                 runtime_env=runtime_env)
     t0 = time.monotonic()
     ds = ray.data.from_items(items).map_batches(
         SinkGenerator, fn_constructor_args=(model, args.context, tokens),
-        batch_size=len(items), concurrency=1, num_cpus=1)
+        batch_size=max(1, len(items) // args.actors), concurrency=args.actors, num_cpus=1)
     ds = ds.materialize()
     elapsed = time.monotonic() - t0
     ds.write_json(args.out + "/jsonl")

