@@ -35,6 +35,9 @@ class Server:
         self.log = open(self.log_path, "w")
         full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "VLLM_CPU_KVCACHE_SPACE": str(kv_gib),
                     **(env or {})}
+        if "--kv-cache-memory-bytes" in args:
+            # vLLM's CPU platform lets VLLM_CPU_KVCACHE_SPACE override the flag.
+            full_env.pop("VLLM_CPU_KVCACHE_SPACE")
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT,
                                      env=full_env, start_new_session=True)
 

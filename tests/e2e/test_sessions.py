@@ -158,11 +158,17 @@ def test_parking_is_bounded_and_running_requests_win(server):
     threads = [threading.Thread(target=run) for _ in range(6)]
     for t in threads:
         t.start()
-    for t in threads:
-        t.join()
-    s = _session_stats(server)
+    peak = 0
+    while any(t.is_alive() for t in threads):
+        peak = max(peak, _session_stats(server)["active_requests"] or 0)
+        time.sleep(0.2)
+    s2 = _session_stats(server)
     assert done == [200] * 6
-    assert s["parked_sessions"] == 0 and s["blocks_parked"] == 0
+    assert peak == 6                      # all six ran at once: they took the parked blocks
+    assert s2["parked_sessions"] == 0 and s2["blocks_parked"] == 0
+    # Dropped for room (or, on a slow machine, by the 5 s idle timeout first).
+    assert (s2["parked_evictions_total"] - s["parked_evictions_total"]
+            + s2["parked_expired_total"] - s["parked_expired_total"]) == 3
     # The evicted session's next turn silently starts a fresh stream.
     _chat(server, "key-a", "cap-3", [{"role": "user", "content": "Hello 3"},
                                       {"role": "assistant", "content": "Hi"},
