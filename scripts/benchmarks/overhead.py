@@ -6,7 +6,14 @@ its CPU default block size (128) and with the plugin's (32), so the block-size e
 is visible separately. Engines alternate (A B C A B C) and the median of the rounds is
 reported; target: plugin / vanilla >= 0.95.
 
-    scripts/bench overhead
+Every engine gets the same KV pool, 4 GiB by default, so that all 64 sink requests are
+admitted at once: a sink request reserves its whole capacity (65 blocks here) at
+admission, a vanilla one only what its 512 tokens need (16 blocks). With a pool too small
+for that (``--kv-gib 1``: 22 sink requests at a time) the plugin runs fewer requests per
+step, which is the price of constant per-request memory, not per-step overhead.
+
+    scripts/bench overhead               # 4 GiB pool: per-step overhead
+    scripts/bench overhead --kv-gib 1    # admission-limited
 """
 
 from __future__ import annotations
@@ -37,6 +44,8 @@ def main() -> int:
     ap.add_argument("--prompt-len", type=int, default=256)
     ap.add_argument("--output-len", type=int, default=256)
     ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--kv-gib", type=int, default=4,
+                    help="KV pool for every engine (default 4: all 64 sink requests fit)")
     args = ap.parse_args()
 
     from vllm_sink import default_model
@@ -55,7 +64,8 @@ def main() -> int:
         for name, kw in engines.items():
             kw = dict(kw)
             llm = make_llm(model, kw.pop("sink", None), max_num_seqs=args.requests,
-                           max_num_batched_tokens=2048, **kw)
+                           max_num_batched_tokens=2048,
+                           kv_cache_memory_bytes=args.kv_gib << 30, **kw)
             try:
                 results[name].append(throughput(llm, prompts, args.output_len))
             finally:
@@ -69,7 +79,8 @@ def main() -> int:
     print(f"\n{args.requests} requests x ({args.prompt_len} prompt + {args.output_len} "
           "output) tokens, no eviction:")
     print(table(rows, list(rows[0])))
-    save("overhead", {"requests": args.requests, "prompt_len": args.prompt_len,
+    save("overhead" if args.kv_gib == 4 else f"overhead-kv{args.kv_gib}gib",
+         {"kv_gib": args.kv_gib, "requests": args.requests, "prompt_len": args.prompt_len,
                       "output_len": args.output_len, "rounds": results, "median": med})
     return 0
 
