@@ -1,7 +1,7 @@
 """Ray Data batch inference with vLLM + vllm_sink inside Ray workers.
 
     .venv/bin/pip install "ray[data]==2.60.0"
-    .venv/bin/python examples/ray_batch.py --out /tmp/sink_ray_out          # JSONL + Parquet
+    .venv/bin/python examples/ray_batch.py --out ray_batch_out     # JSONL + Parquet
 
 A dataset of prompts flows through ``map_batches`` into an actor that owns an ``LLM``
 with sink mode on; every prompt generates a stream longer than the model's trained
@@ -49,7 +49,8 @@ class SinkGenerator:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--out", default="/tmp/vllm_sink_ray_out")
+    ap.add_argument("--out", default="ray_batch_out",
+                    help="output directory (jsonl/ and parquet/ inside)")
     ap.add_argument("--prompts", type=int, default=8)
     ap.add_argument("--context", type=int, default=512, help="trained context of the copy")
     ap.add_argument("--tokens", type=int, default=None, help="default: 4 x context + 100")
@@ -79,14 +80,15 @@ def main(argv: list[str] | None = None) -> int:
         batch_size=max(1, len(items) // args.actors), concurrency=args.actors, num_cpus=1)
     ds = ds.materialize()
     elapsed = time.monotonic() - t0
-    ds.write_json(args.out + "/jsonl")
-    ds.write_parquet(args.out + "/parquet")
+    out = os.path.abspath(args.out)          # Ray workers do not share our cwd
+    ds.write_json(os.path.join(out, "jsonl"))
+    ds.write_parquet(os.path.join(out, "parquet"))
     rows = ds.take_all()
     total = sum(r["tokens"] for r in rows)
     ray.shutdown()
     result = {"prompts": len(rows), "tokens_per_prompt": tokens,
               "trained_context": args.context, "ray_seconds": round(elapsed, 1),
-              "ray_tokens_per_s": round(total / elapsed, 1), "out": args.out}
+              "ray_tokens_per_s": round(total / elapsed, 1), "out": out}
     if args.compare:
         from vllm import LLM, SamplingParams
 

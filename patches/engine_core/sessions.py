@@ -148,9 +148,13 @@ class SessionStore:
     def before_schedule(self) -> None:
         if not self.parked:
             return
+        # ``parked`` is in parking order (a re-park drops and re-inserts), so parked_at
+        # only grows along it: stop at the first session that is still fresh.
         now = time.monotonic()
         for key, p in list(self.parked.items()):
-            if p.claimed_by is None and now - p.parked_at > self.timeout:
+            if now - p.parked_at <= self.timeout:
+                break
+            if p.claimed_by is None:
                 self._drop(key, "parked_expired")
         sched = self.sched
         if sched.waiting:
@@ -179,4 +183,6 @@ class SessionStore:
     def stats(self) -> dict[str, int]:
         return {**{k: int(v) for k, v in self.counters.items()},
                 "parked_sessions": len(self.parked),
-                "blocks_parked": sum(len(b) for p in self.parked.values() for b in p.blocks)}
+                # only full block sets are parked (on_finish checks)
+                "blocks_parked": len(self.parked) * self.blocks_per_request
+                * len(self._managers)}

@@ -8,6 +8,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -31,7 +32,8 @@ class Server:
                "--served-model-name", "smol", "--enforce-eager", *args]
         if sink is not None:
             cmd += ["--additional-config", json.dumps({"sink": sink})]
-        self.log_path = log_path or f"/tmp/vllm_sink_test_server_{self.port}.log"
+        self.log_path = log_path or os.path.join(tempfile.gettempdir(),
+                                                 f"vllm_sink_test_server_{self.port}.log")
         self.log = open(self.log_path, "w")
         full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "VLLM_CPU_KVCACHE_SPACE": str(kv_gib),
                     **(env or {})}
