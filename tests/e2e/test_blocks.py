@@ -96,3 +96,27 @@ def test_min_tokens_longer_than_window(engine):
     ids = list(out.outputs[0].token_ids)
     assert 150 <= len(ids) < 400, len(ids)
     assert not set(ids[:149]) & set(stops)
+
+
+def test_structured_output_spans_evictions(engine):
+    """The grammar follows the whole stream, not the cached window: 150 comma-separated
+    answers (~450 tokens, > 3x the 128-token capacity) match the regex exactly and end
+    when the grammar does; then the blocks return."""
+    import re
+
+    from vllm import SamplingParams
+    from vllm.sampling_params import StructuredOutputsParams
+
+    pattern = r"(yes|no)(, (yes|no)){149}"
+    tok = engine.get_tokenizer()
+    engine.add_request("so", {"prompt_token_ids": tok.encode("Answer yes or no, 150 times:")},
+                       SamplingParams(temperature=0.8, seed=1, max_tokens=2000,
+                                      structured_outputs=StructuredOutputsParams(
+                                          regex=pattern)))
+    out = None
+    while engine.has_unfinished_requests():
+        out = next((o for o in engine.step() if o.finished), out)
+    text, ids = out.outputs[0].text, out.outputs[0].token_ids
+    assert out.outputs[0].finish_reason == "stop" and len(ids) > 3 * 128, (len(ids), text[-200:])
+    assert re.fullmatch(pattern, text), text[-200:]
+    assert _blocks_used(engine) == 0
