@@ -120,3 +120,21 @@ def test_structured_output_spans_evictions(engine):
     assert out.outputs[0].finish_reason == "stop" and len(ids) > 3 * 128, (len(ids), text[-200:])
     assert re.fullmatch(pattern, text), text[-200:]
     assert _blocks_used(engine) == 0
+
+
+def test_parallel_sampling_streams_each_child(engine):
+    """n = 2: each child is its own endless stream with its own C/B blocks."""
+    from vllm import SamplingParams
+    from vllm.sampling_params import RequestOutputKind
+
+    tok = engine.get_tokenizer()
+    engine.add_request("n2", {"prompt_token_ids": tok.encode("Once upon a time")},
+                       SamplingParams(n=2, temperature=1.0, seed=3, max_tokens=300,
+                                      ignore_eos=True, output_kind=RequestOutputKind.FINAL_ONLY))
+    peak, out = 0, None
+    while engine.has_unfinished_requests():
+        out = next((o for o in engine.step() if o.finished), out)
+        peak = max(peak, _blocks_used(engine))
+    a, b = (list(c.token_ids) for c in out.outputs)
+    assert len(a) == len(b) == 300 and a != b
+    assert peak == 2 * 4 and _blocks_used(engine) == 0
