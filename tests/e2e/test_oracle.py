@@ -119,3 +119,27 @@ def test_window_only_matches_reference(default_model_dir, reference_model, kjv):
     ref = StreamingReference(reference_model, block_size=32, **sink)
     for prompt, (toks, lps) in zip(prompts, outs):
         _check(ref, prompt, toks, lps, len(prompt), min_agree_after_evict=150)
+
+
+def test_several_sink_blocks_and_block_64_match_reference(default_model_dir,
+                                                           reference_model, kjv):
+    """Block size 64, sink_tokens 70 -> 2 sink blocks (128 tokens), window 100 -> 2 blocks
+    (128), C = 256, max_position_embeddings 320 so rebases run too."""
+    from vllm_sink import model_variant
+
+    sink = {"sink_tokens": 70, "window_tokens": 100}
+    small = model_variant(default_model_dir, max_position_embeddings=320)
+    llm = make_llm(small, sink, dtype="float32", block_size=64)
+    try:
+        prompts = [kjv[40000:40030], kjv[41000:41200]]
+        outs = _run(llm, prompts, 500)
+        stats = llm.collective_rpc("sink_stats")[0]
+    finally:
+        shutdown(llm)
+    assert stats["rebases"] >= 2, stats
+    ref = StreamingReference(reference_model, block_size=64, position_limit=320, **sink)
+    assert (ref.layout.sink_tokens, ref.layout.capacity) == (128, 256)
+    for prompt, (toks, lps) in zip(prompts, outs):
+        mean, mx, agree = _check(ref, prompt, toks, lps, len(prompt))
+        print(f"2 sink blocks, B=64, P={len(prompt)}: mean {mean:.1e} max {mx:.1e} "
+              f"agree {agree}/500; {stats['rebases']} rebases")
