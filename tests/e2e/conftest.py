@@ -59,3 +59,40 @@ def generate_in_subprocess(model: str, prompts: list[list[int]], max_tokens: int
     lines = [x for x in out.stdout.splitlines() if x.startswith("RESULT ")]
     assert lines, out.stdout[-2000:] + out.stderr[-2000:]
     return json.loads(lines[-1][len("RESULT "):])
+
+
+def greedy_with_logprobs(llm, prompts, max_tokens):
+    """Greedy generations (ignore EOS) and the log-prob of each sampled token."""
+    import torch
+    from vllm import SamplingParams
+
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts],
+                        SamplingParams(temperature=0, max_tokens=max_tokens, logprobs=0,
+                                       ignore_eos=True), use_tqdm=False)
+    result = []
+    for o in outs:
+        toks = list(o.outputs[0].token_ids)
+        lps = [lp[t].logprob for lp, t in zip(o.outputs[0].logprobs, toks)]
+        result.append((toks, torch.tensor(lps)))
+    return result
+
+
+def check_against_reference(ref, prompt, toks, lps, prefill_steps, min_agree_after_evict=300):
+    """Compare one request against the ``StreamingReference`` ``ref`` (core oracle
+    tolerances: mean |diff| <= 0.01, max <= 0.1; greedy agreement after the first
+    eviction); return (mean, max, agreement)."""
+    import torch
+
+    greedy, greedy_lp = ref.stream().greedy(prompt, len(toks), prefill_steps)
+    agree = next((i for i, (a, b) in enumerate(zip(toks, greedy)) if a != b), len(toks))
+    if agree == len(toks):
+        ref_lp = torch.tensor(greedy_lp)
+    else:
+        stream = ref.stream()
+        steps = (prefill_steps if isinstance(prefill_steps, list) else [len(prompt)])
+        ref_lp = stream.teacher_force(list(prompt) + toks, steps + [1] * len(toks))[len(prompt):]
+    diff = (lps - ref_lp).abs()
+    first_evict = max(0, ref.layout.capacity - len(prompt))   # tokens before eviction
+    assert diff.mean() <= 0.01 and diff.max() <= 0.1, (float(diff.mean()), float(diff.max()))
+    assert agree - first_evict >= min(min_agree_after_evict, len(toks) - first_evict), agree
+    return float(diff.mean()), float(diff.max()), agree

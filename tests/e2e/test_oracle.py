@@ -9,43 +9,12 @@ least 300 tokens after each request's first eviction."""
 import pytest
 import torch
 
-from tests.e2e.conftest import make_llm, shutdown
+from tests.e2e.conftest import check_against_reference, greedy_with_logprobs, make_llm, shutdown
 from vllm_sink.reference import StreamingReference
 
 pytestmark = pytest.mark.e2e
 
 SINK = {"sink_tokens": 4, "window_tokens": 96}    # S = 32, W = 96, C = 128 (B = 32)
-
-
-def _run(llm, prompts, max_tokens):
-    from vllm import SamplingParams
-
-    outs = llm.generate([{"prompt_token_ids": p} for p in prompts],
-                        SamplingParams(temperature=0, max_tokens=max_tokens, logprobs=0,
-                                       ignore_eos=True), use_tqdm=False)
-    result = []
-    for o in outs:
-        toks = list(o.outputs[0].token_ids)
-        lps = [lp[t].logprob for lp, t in zip(o.outputs[0].logprobs, toks)]
-        result.append((toks, torch.tensor(lps)))
-    return result
-
-
-def _check(ref, prompt, toks, lps, prefill_steps, min_agree_after_evict=300):
-    """Compare one request against the reference; return (mean, max, agreement)."""
-    greedy, greedy_lp = ref.stream().greedy(prompt, len(toks), prefill_steps)
-    agree = next((i for i, (a, b) in enumerate(zip(toks, greedy)) if a != b), len(toks))
-    if agree == len(toks):
-        ref_lp = torch.tensor(greedy_lp)
-    else:
-        stream = ref.stream()
-        steps = (prefill_steps if isinstance(prefill_steps, list) else [len(prompt)])
-        ref_lp = stream.teacher_force(list(prompt) + toks, steps + [1] * len(toks))[len(prompt):]
-    diff = (lps - ref_lp).abs()
-    first_evict = max(0, ref.layout.capacity - len(prompt))   # tokens before eviction
-    assert diff.mean() <= 0.01 and diff.max() <= 0.1, (float(diff.mean()), float(diff.max()))
-    assert agree - first_evict >= min(min_agree_after_evict, len(toks) - first_evict), agree
-    return float(diff.mean()), float(diff.max()), agree
 
 
 @pytest.fixture(scope="module")
@@ -61,13 +30,13 @@ def test_concurrent_streams_match_reference(default_model_dir, reference_model, 
         # Four prompts of different lengths, all <= C (no eviction inside the prompt,
         # so vLLM's choice of prefill chunks does not change any score).
         prompts = [kjv[100:105], kjv[2000:2040], kjv[3000:3077], kjv[4000:4120]]
-        outs = _run(llm, prompts, 450)
+        outs = greedy_with_logprobs(llm, prompts, 450)
         stats = llm.collective_rpc("sink_stats")[0]
     finally:
         shutdown(llm)
     ref = StreamingReference(reference_model, block_size=32, **SINK)
     for prompt, (toks, lps) in zip(prompts, outs):
-        mean, mx, agree = _check(ref, prompt, toks, lps, len(prompt))
+        mean, mx, agree = check_against_reference(ref, prompt, toks, lps, len(prompt))
         print(f"P={len(prompt)}: mean {mean:.1e} max {mx:.1e} greedy agree {agree}/450")
     # Each stream of P + 450 tokens evicted all but <= C of them, in whole blocks.
     assert stats["tokens_evicted"] >= sum(len(p) + 450 - 128 for p in prompts)
@@ -84,8 +53,8 @@ def test_rebase_and_streamed_prompt_match_reference(default_model_dir, reference
     llm = make_llm(small, SINK, dtype="float32", max_num_batched_tokens=64)
     try:
         long_prompt = kjv[20000:20500]
-        (toks, lps), = _run(llm, [long_prompt], 200)
-        batch = _run(llm, [kjv[30000:30010], kjv[31000:31050]], 300)
+        (toks, lps), = greedy_with_logprobs(llm, [long_prompt], 200)
+        batch = greedy_with_logprobs(llm, [kjv[30000:30010], kjv[31000:31050]], 300)
         from vllm import SamplingParams
 
         (scored,) = llm.generate([{"prompt_token_ids": long_prompt}],
@@ -96,11 +65,11 @@ def test_rebase_and_streamed_prompt_match_reference(default_model_dir, reference
         shutdown(llm)
     assert stats["rebases"] >= 10, stats
     ref = StreamingReference(reference_model, block_size=32, position_limit=160, **SINK)
-    mean, mx, agree = _check(ref, long_prompt, toks, lps, [64] * 7 + [52])
+    mean, mx, agree = check_against_reference(ref, long_prompt, toks, lps, [64] * 7 + [52])
     print(f"streamed 500-token prompt: mean {mean:.1e} max {mx:.1e} agree {agree}/200; "
           f"{stats['rebases']} rebases")
     for prompt, (t, lp) in zip([kjv[30000:30010], kjv[31000:31050]], batch):
-        _check(ref, prompt, t, lp, len(prompt))
+        check_against_reference(ref, prompt, t, lp, len(prompt))
     # Prompt log-probs of the streamed prompt, in absolute positions.
     got = torch.tensor([scored.prompt_logprobs[i][tok].logprob
                         for i, tok in enumerate(long_prompt) if i > 0])
@@ -113,12 +82,12 @@ def test_window_only_matches_reference(default_model_dir, reference_model, kjv):
     llm = make_llm(default_model_dir, sink, dtype="float32")
     try:
         prompts = [kjv[500:520], kjv[600:690]]
-        outs = _run(llm, prompts, 300)
+        outs = greedy_with_logprobs(llm, prompts, 300)
     finally:
         shutdown(llm)
     ref = StreamingReference(reference_model, block_size=32, **sink)
     for prompt, (toks, lps) in zip(prompts, outs):
-        _check(ref, prompt, toks, lps, len(prompt), min_agree_after_evict=150)
+        check_against_reference(ref, prompt, toks, lps, len(prompt), min_agree_after_evict=150)
 
 
 def test_several_sink_blocks_and_block_64_match_reference(default_model_dir,
@@ -132,7 +101,7 @@ def test_several_sink_blocks_and_block_64_match_reference(default_model_dir,
     llm = make_llm(small, sink, dtype="float32", block_size=64)
     try:
         prompts = [kjv[40000:40030], kjv[41000:41200]]
-        outs = _run(llm, prompts, 500)
+        outs = greedy_with_logprobs(llm, prompts, 500)
         stats = llm.collective_rpc("sink_stats")[0]
     finally:
         shutdown(llm)
@@ -140,6 +109,6 @@ def test_several_sink_blocks_and_block_64_match_reference(default_model_dir,
     ref = StreamingReference(reference_model, block_size=64, position_limit=320, **sink)
     assert (ref.layout.sink_tokens, ref.layout.capacity) == (128, 256)
     for prompt, (toks, lps) in zip(prompts, outs):
-        mean, mx, agree = _check(ref, prompt, toks, lps, len(prompt))
+        mean, mx, agree = check_against_reference(ref, prompt, toks, lps, len(prompt))
         print(f"2 sink blocks, B=64, P={len(prompt)}: mean {mean:.1e} max {mx:.1e} "
               f"agree {agree}/500; {stats['rebases']} rebases")

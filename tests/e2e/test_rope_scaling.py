@@ -11,8 +11,7 @@ first eviction."""
 import pytest
 import torch
 
-from tests.e2e.conftest import make_llm, shutdown
-from tests.e2e.test_oracle import _check, _run
+from tests.e2e.conftest import check_against_reference, greedy_with_logprobs, make_llm, shutdown
 from vllm_sink.reference import StreamingReference
 
 pytestmark = pytest.mark.e2e
@@ -46,7 +45,7 @@ def test_rope_scaling_matches_reference(kind, default_model_dir, kjv):
     llm = make_llm(model_dir, SINK, dtype="float32")
     try:
         prompts = [kjv[7000:7013], kjv[8000:8070]]
-        outs = _run(llm, prompts, 400)
+        outs = greedy_with_logprobs(llm, prompts, 400)
         stats = llm.collective_rpc("sink_stats")[0]
     finally:
         shutdown(llm)
@@ -55,6 +54,6 @@ def test_rope_scaling_matches_reference(kind, default_model_dir, kjv):
     assert hf.model.rotary_emb.rope_type == kind     # the variant really is scaled
     ref = StreamingReference(hf, block_size=32, **SINK)
     for prompt, (toks, lps) in zip(prompts, outs):
-        mean, mx, agree = _check(ref, prompt, toks, lps, len(prompt))
+        mean, mx, agree = check_against_reference(ref, prompt, toks, lps, len(prompt))
         print(f"{kind} P={len(prompt)}: mean {mean:.1e} max {mx:.1e} agree {agree}/400; "
               f"{stats['rebases']} rebases")
