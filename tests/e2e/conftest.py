@@ -77,6 +77,17 @@ def greedy_with_logprobs(llm, prompts, max_tokens):
     return result
 
 
+def greedy_in_fresh_engine(model: str, sink: dict, prompts, max_tokens: int, **engine_kw):
+    """Start a sink engine, run ``greedy_with_logprobs``, read the worker's sink stats,
+    shut the engine down; return (outputs, stats)."""
+    llm = make_llm(model, sink, **engine_kw)
+    try:
+        outs = greedy_with_logprobs(llm, prompts, max_tokens)
+        return outs, llm.collective_rpc("sink_stats")[0]
+    finally:
+        shutdown(llm)
+
+
 def check_against_reference(ref, prompt, toks, lps, prefill_steps, min_agree_after_evict=300):
     """Compare one request against the ``StreamingReference`` ``ref`` (core oracle
     tolerances: mean |diff| <= 0.01, max <= 0.1; greedy agreement after the first

@@ -9,7 +9,8 @@ least 300 tokens after each request's first eviction."""
 import pytest
 import torch
 
-from tests.e2e.conftest import check_against_reference, greedy_with_logprobs, make_llm, shutdown
+from tests.e2e.conftest import (check_against_reference, greedy_in_fresh_engine,
+                                greedy_with_logprobs, make_llm, shutdown)
 from vllm_sink.reference import StreamingReference
 
 pytestmark = pytest.mark.e2e
@@ -25,15 +26,11 @@ def reference_model(default_model_dir):
 
 
 def test_concurrent_streams_match_reference(default_model_dir, reference_model, kjv):
-    llm = make_llm(default_model_dir, SINK, dtype="float32")
-    try:
-        # Four prompts of different lengths, all <= C (no eviction inside the prompt,
-        # so vLLM's choice of prefill chunks does not change any score).
-        prompts = [kjv[100:105], kjv[2000:2040], kjv[3000:3077], kjv[4000:4120]]
-        outs = greedy_with_logprobs(llm, prompts, 450)
-        stats = llm.collective_rpc("sink_stats")[0]
-    finally:
-        shutdown(llm)
+    # Four prompts of different lengths, all <= C (no eviction inside the prompt,
+    # so vLLM's choice of prefill chunks does not change any score).
+    prompts = [kjv[100:105], kjv[2000:2040], kjv[3000:3077], kjv[4000:4120]]
+    outs, stats = greedy_in_fresh_engine(default_model_dir, SINK, prompts, 450,
+                                         dtype="float32")
     ref = StreamingReference(reference_model, block_size=32, **SINK)
     for prompt, (toks, lps) in zip(prompts, outs):
         mean, mx, agree = check_against_reference(ref, prompt, toks, lps, len(prompt))
@@ -79,12 +76,8 @@ def test_rebase_and_streamed_prompt_match_reference(default_model_dir, reference
 
 def test_window_only_matches_reference(default_model_dir, reference_model, kjv):
     sink = {"sink_tokens": 0, "window_tokens": 128}
-    llm = make_llm(default_model_dir, sink, dtype="float32")
-    try:
-        prompts = [kjv[500:520], kjv[600:690]]
-        outs = greedy_with_logprobs(llm, prompts, 300)
-    finally:
-        shutdown(llm)
+    prompts = [kjv[500:520], kjv[600:690]]
+    outs, _ = greedy_in_fresh_engine(default_model_dir, sink, prompts, 300, dtype="float32")
     ref = StreamingReference(reference_model, block_size=32, **sink)
     for prompt, (toks, lps) in zip(prompts, outs):
         check_against_reference(ref, prompt, toks, lps, len(prompt), min_agree_after_evict=150)
@@ -98,13 +91,9 @@ def test_several_sink_blocks_and_block_64_match_reference(default_model_dir,
 
     sink = {"sink_tokens": 70, "window_tokens": 100}
     small = model_variant(default_model_dir, max_position_embeddings=320)
-    llm = make_llm(small, sink, dtype="float32", block_size=64)
-    try:
-        prompts = [kjv[40000:40030], kjv[41000:41200]]
-        outs = greedy_with_logprobs(llm, prompts, 500)
-        stats = llm.collective_rpc("sink_stats")[0]
-    finally:
-        shutdown(llm)
+    prompts = [kjv[40000:40030], kjv[41000:41200]]
+    outs, stats = greedy_in_fresh_engine(small, sink, prompts, 500, dtype="float32",
+                                         block_size=64)
     assert stats["rebases"] >= 2, stats
     ref = StreamingReference(reference_model, block_size=64, position_limit=320, **sink)
     assert (ref.layout.sink_tokens, ref.layout.capacity) == (128, 256)

@@ -11,7 +11,7 @@ first eviction."""
 import pytest
 import torch
 
-from tests.e2e.conftest import check_against_reference, greedy_with_logprobs, make_llm, shutdown
+from tests.e2e.conftest import check_against_reference, greedy_in_fresh_engine
 from vllm_sink.reference import StreamingReference
 
 pytestmark = pytest.mark.e2e
@@ -42,13 +42,8 @@ def test_rope_scaling_matches_reference(kind, default_model_dir, kjv):
 
     overrides = VARIANTS[kind]
     model_dir = model_variant(default_model_dir, **overrides)
-    llm = make_llm(model_dir, SINK, dtype="float32")
-    try:
-        prompts = [kjv[7000:7013], kjv[8000:8070]]
-        outs = greedy_with_logprobs(llm, prompts, 400)
-        stats = llm.collective_rpc("sink_stats")[0]
-    finally:
-        shutdown(llm)
+    prompts = [kjv[7000:7013], kjv[8000:8070]]
+    outs, stats = greedy_in_fresh_engine(model_dir, SINK, prompts, 400, dtype="float32")
     assert stats["rebases"] >= 2, stats
     hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     assert hf.model.rotary_emb.rope_type == kind     # the variant really is scaled
