@@ -34,8 +34,15 @@ def register_plugin() -> None:
     if not version_supported():
         logger.warning(
             "vllm_sink %s is verified on vLLM %s only; this is vLLM %s. The plugin stays "
-            "inert: a \"sink\" section in additional_config is ignored.",
+            "inert: engines without a \"sink\" section run as plain vLLM, and one with a "
+            "\"sink\" section is refused at startup.",
             _plugin_version(), VERIFIED_VLLM, vllm_version())
+        from vllm_sink.patches.frontend import version_guard
+
+        try:
+            version_guard.PATCH.apply()
+        except PatchError as e:  # nothing to wrap on this release: the warning stands
+            logger.warning("vllm_sink: could not install the version guard: %s", e)
         return
     from vllm_sink.patches.frontend import engine_args
 

@@ -1,4 +1,5 @@
-"""Shared fixtures. Tiers (see setup.cfg): cpu (pure), e2e (default model, HF or vLLM), slow."""
+"""Shared fixtures. Tiers (see setup.cfg): cpu (pure), e2e (default model, HF or vLLM),
+gpu (needs CUDA: skipped, with the reason, on machines without one), slow."""
 
 from __future__ import annotations
 
@@ -12,11 +13,23 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 def pytest_collection_modifyitems(config, items):
     """Every test must carry exactly one tier marker: the default run stays honest."""
-    tiers = {"cpu", "e2e", "slow"}
+    tiers = {"cpu", "e2e", "gpu", "slow"}
+    no_cuda = None if _cuda_available() else pytest.mark.skip(
+        reason="needs a CUDA GPU; none here (run `scripts/test -m gpu` on a GPU machine)")
     for item in items:
         marks = {m.name for m in item.iter_markers()} & tiers
         if not marks:
-            raise pytest.UsageError(f"{item.nodeid} has no tier marker (cpu/e2e/slow)")
+            raise pytest.UsageError(f"{item.nodeid} has no tier marker (cpu/e2e/gpu/slow)")
+        if "gpu" in marks and no_cuda is not None:
+            item.add_marker(no_cuda)
+
+
+def _cuda_available() -> bool:
+    try:
+        import torch
+    except ImportError:
+        return False
+    return torch.cuda.is_available()
 
 
 @pytest.fixture(scope="session")

@@ -11,9 +11,10 @@ pytestmark = pytest.mark.cpu
 
 def test_rounds_up_to_whole_blocks():
     layout = SinkConfig.from_section({"sink_tokens": 4, "window_tokens": 2000}).resolve(32, 8192)
-    # 4 -> one block of 32; 2000 -> 63 blocks = 2016; C = 2048 = 64 blocks.
+    # 4 -> one block of 32; 2000 -> 63 blocks = 2016; C = 2048 = 64 blocks; the default
+    # prefill chunk of 256 tokens needs ceil(255 / 32) = 8 headroom blocks.
     assert (layout.sink_tokens, layout.window_tokens, layout.capacity) == (32, 2016, 2048)
-    assert layout.blocks_per_request == 64
+    assert (layout.chunk_tokens, layout.span, layout.blocks_per_request) == (256, 2303, 72)
 
 
 def test_window_only_ablation_allowed():
@@ -22,11 +23,25 @@ def test_window_only_ablation_allowed():
 
 
 def test_default_window_fits_small_models():
-    # No window given: 2048 shrunk to what the position limit leaves after the sinks.
+    # No window given: 2048 shrunk until window and default chunk (min(256, W)) fit the
+    # positions: 32 + W - 1 + min(256, W) <= 512 -> W = 224 (7 blocks of 32).
     layout = SinkConfig.from_section({}).resolve(32, 512)
-    assert layout.capacity <= 512 and layout.sink_tokens == 32
-    assert layout.window_tokens == 480
+    assert layout.span <= 512 and layout.sink_tokens == 32
+    assert (layout.window_tokens, layout.chunk_tokens) == (224, 224)
     assert SinkConfig.from_section({}).resolve(32, 8192).window_tokens == 2048
+
+
+def test_prefill_chunk_default_and_limits():
+    # An explicit window close to the limit keeps its size; the default chunk shrinks.
+    layout = SinkConfig.from_section({"window_tokens": 96}).resolve(32, 160)
+    assert (layout.capacity, layout.chunk_tokens, layout.span) == (128, 33, 160)
+    layout = SinkConfig.from_section({"window_tokens": 96, "prefill_chunk_tokens": 1}
+                                     ).resolve(32, 8192)
+    assert (layout.headroom_blocks, layout.blocks_per_request) == (0, 4)
+    with pytest.raises(SinkConfigError) as e:
+        SinkConfig.from_section({"window_tokens": 96, "prefill_chunk_tokens": 40}
+                                ).resolve(32, 160)
+    assert "prefill_chunk_tokens" in str(e.value) and "at most 33" in str(e.value)
 
 
 @pytest.mark.parametrize("section, words", [
@@ -38,6 +53,7 @@ def test_default_window_fits_small_models():
     ({"session_idle_timeout": 0}, ["session_idle_timeout", ">= 0.001"]),
     ({"max_parked_sessions": -1}, ["max_parked_sessions", ">= 0"]),
     ({"window_tokens": 0}, ["window_tokens", ">= 1"]),
+    ({"prefill_chunk_tokens": 0}, ["prefill_chunk_tokens", ">= 1"]),
     ({"sink_tokens": -1}, ["sink_tokens", ">= 0"]),
     ([4, 2048], ["JSON object"]),
     ("sink", ["JSON object"]),

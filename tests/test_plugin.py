@@ -1,6 +1,7 @@
 """Plugin registration: idempotent, version-guarded (fail closed), patches revertible."""
 
 import logging
+import types
 
 import pytest
 
@@ -16,11 +17,14 @@ from vllm_sink.patches.frontend import engine_args  # noqa: E402
 
 @pytest.fixture
 def fresh_registry(monkeypatch):
+    from vllm_sink.patches.frontend import version_guard
+
     monkeypatch.setattr(patches, "_REGISTERED", False)
     was_applied = engine_args.PATCH.applied
     engine_args.PATCH.revert()
     yield
     monkeypatch.undo()
+    version_guard.PATCH.revert()
     engine_args.PATCH.revert()
     if was_applied:
         engine_args.PATCH.apply()
@@ -50,20 +54,36 @@ def test_register_is_idempotent(fresh_registry):
     assert EngineArgs.__dict__["create_engine_config"] is original
 
 
-def test_unsupported_vllm_stays_inert(fresh_registry, monkeypatch, caplog):
+def test_unsupported_vllm_stays_inert_and_refuses_a_sink_section(fresh_registry,
+                                                                monkeypatch, caplog):
     import vllm
     from vllm.engine.arg_utils import EngineArgs
+
+    from vllm_sink import SinkConfigError
+    from vllm_sink.patches.frontend import version_guard
 
     original = EngineArgs.__dict__["create_engine_config"]
     monkeypatch.setattr(vllm, "__version__", "0.33.0")
     caplog.set_level(logging.WARNING, logger="vllm.vllm_sink")
     patches.register_plugin()
-    assert EngineArgs.__dict__["create_engine_config"] is original
-    assert not engine_args.PATCH.applied
+    assert not engine_args.PATCH.applied            # none of the real patches
+    assert version_guard.PATCH.applied
     lines = [r.getMessage() for r in caplog.records if "vllm_sink" in r.getMessage()]
     assert len(lines) == 1 and "0.33.0" in lines[0] and "inert" in lines[0]
     with pytest.raises(PatchError, match="verified on"):
         engine_args.PATCH.apply()
+    # The installed wrapper: with a sink section a startup error naming both versions
+    # and the fix; without one, vLLM's own method runs untouched.
+    wrapped = EngineArgs.__dict__["create_engine_config"]
+    assert wrapped.__wrapped__ is original
+    guard = version_guard._wrap(lambda self, *a, **k: ("vanilla", a, k))
+    with pytest.raises(SinkConfigError) as e:
+        guard(types.SimpleNamespace(additional_config={"sink": {}}))
+    for words in ("0.33.0", "==0.32.0", "remove the 'sink' section"):
+        assert words in str(e.value)
+    assert guard(types.SimpleNamespace(additional_config={}), 1, x=2) == ("vanilla", (1,), {"x": 2})
+    version_guard.PATCH.revert()
+    assert EngineArgs.__dict__["create_engine_config"] is original
 
 
 def test_patch_refuses_missing_or_foreign_targets():

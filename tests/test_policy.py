@@ -6,7 +6,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from vllm_sink.config import SinkLayout
-from vllm_sink.policy import SinkStream, eviction_for_step, ring_row
+from vllm_sink.policy import (SinkStream, eviction_for_step, max_step_tokens, prefill_steps,
+                              ring_row)
 
 pytestmark = pytest.mark.cpu
 
@@ -28,15 +29,28 @@ def test_hand_traced_decode_table():
     assert not p.first_eviction
 
 
-def test_partial_window_evicted_whole():
-    # B = 4, S = 4, W = 8. L = 11 (window holds 7 = one full block + 3), chunk of 8:
-    # overflow 7 -> e = 2 blocks, but only 7 tokens exist: the whole window goes.
-    layout = SinkLayout(4, 1, 2, 1000)
-    assert eviction_for_step(layout, 11, 8) == 7
-    assert eviction_for_step(layout, 12, 8) == 8
-    assert eviction_for_step(layout, 12, 5) == 8
-    with pytest.raises(ValueError, match="chunk size"):
-        eviction_for_step(layout, 4, 9)
+def test_prompt_chunks_run_with_headroom():
+    # B = 4, S = 4, W = 8 (C = 12), K = 5: span = C - 1 + K = 16, 2 headroom blocks.
+    layout = SinkLayout(4, 1, 2, 1000, 5)
+    assert (layout.span, layout.headroom_blocks, layout.blocks_per_request) == (16, 1, 4)
+    assert eviction_for_step(layout, 11, 5) == 0     # L + 1 <= C: the chunk runs at 16
+    assert eviction_for_step(layout, 16, 1) == 8     # back to <= C - 1: 2 blocks go
+    assert eviction_for_step(layout, 16, 5) == 8
+    assert eviction_for_step(layout, 12, 5) == 4     # 12 + 1 > 12: one block
+    with pytest.raises(ValueError, match="prefill_chunk_tokens"):
+        eviction_for_step(layout, 4, 13)             # 4 + 13 > 16
+
+
+def test_step_limits_and_prefill_steps():
+    layout = SinkLayout(4, 1, 2, 1000, 5)            # C = 12, span 16
+    assert [max_step_tokens(layout, a) for a in (0, 3, 11, 12, 40)] == [16, 13, 5, 5, 5]
+    assert prefill_steps(layout, 30) == [16, 5, 5, 4]
+    assert prefill_steps(layout, 3, start=20) == [3]
+    # Whatever the steps, the eviction rule always fits them.
+    s, done = SinkStream(layout), 0
+    for n in prefill_steps(layout, 200) + [1] * 20:
+        s.plan(done, n)
+        done += n
 
 
 def test_rebase_when_offset_would_pass_the_limit():
@@ -66,25 +80,27 @@ class NaiveCache:
         self.B, self.layout = layout.block_size, layout
         self.sinks: list[list[int]] = []          # logical sink blocks of absolute ids
         self.window: list[tuple[int, list[int]]] = []  # (physical ring block, ids)
-        self.free_ring = list(range(layout.window_blocks))  # FIFO of free ring blocks
+        self.free_ring = list(range(layout.ring_blocks))  # FIFO of free ring blocks
         self.next_abs = 0
         self.pos: dict[int, int] = {}             # stored key position per absolute id
         self.offset = 0
         self.limit_ok = True
+        self.span = layout.capacity - 1 + layout.chunk_tokens
 
     def cached(self) -> list[int]:
         return [a for b in self.sinks for a in b] + [a for _, b in self.window for a in b]
 
     def step(self, n: int) -> None:
         L, C = len(self.cached()), self.layout.capacity
-        if L + n > C:
-            e = -(-(L + n - C) // self.B)
+        if L + 1 > C:      # the step's first token must find room within C
+            e = -(-(L + 1 - C) // self.B)
             for _ in range(min(e, len(self.window))):
                 phys, ids = self.window.pop(0)
                 self.free_ring.append(phys)
                 self.offset += len(ids)
-            if self.offset + C > self.layout.position_limit:
+            if self.offset + self.span > self.layout.position_limit:
                 self.offset = 0                     # rebase
+        assert len(self.cached()) + n <= self.span
         for _ in range(n):
             a = self.next_abs
             self.next_abs += 1
@@ -103,13 +119,13 @@ class NaiveCache:
 
 @settings(max_examples=200, deadline=None)
 @given(st.sampled_from([1, 2, 4]), st.integers(0, 2), st.integers(1, 4), st.integers(0, 3),
-       st.data())
-def test_policy_matches_naive_cache(B, sink_blocks, window_blocks, slack, data):
+       st.integers(1, 9), st.data())
+def test_policy_matches_naive_cache(B, sink_blocks, window_blocks, slack, K, data):
     C = (sink_blocks + window_blocks) * B
-    layout = SinkLayout(B, sink_blocks, window_blocks, C + slack * B)
-    W = window_blocks * B
+    layout = SinkLayout(B, sink_blocks, window_blocks, C - 1 + K + slack * B, K)
     naive, stream = NaiveCache(layout), SinkStream(layout)
-    steps = data.draw(st.lists(st.integers(1, W), min_size=1, max_size=12)) + [1] * 3 * C
+    first = data.draw(st.integers(1, layout.span))   # an empty cache takes up to span
+    steps = [first] + data.draw(st.lists(st.integers(1, K), max_size=12)) + [1] * 3 * C
     computed = 0
     for n in steps:
         plan = stream.plan(computed, n)
@@ -119,7 +135,7 @@ def test_policy_matches_naive_cache(B, sink_blocks, window_blocks, slack, data):
         assert plan.cached_after + n == len(cached)
         assert stream.evicted == computed - len(cached)
         # Ring order: virtual block j holds the naive model's physical ring block.
-        row = ring_row(list(range(-sink_blocks, 0)), list(range(window_blocks)),
+        row = ring_row(list(range(-sink_blocks, 0)), list(range(layout.ring_blocks)),
                        stream.shift)
         assert [p for p, _ in naive.window] == row[sink_blocks:sink_blocks + len(naive.window)]
         # Every window token's virtual index is absolute - E.

@@ -5,9 +5,20 @@ Enable it per engine with ``additional_config={"sink": {...}}`` (``LLM(...)``) o
 section the plugin leaves vLLM exactly as it is.
 """
 
-from vllm_sink._version import __version__
-from vllm_sink.config import SinkConfig, SinkConfigError, SinkLayout
-from vllm_sink.model import default_model, model_variant
+import os as _os
+
+# ``vllm_sink.patches`` is the top-level ``patches/`` folder of a source checkout, mapped
+# by setup.cfg when installed. When this package is imported straight from a checkout
+# (tests run from the repository root next to a non-editable install), let the
+# checkout's root stand in for that mapping.
+_root = _os.path.dirname(_os.path.dirname(_os.path.abspath(__file__)))
+if not _os.path.isdir(_os.path.join(__path__[0], "patches")) and \
+        _os.path.isfile(_os.path.join(_root, "patches", "__init__.py")):
+    __path__.append(_root)
+
+from vllm_sink._version import __version__  # noqa: E402
+from vllm_sink.config import SinkConfig, SinkConfigError, SinkLayout  # noqa: E402
+from vllm_sink.model import default_model, model_variant  # noqa: E402
 
 __all__ = [
     "__version__",

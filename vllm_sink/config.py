@@ -8,10 +8,14 @@ Semantics (ARCHITECTURE.md), with B the KV block size in effect::
 
     S = ceil(sink_tokens / B) * B        sink tokens kept forever (0 = window-only)
     W = ceil(window_tokens / B) * B      most recent tokens kept
-    C = S + W                            fixed capacity per request, C / B blocks
+    C = S + W                            the capacity: a step starts with <= C - 1 cached
+    K = prefill_chunk_tokens             most new tokens one step adds to a full cache
+    span = C - 1 + K                     most tokens cached while a step runs
+    blocks per request = ceil(span / B)  = C / B + ceil((K - 1) / B) headroom blocks
 
 Worked example (B = 32): ``{"sink_tokens": 4, "window_tokens": 2000}`` gives
-S = 32 (one block), W = 2016 (63 blocks), C = 2048 (64 blocks per request).
+S = 32 (one block), W = 2016 (63 blocks), C = 2048, K = 256 (the default), span = 2303,
+72 blocks per request (64 + 8 headroom).
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from typing import Any
 
 DEFAULT_SINK_TOKENS = 4
 DEFAULT_WINDOW_TOKENS = 2048
+DEFAULT_PREFILL_CHUNK_TOKENS = 256   # capped at the window by default
 
 _EXAMPLE = '{"sink": {"sink_tokens": 4, "window_tokens": 2048}}'
 
@@ -30,6 +35,9 @@ _EXAMPLE = '{"sink": {"sink_tokens": 4, "window_tokens": 2048}}'
 _KEYS: dict[str, tuple[type, float, str]] = {
     "sink_tokens": (int, 0, "initial tokens kept forever as attention sinks (0 = window-only)"),
     "window_tokens": (int, 1, "most recent tokens kept in the rolling window"),
+    "prefill_chunk_tokens": (int, 1, "most prompt tokens one request reads in one step "
+                                     "once its cache is full; each request reserves that "
+                                     "much KV headroom (default min(256, window))"),
     "position_limit": (int, 2, "largest position + 1 ever fed to the model "
                                "(default: the model's context length)"),
     "sessions": (bool, 0, "park a finished request's KV under its session_id and resume "
@@ -73,6 +81,7 @@ class SinkConfig:
 
     sink_tokens: int = DEFAULT_SINK_TOKENS
     window_tokens: int | None = None
+    prefill_chunk_tokens: int | None = None
     position_limit: int | None = None
     sessions: bool = True
     max_parked_sessions: int = 256
@@ -130,27 +139,46 @@ class SinkConfig:
         sink_blocks = math.ceil(self.sink_tokens / B)
         S = sink_blocks * B
         if self.window_tokens is None:
-            # Default window: 2048 tokens, shrunk to fit the model's positions.
-            window_blocks = min(math.ceil(DEFAULT_WINDOW_TOKENS / B), (limit - S) // B)
+            # Default window: 2048 tokens, shrunk until it and its default prefill chunk
+            # fit the model's positions.
+            window_blocks = math.ceil(DEFAULT_WINDOW_TOKENS / B)
+            while window_blocks >= 1 and S + window_blocks * B - 1 + min(
+                    self.prefill_chunk_tokens or DEFAULT_PREFILL_CHUNK_TOKENS,
+                    window_blocks * B) > limit:
+                window_blocks -= 1
             if window_blocks < 1:
                 raise SinkConfigError(
                     f"No room for a window: the sinks take {S} positions "
                     f"(sink_tokens={self.sink_tokens} rounded up to blocks of {B}) "
-                    f"and the model has only {limit}. Lower sink_tokens."
+                    f"and the model has only {limit}. Lower sink_tokens"
+                    + (" or prefill_chunk_tokens." if self.prefill_chunk_tokens else ".")
                 )
         else:
             window_blocks = math.ceil(self.window_tokens / B)
-        C = S + window_blocks * B
+        W = window_blocks * B
+        C = S + W
         if C > limit:
             fit = (limit - S) // B * B
             raise SinkConfigError(
-                f"Capacity {C} tokens (sinks {S} + window {window_blocks * B}, rounded up "
-                f"to KV blocks of {B}) exceeds the model's position limit {limit}: "
-                "cached tokens are attended at positions 0..capacity-1. Set "
+                f"Capacity {C} tokens (sinks {S} + window {W}, rounded up to KV blocks of "
+                f"{B}) exceeds the model's position limit {limit}: cached tokens are "
+                "attended at positions 0..capacity-1. Set "
                 f'"window_tokens" to at most {fit}'
                 + (" or lower sink_tokens." if fit <= 0 else ".")
             )
-        return SinkLayout(B, sink_blocks, window_blocks, limit)
+        if self.prefill_chunk_tokens is None:
+            # The default chunk shrinks to what the positions leave (1 = token by token).
+            K = min(DEFAULT_PREFILL_CHUNK_TOKENS, W, limit - C + 1)
+        else:
+            K = self.prefill_chunk_tokens
+            if C - 1 + K > limit:
+                raise SinkConfigError(
+                    f'additional_config["sink"]["prefill_chunk_tokens"] = {K} does not fit: '
+                    f"a step runs with up to C - 1 + prefill_chunk_tokens = {C - 1 + K} "
+                    f"tokens cached (capacity C = {C}), attended at positions up to "
+                    f"{C + K - 2}, past the model's position limit {limit}. Set it to at "
+                    f'most {limit - C + 1}, or lower "window_tokens".')
+        return SinkLayout(B, sink_blocks, window_blocks, limit, K)
 
 
 @dataclass(frozen=True)
@@ -161,10 +189,11 @@ class SinkLayout:
     sink_blocks: int
     window_blocks: int
     position_limit: int
+    chunk_tokens: int = 1       # K; 1 = no headroom (steps of one token once full)
 
     def __post_init__(self) -> None:
         assert self.block_size >= 1 and self.sink_blocks >= 0 and self.window_blocks >= 1
-        assert self.capacity <= self.position_limit
+        assert self.chunk_tokens >= 1 and self.span <= self.position_limit
 
     @property
     def sink_tokens(self) -> int:
@@ -179,14 +208,29 @@ class SinkLayout:
         return self.sink_tokens + self.window_tokens
 
     @property
+    def span(self) -> int:
+        """Most tokens cached while a step runs: <= C - 1 before it, plus <= K new."""
+        return self.capacity - 1 + self.chunk_tokens
+
+    @property
+    def headroom_blocks(self) -> int:
+        return -(-(self.chunk_tokens - 1) // self.block_size)
+
+    @property
+    def ring_blocks(self) -> int:
+        """Blocks after the sinks, recycled in a ring: window plus headroom."""
+        return self.window_blocks + self.headroom_blocks
+
+    @property
     def blocks_per_request(self) -> int:
-        return self.sink_blocks + self.window_blocks
+        return self.sink_blocks + self.ring_blocks
 
     def to_section(self) -> dict[str, int]:
         """The resolved section: re-parsing and resolving it gives this layout again."""
         return {
             "sink_tokens": self.sink_tokens,
             "window_tokens": self.window_tokens,
+            "prefill_chunk_tokens": self.chunk_tokens,
             "position_limit": self.position_limit,
         }
 
@@ -194,6 +238,7 @@ class SinkLayout:
         return (
             f"sink={self.sink_tokens} tokens ({self.sink_blocks} blocks), "
             f"window={self.window_tokens} tokens ({self.window_blocks} blocks), "
-            f"capacity={self.capacity} tokens = {self.blocks_per_request} blocks of "
+            f"capacity={self.capacity} tokens, prefill chunk={self.chunk_tokens} tokens "
+            f"({self.headroom_blocks} headroom blocks); {self.blocks_per_request} blocks of "
             f"{self.block_size} per request, position_limit={self.position_limit}"
         )

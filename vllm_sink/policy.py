@@ -11,16 +11,23 @@ of window tokens evicted so far. Eviction only ever removes the oldest window to
 
 Eviction rule (before a step that adds n tokens to L cached ones)::
 
-    if L + n > C:  e = ceil((L + n - C) / B) blocks;  t = min(e * B, L - S) tokens go
+    if L + 1 > C:  e = ceil((L + 1 - C) / B) blocks;  t = min(e * B, L - S) tokens go
 
-t < e*B only when the window holds fewer than e blocks' worth of tokens (its newest
-block partly filled): then the whole window goes. n <= W guarantees L - t + n <= C.
+so every step starts with at most C - 1 cached tokens: its first token attends to the
+sinks and at least the W - B most recent tokens, like a decoded token. The step's n
+tokens are then all added (n <= K = prefill_chunk_tokens once the cache is full; at
+most span - L while it fills), so a prompt read K tokens at a time is attended exactly
+as well as one read token by token; the K - 1 headroom tokens beyond C are what make
+that possible. t < e*B only when the window holds fewer than e blocks' worth of tokens
+(its newest block partly filled): then the whole window goes.
 
 Worked example, B = 4, S = 4, W = 8 (C = 12), one token per decode step:
   L = 12, n = 1  ->  e = ceil(1/4) = 1, t = 4: virtual 4..7 (absolute 4..7) are evicted,
   E = 4, L = 8; the new token (absolute 12) goes to virtual 8.  The next three decode
-  steps fit (L = 9, 10, 11, 12); the fifth evicts absolute 8..11, and so on: the cache
+  steps fit (L = 9, 10, 11); the fifth evicts absolute 8..11, and so on: the cache
   oscillates between C - B + 1 and C tokens, one block evicted every B tokens.
+  With K = 5 a prompt chunk of 5 tokens at L = 11 (nothing evicted: L + 1 <= C) runs
+  with 16 = C - 1 + K tokens cached; the next step first evicts 2 blocks (L = 8).
 
 Ring order. The request owns ``sink_blocks + K`` physical blocks for its whole life
 (K = window blocks). Virtual block ``j >= sink_blocks`` lives in ring block
@@ -35,8 +42,9 @@ position it was written with (v drops by t, O grows by t). Sink keys (v fixed) m
 re-rotated to ``v + O``: always from a pristine snapshot taken before the first
 eviction, so rounding never accumulates. Scores depend only on position differences,
 so attention equals that of a dense model over the cache at positions 0..L-1.
-When ``O + C`` would pass the position limit, *rebase*: rotate the window keys by -O
-once, set O = 0, restore the sinks from the snapshot.
+When ``O + span`` would pass the position limit (span = C - 1 + K, the most tokens
+cached during a step), *rebase*: rotate the window keys by -O once, set O = 0, restore
+the sinks from the snapshot.
 """
 
 from __future__ import annotations
@@ -52,19 +60,43 @@ def cdiv(a: int, b: int) -> int:
 
 def eviction_for_step(layout: SinkLayout, cached: int, new: int) -> int:
     """Number of tokens to evict before adding ``new`` tokens to ``cached`` ones."""
-    if not 0 <= cached <= layout.capacity:
-        raise ValueError(f"cached={cached} outside 0..{layout.capacity}")
-    overflow = cached + new - layout.capacity
-    if overflow <= 0:
-        return 0
-    blocks = cdiv(overflow, layout.block_size)
-    t = min(blocks * layout.block_size, max(0, cached - layout.sink_tokens))
-    if cached - t + new > layout.capacity:
+    if not 0 <= cached <= layout.span:
+        raise ValueError(f"cached={cached} outside 0..{layout.span}")
+    overflow = cached + 1 - layout.capacity
+    t = 0
+    if overflow > 0:
+        blocks = cdiv(overflow, layout.block_size)
+        t = min(blocks * layout.block_size, max(0, cached - layout.sink_tokens))
+    if cached - t + new > layout.span:
         raise ValueError(
-            f"a step of {new} new tokens cannot fit: {cached - t} tokens stay cached "
-            f"(capacity {layout.capacity}); the chunk size must not exceed window_tokens"
-        )
+            f"a step of {new} new tokens cannot fit: {cached - t} tokens stay cached and "
+            f"at most {layout.span} (capacity {layout.capacity} - 1 + prefill chunk "
+            f"{layout.chunk_tokens}) fit while a step runs; the step must not exceed "
+            "prefill_chunk_tokens")
     return t
+
+
+def max_step_tokens(layout: SinkLayout, absolute_computed: int) -> int:
+    """The most new tokens a step may add to a stream with ``absolute_computed`` tokens
+    so far, knowing only that count (the scheduler's view): while nothing was evicted
+    yet (fewer than C tokens) the cache holds all of them, else it holds at most C - 1
+    after the step's eviction."""
+    if absolute_computed < layout.capacity:
+        return layout.span - absolute_computed
+    return layout.chunk_tokens
+
+
+def prefill_steps(layout: SinkLayout, prompt_len: int, start: int = 0,
+                  budget: int | None = None) -> list[int]:
+    """Step sizes the sink scheduler uses to read a prompt alone in the engine: as much
+    as fits (``max_step_tokens``), at most ``budget`` (the step token budget) a step."""
+    steps, done = [], start
+    while done < start + prompt_len:
+        n = min(max_step_tokens(layout, done), start + prompt_len - done,
+                budget or prompt_len)
+        steps.append(n)
+        done += n
+    return steps
 
 
 def ring_row(sink_ids: list[int], ring_ids: list[int], shift: int) -> list[int]:
@@ -132,8 +164,8 @@ class SinkStream:
             self.offset += t
             self.shift += cdiv(t, self.layout.block_size)
             self.evictions += 1
-            # Largest position fed this step is O + C - 1 at most (L - t + n <= C).
-            if self.offset + self.layout.capacity > self.layout.position_limit:
+            # Largest position fed this step is O + span - 1 at most (L - t + n <= span).
+            if self.offset + self.layout.span > self.layout.position_limit:
                 rebase_by = -self.offset
                 self.offset = 0
                 self.rebases += 1

@@ -3,9 +3,10 @@
 This is the oracle the vLLM plugin is compared against, token by token. It implements
 the semantics contract of ARCHITECTURE.md in the most direct way possible:
 
-* the cache holds *un-rotated* keys and values of at most C = S + W tokens;
-* before each step of n tokens, ``policy.eviction_for_step`` drops the oldest whole
-  window blocks (the same function the plugin uses, tested against a naive model);
+* the cache holds *un-rotated* keys and values: at most C - 1 (C = S + W) when a step
+  starts, plus the step's own n <= K tokens (the prefill chunk) while it runs;
+* before each step, ``policy.eviction_for_step`` drops the oldest whole window blocks
+  (the same function the plugin uses, tested against a naive model);
 * every step rotates queries and *all* cached keys afresh at cache-relative positions
   0 .. L+n-1, so scores are exactly those of a dense model run over the cache contents.
 
@@ -24,6 +25,7 @@ import torch
 
 from vllm_sink.config import SinkConfig, SinkLayout
 from vllm_sink.policy import eviction_for_step
+from vllm_sink.policy import prefill_steps as prefill_steps_for
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -35,12 +37,13 @@ class StreamingReference:
     """Weights plus a layout; ``stream()`` starts an independent endless stream."""
 
     def __init__(self, model, *, sink_tokens: int = 4, window_tokens: int = 2048,
-                 block_size: int = 32, position_limit: int | None = None) -> None:
+                 block_size: int = 32, position_limit: int | None = None,
+                 prefill_chunk_tokens: int | None = None) -> None:
         self.model = model.eval()
         self.config = model.config
         limit = position_limit or int(self.config.max_position_embeddings)
-        self.layout: SinkLayout = SinkConfig(sink_tokens, window_tokens).resolve(
-            block_size, limit)
+        self.layout: SinkLayout = SinkConfig(
+            sink_tokens, window_tokens, prefill_chunk_tokens).resolve(block_size, limit)
 
     @classmethod
     def from_pretrained(cls, model_dir: str, dtype: torch.dtype = torch.float32, **kw):
@@ -86,10 +89,11 @@ class ReferenceStream:
         t = eviction_for_step(self.layout, len(self.cached_ids), n)
         if t:
             self._evict(t)
-        logits = self._forward(torch.tensor(list(token_ids), dtype=torch.long))
+        device = self.ref.model.lm_head.weight.device
+        logits = self._forward(torch.tensor(list(token_ids), dtype=torch.long, device=device))
         self.cached_ids.extend(int(x) for x in token_ids)
         self.total += n
-        lp = torch.log_softmax(logits.float(), dim=-1)
+        lp = torch.log_softmax(logits.float(), dim=-1).cpu()
         self.last_logprobs = lp[-1]
         return lp
 
@@ -98,10 +102,10 @@ class ReferenceStream:
         body = model.model
         n, L = ids.shape[0], len(self.cached_ids)
         h = body.embed_tokens(ids)                                  # [n, hidden]
-        positions = torch.arange(L + n)[None]                       # cache-relative
+        positions = torch.arange(L + n, device=ids.device)[None]    # cache-relative
         cos, sin = body.rotary_emb(h[None], positions)              # [1, L+n, D]
         cos, sin = cos[0].float(), sin[0].float()
-        causal = torch.arange(L + n)[None, :] <= (L + torch.arange(n))[:, None]
+        causal = positions[0][None, :] <= (L + torch.arange(n, device=ids.device))[:, None]
         for i, layer in enumerate(body.layers):
             attn = layer.self_attn
             x = layer.input_layernorm(h)
@@ -135,26 +139,38 @@ class ReferenceStream:
         ``steps`` is a step size or the list of step sizes (summing to len(tokens)).
         ``lp[0]`` is NaN unless this stream already held tokens before the call.
         """
+        return self.score(tokens, steps)[0]
+
+    def score(self, tokens: Sequence[int], steps: int | Iterable[int]
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``teacher_force``, plus ``top1[i]``: the most likely token at position i
+        (-1 where ``lp`` is NaN)."""
         tokens = [int(x) for x in tokens]
         sizes = _step_sizes(len(tokens), steps)
         out = torch.full((len(tokens),), float("nan"))
+        top1 = torch.full((len(tokens),), -1, dtype=torch.long)
         pending = self.last_logprobs
         start = 0
         for size in sizes:
             chunk = tokens[start:start + size]
             if pending is not None:
                 out[start] = pending[chunk[0]]
+                top1[start] = int(pending.argmax())
             lp = self.step(chunk)
             idx = torch.tensor(chunk[1:], dtype=torch.long)
             out[start + 1:start + size] = lp[:-1].gather(1, idx[:, None])[:, 0]
+            top1[start + 1:start + size] = lp[:-1].argmax(dim=-1)
             pending = lp[-1]
             start += size
-        return out
+        return out, top1
 
     def greedy(self, prompt: Sequence[int], max_new_tokens: int,
                prefill_steps: int | Iterable[int] | None = None) -> tuple[list[int], list[float]]:
-        """Greedy continuation of ``prompt``: (token ids, their log-probs)."""
-        sizes = _step_sizes(len(prompt), prefill_steps or self.layout.window_tokens)
+        """Greedy continuation of ``prompt``: (token ids, their log-probs). The prompt is
+        read in ``prefill_steps`` (default: as the sink scheduler reads it when the step
+        budget is not the limit, ``policy.prefill_steps``)."""
+        sizes = _step_sizes(len(prompt), prefill_steps or prefill_steps_for(
+            self.layout, len(prompt), self.total))
         start, lp = 0, None
         for size in sizes:
             lp = self.step(prompt[start:start + size])[-1]

