@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from vllm_sink.config import SinkConfig, SinkLayout
+from vllm_sink.config import SinkConfig
+from vllm_sink.requests import EngineSink
 
 
-def sink_config(vllm_config) -> SinkConfig | None:
+def sink_section(vllm_config) -> dict | None:
     """The section the frontend resolved into ``additional_config["sink"]``, or None."""
     extra = getattr(vllm_config, "additional_config", None)
     section = extra.get("sink") if isinstance(extra, dict) else None
@@ -14,11 +15,17 @@ def sink_config(vllm_config) -> SinkConfig | None:
     if "position_limit" not in section:
         raise RuntimeError("additional_config['sink'] was not resolved by the vllm_sink "
                            "frontend hook; is the plugin installed in this process?")
-    return SinkConfig.from_section(section)
+    return section
 
 
-def sink_layout(vllm_config) -> SinkLayout | None:
-    config = sink_config(vllm_config)
-    if config is None:
+def sink_config(vllm_config) -> SinkConfig | None:
+    section = sink_section(vllm_config)
+    return None if section is None else SinkConfig.from_section(section)
+
+
+def engine_sink(vllm_config) -> EngineSink | None:
+    """Default and maximum layout of the engine's requests, and the dense bound."""
+    section = sink_section(vllm_config)
+    if section is None:
         return None
-    return config.resolve(vllm_config.cache_config.block_size, config.position_limit)
+    return EngineSink.from_section(section, vllm_config.cache_config.block_size)

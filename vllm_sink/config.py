@@ -30,14 +30,18 @@ DEFAULT_WINDOW_TOKENS = 2048
 DEFAULT_PREFILL_CHUNK_TOKENS = 256   # capped at the window by default
 
 _EXAMPLE = '{"sink": {"sink_tokens": 4, "window_tokens": 2048}}'
+ENGINE = 'additional_config["sink"]'
 
-# key -> (type, minimum value, meaning) for every accepted key.
-_KEYS: dict[str, tuple[type, float, str]] = {
+# key -> (type, minimum value or allowed values, meaning) for every accepted key.
+_KEYS: dict[str, tuple[type, Any, str]] = {
     "sink_tokens": (int, 0, "initial tokens kept forever as attention sinks (0 = window-only)"),
     "window_tokens": (int, 1, "most recent tokens kept in the rolling window"),
     "prefill_chunk_tokens": (int, 1, "most prompt tokens one request reads in one step "
                                      "once its cache is full; each request reserves that "
                                      "much KV headroom (default min(256, window))"),
+    "default": (str, ("sink", "dense"), "what a request without its own \"sink\" field "
+                                         "is: an endless stream (\"sink\", default) or "
+                                         "plain dense attention (\"dense\")"),
     "position_limit": (int, 2, "largest position + 1 ever fed to the model "
                                "(default: the model's context length)"),
     "sessions": (bool, 0, "park a finished request's KV under its session_id and resume "
@@ -46,33 +50,74 @@ _KEYS: dict[str, tuple[type, float, str]] = {
     "session_idle_timeout": (float, 0.001, "seconds a parked session may stay idle "
                                            "(default 600)"),
 }
+# Keys a single request may set in its own "sink" field (the engine's are its maximum).
+REQUEST_KEYS = ("sink_tokens", "window_tokens", "prefill_chunk_tokens")
+# Written by the frontend into the resolved section, never by users.
+RESOLVED = "_resolved"
 
 
 class SinkConfigError(ValueError):
     """A ``"sink"`` section (or an engine setting next to it) that cannot be honoured."""
 
 
-def _as_type(key: str, kind: type, value: Any):
+def _as_type(where: str, key: str, kind: type, value: Any):
+    name = f'{where}["{key}"]'
     if kind is bool:
         if isinstance(value, bool):
             return value
-        raise SinkConfigError(f'additional_config["sink"]["{key}"] must be true or false, '
+        raise SinkConfigError(f"{name} must be true or false, "
                               f"got {value!r} ({type(value).__name__}).")
+    if kind is str:
+        if isinstance(value, str):
+            return value
+        raise SinkConfigError(f"{name} must be a string, got {value!r} "
+                              f"({type(value).__name__}).")
     # bool is an int subclass; "true" for a token count is always a mistake.
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise SinkConfigError(
-            f'additional_config["sink"]["{key}"] must be a number, got '
+            f"{name} must be a number, got "
             f"{value!r} ({type(value).__name__}). Example: {_EXAMPLE}")
     if kind is int:
         if isinstance(value, float):
             if not value.is_integer():
-                raise SinkConfigError(f'additional_config["sink"]["{key}"] must be an '
+                raise SinkConfigError(f"{name} must be an "
                                       f"integer, got {value!r}. Example: {_EXAMPLE}")
             value = int(value)
         return value
     if value != value or value in (float("inf"), float("-inf")):
-        raise SinkConfigError(f'additional_config["sink"]["{key}"] must be finite, got {value!r}')
+        raise SinkConfigError(f"{name} must be finite, got {value!r}")
     return float(value)
+
+
+def parse_keys(section: Any, keys, where: str = ENGINE) -> dict[str, Any]:
+    """Validated values of ``section`` (a JSON object) restricted to ``keys``."""
+    if not isinstance(section, Mapping):
+        raise SinkConfigError(
+            f"{where} must be a JSON object, got "
+            f"{section!r} ({type(section).__name__}). Example: {_EXAMPLE}"
+        )
+    unknown = sorted(str(k) for k in section if k not in keys and k != RESOLVED)
+    if unknown:
+        valid = ", ".join(f"{k} ({_KEYS[k][2]})" for k in keys)
+        raise SinkConfigError(
+            f'Unknown key(s) in {where}: {", ".join(unknown)}. Valid keys: {valid}.')
+    values: dict[str, Any] = {}
+    for key in keys:
+        kind, limit, meaning = _KEYS[key]
+        raw = section.get(key)
+        if raw is None:
+            continue
+        value = _as_type(where, key, kind, raw)
+        if kind is str and value not in limit:
+            raise SinkConfigError(f'{where}["{key}"] = {value!r} must be one of '
+                                  f"{', '.join(map(repr, limit))}: {meaning}.")
+        if kind not in (bool, str) and value < limit:
+            raise SinkConfigError(
+                f'{where}["{key}"] = {value} is out of range: '
+                f"it is the number of {meaning} and must be >= {limit}."
+            )
+        values[key] = value
+    return values
 
 
 @dataclass(frozen=True)
@@ -82,6 +127,7 @@ class SinkConfig:
     sink_tokens: int = DEFAULT_SINK_TOKENS
     window_tokens: int | None = None
     prefill_chunk_tokens: int | None = None
+    default: str = "sink"
     position_limit: int | None = None
     sessions: bool = True
     max_parked_sessions: int = 256
@@ -90,35 +136,11 @@ class SinkConfig:
     @classmethod
     def from_section(cls, section: Any) -> SinkConfig:
         """Parse ``additional_config["sink"]``; raise SinkConfigError naming key and fix."""
-        if not isinstance(section, Mapping):
-            raise SinkConfigError(
-                'additional_config["sink"] must be a JSON object, got '
-                f"{section!r} ({type(section).__name__}). Example: {_EXAMPLE}"
-            )
-        unknown = sorted(str(k) for k in section if k not in _KEYS)
-        if unknown:
-            valid = ", ".join(f"{k} ({meaning})" for k, (_, _, meaning) in _KEYS.items())
-            raise SinkConfigError(
-                f'Unknown key(s) in additional_config["sink"]: {", ".join(unknown)}. '
-                f"Valid keys: {valid}."
-            )
-        values: dict[str, Any] = {}
-        for key, (kind, minimum, meaning) in _KEYS.items():
-            raw = section.get(key)
-            if raw is None:
-                continue
-            value = _as_type(key, kind, raw)
-            if kind is not bool and value < minimum:
-                raise SinkConfigError(
-                    f'additional_config["sink"]["{key}"] = {value} is out of range: '
-                    f"it is the number of {meaning} and must be >= {minimum}."
-                )
-            values[key] = value
-        return cls(**values)
+        return cls(**parse_keys(section, _KEYS))
 
     def resolved_section(self, layout: SinkLayout) -> dict[str, Any]:
         """The section every process re-parses: geometry resolved, policies explicit."""
-        return {**layout.to_section(), "sessions": self.sessions,
+        return {**layout.to_section(), "default": self.default, "sessions": self.sessions,
                 "max_parked_sessions": self.max_parked_sessions,
                 "session_idle_timeout": self.session_idle_timeout}
 

@@ -66,10 +66,7 @@ class KeyCache:
     def __init__(self, layers: Sequence[torch.Tensor], rel: torch.Tensor, N: int, H: int,
                  D: int, cos_sin_f32: torch.Tensor, is_neox: bool) -> None:
         # Layers sharing one cache (KV sharing) are rotated once: keep distinct views.
-        seen: dict[tuple[int, int], torch.Tensor] = {}
-        for kv in layers:
-            seen.setdefault((kv.untyped_storage().data_ptr(), kv.storage_offset()), kv)
-        self.layers = list(seen.values())
+        self.layers = distinct(layers)
         self.N, self.H, self.D = N, H, D
         self.device = self.layers[0].device
         self.dtype = self.layers[0].dtype
@@ -85,26 +82,13 @@ class KeyCache:
             c0, sn, sh, sd = strides
             self.views = [kv.as_strided((kv.shape[0], N, H, D), (kv.stride(0), sn, sh, sd),
                                         kv.storage_offset() + c0) for kv in self.layers]
-            self.stack = self._stacked(self.views)
+            self.stack = stacked_view(self.views)
         else:
             span = max((kv.shape[0] - 1) * kv.stride(0) + int(self.rel.max()) + 1
                        for kv in self.layers)
             self.tables = [kv.as_strided((span,), (1,), kv.storage_offset())
                            for kv in self.layers]
             self._rel_dev = self.rel.to(self.device)
-
-    @staticmethod
-    def _stacked(views: list[torch.Tensor]) -> torch.Tensor | None:
-        """One ``[L, ...]`` view over every layer, if their storage allows it."""
-        if not _same_storage(views):
-            return None
-        offsets = [v.storage_offset() for v in views]
-        step = offsets[1] - offsets[0] if len(offsets) > 1 else 0
-        if any(b - a != step for a, b in zip(offsets, offsets[1:])) or step < 0 or \
-                (len(views) > 1 and step == 0):
-            return None
-        return views[0].as_strided((len(views), *views[0].shape),
-                                   (step, *views[0].stride()), offsets[0])
 
     @property
     def mode(self) -> str:
@@ -167,6 +151,51 @@ class KeyCache:
             sin = to_device(sin, self.device)[None, :, None, None, :]
             keys = rotate(keys, cos, sin, self.is_neox)
         self.write(idx, keys)
+
+
+def distinct(layers: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """The layers' KV tensors, each physical cache once (layers may share one)."""
+    seen: dict[tuple[int, int], torch.Tensor] = {}
+    for kv in layers:
+        seen.setdefault((kv.untyped_storage().data_ptr(), kv.storage_offset()), kv)
+    return list(seen.values())
+
+
+def stacked_view(views: list[torch.Tensor]) -> torch.Tensor | None:
+    """One ``[L, ...]`` view over every layer's view, if they lie in one storage at a
+    constant distance from each other (then one gather or scatter reaches all layers)."""
+    if not _same_storage(views):
+        return None
+    offsets = [v.storage_offset() for v in views]
+    step = offsets[1] - offsets[0] if len(offsets) > 1 else 0
+    if any(b - a != step for a, b in zip(offsets, offsets[1:])) or step < 0 or \
+            (len(views) > 1 and step == 0):
+        return None
+    return views[0].as_strided((len(views), *views[0].shape),
+                               (step, *views[0].stride()), offsets[0])
+
+
+class BlockStack:
+    """Whole KV blocks (keys and values, any layout) of a stack of layers: read every
+    layer's copy of some blocks at once, and write them back into other blocks. Used to
+    save a preempted stream's cache and restore it after the blocks were reused."""
+
+    def __init__(self, layers: Sequence[torch.Tensor]) -> None:
+        self.layers = distinct(layers)
+        self.device = self.layers[0].device
+        self.stack = stacked_view(self.layers)
+
+    def read(self, blocks: torch.Tensor) -> torch.Tensor:
+        if self.stack is not None:
+            return self.stack[:, blocks]
+        return torch.stack([kv[blocks] for kv in self.layers])
+
+    def write(self, blocks: torch.Tensor, data: torch.Tensor) -> None:
+        if self.stack is not None:
+            self.stack[:, blocks] = data
+        else:
+            for kv, d in zip(self.layers, data):
+                kv[blocks] = d
 
 
 def to_device(data, device: torch.device) -> torch.Tensor:

@@ -16,12 +16,15 @@ import numpy as np
 
 FIELDS = (
     "active_requests",      # sink requests the worker currently holds
-    "kv_blocks_reserved",   # blocks those requests hold (sum of their block sets)
+    "kv_blocks_reserved",   # blocks those requests hold (they grow up to their block set)
     "requests",             # sink requests started (cumulative)
     "evictions",            # eviction events (cumulative)
     "tokens_evicted",       # window tokens evicted (cumulative)
     "rebases",              # position-offset rebases (cumulative)
     "sink_rewrites",        # sink-key rewrites from the pristine snapshot (cumulative)
+    "kv_saves",             # preempted streams whose cached KV was saved (cumulative)
+    "kv_restores",          # ... and restored on resume (cumulative)
+    "tokens_restored",      # cached tokens restored instead of recomputed (cumulative)
     "sink_tokens",          # effective layout ...
     "window_tokens",
     "capacity",
@@ -31,7 +34,15 @@ FIELDS = (
 
 # Written by the scheduler (EngineCore) after every schedule(): its pool and sessions.
 SESSION_FIELDS = (
-    "running_requests",     # requests the scheduler is running (each holds C/B blocks)
+    "running_requests",     # requests the scheduler is running, dense and sink
+    "running_sink",         # ... of which endless streams
+    "running_dense",        # ... of which plain dense requests
+    "blocks_sink",          # KV blocks held by running streams
+    "blocks_dense",         # KV blocks held by running dense requests
+    "requests_sink",        # stream requests received (cumulative)
+    "requests_dense",       # dense requests received (cumulative)
+    "preempted_sink",       # stream preemptions (cumulative; resumed without recompute)
+    "preempted_dense",      # dense preemptions (cumulative; vLLM recomputes them)
     "pool_blocks_in_use",   # blocks taken from the KV pool (running + parked)
     "parked_sessions",      # sessions whose KV is parked
     "blocks_parked",        # KV blocks they hold
@@ -42,6 +53,7 @@ SESSION_FIELDS = (
     "miss_no_new_tokens",   # the prompt is exactly the parked tokens
     "miss_in_use",          # the session is already running in another request
     "miss_prompt_logprobs", # prompt log-probs need the whole prompt recomputed
+    "miss_layout",          # the request asks for another sink layout than the parked one
     "parked_evictions",     # parked sessions dropped to make room (LRU) or over the cap
     "parked_expired",       # parked sessions dropped after the idle timeout
 )

@@ -1,15 +1,29 @@
-"""EngineCore: the sink + ring KV-cache policy, through vLLM's KV-spec registry.
+"""EngineCore: the KV-cache policy of a sink engine, through vLLM's KV-spec registry.
 
 ``SinkAttentionSpec`` is a ``FullAttentionSpec`` (the worker and attention backends
-treat it exactly as full attention) that also carries the block counts. Its sizing
-methods make vLLM size memory, admission and the worker's block table by the fixed
-block set (capacity C plus the prefill headroom) instead of ``max_model_len``.
+treat it exactly as full attention) that also carries the largest block set a request
+can hold: a stream's sink + ring blocks, or a dense request's blocks up to its context
+bound, whichever is larger; vLLM sizes the worker's block table by it instead of the
+(lifted) ``max_model_len``. vLLM's startup check that the pool holds one request of
+maximal size counts a full stream only: dense requests are additionally bounded by
+the pool's size (``frontend/request_sink.py``), so small pools serve streams as before.
 
-``SinkRingManager`` reserves a request's whole block set (sink blocks + ring blocks)
-the first time the scheduler allocates for it and never allocates again, so a running
-sink request never needs a block and is never preempted; a waiting request that
-cannot get its full set simply waits. Ring blocks are overwritten in place, so nothing
-is hashed for prefix caching (the CircularBufferManager precedent upstream).
+``SinkRingManager`` serves two kinds of request in one pool:
+
+* dense requests (absent from ``sink_layouts``) get vLLM's full-attention behaviour
+  untouched: blocks on demand, prefix caching when the engine enables it;
+* sink requests take blocks on demand too, as their cache grows, up to their layout's
+  block set (sinks + window + prefill headroom) and never more: from then on the worker
+  recycles them in a ring. Their blocks are never hashed (ring blocks are overwritten
+  in place), and nothing is ever skipped or freed while the request runs. If the pool
+  runs dry, vLLM may preempt a sink request like any other; the scheduler keeps its
+  computed count and the worker restores its cached KV on resume
+  (``patches/engine_core/scheduler.py``), so the resumed request needs as many blocks
+  as it held when preempted (``restoring``).
+
+How many blocks a step of ``n`` new tokens needs, for a stream with ``a`` tokens so far
+(``policy``): the cache holds ``a`` tokens while nothing was evicted (``a < C``), else
+at most ``C - 1`` after the step's eviction; plus ``n``, at most ``span`` in all.
 """
 
 from __future__ import annotations
@@ -21,66 +35,87 @@ from vllm.v1.kv_cache_interface import FullAttentionSpec
 from vllm.v1.kv_cache_spec_registry import KVCacheSpecRegistry
 
 from vllm_sink.config import SinkLayout
+from vllm_sink.policy import cdiv
 
 
 @dataclass(frozen=True, kw_only=True)
 class SinkAttentionSpec(FullAttentionSpec):
-    sink_blocks: int
-    ring_blocks: int      # window + prefill headroom, recycled in a ring
+    stream_blocks: int    # the engine layout's block set: the most a stream may hold
+    dense_blocks: int     # blocks of a dense request at its context bound
 
     @property
-    def blocks_per_request(self) -> int:
-        return self.sink_blocks + self.ring_blocks
+    def max_blocks_per_request(self) -> int:
+        return max(self.stream_blocks, self.dense_blocks)
 
     @classmethod
-    def from_full(cls, spec: FullAttentionSpec, layout: SinkLayout) -> SinkAttentionSpec:
+    def from_full(cls, spec: FullAttentionSpec, layout: SinkLayout,
+                  dense_max_model_len: int) -> SinkAttentionSpec:
         values = {f.name: getattr(spec, f.name) for f in fields(FullAttentionSpec) if f.init}
-        return cls(**values, sink_blocks=layout.sink_blocks, ring_blocks=layout.ring_blocks)
+        return cls(**values, stream_blocks=layout.blocks_per_request,
+                   dense_blocks=cdiv(dense_max_model_len, spec.block_size))
 
     def max_memory_usage_bytes(self, vllm_config) -> int:
-        return self.blocks_per_request * self.page_size_bytes
+        return self.stream_blocks * self.page_size_bytes
 
     def max_num_blocks_per_req(self, vllm_config, max_len: int) -> int:
-        return self.blocks_per_request
-
-    @property
-    def prefix_cacheable(self) -> bool:
-        return False
+        return self.max_blocks_per_request
 
     @classmethod
     def merge(cls, specs: list[SinkAttentionSpec]) -> SinkAttentionSpec:
-        shapes = {(s.sink_blocks, s.ring_blocks) for s in specs}
+        shapes = {(s.stream_blocks, s.dense_blocks) for s in specs}
         assert len(shapes) == 1, f"layers disagree on the sink layout: {shapes}"
         base = FullAttentionSpec.merge(specs)  # type: ignore[arg-type]
-        sink_blocks, ring_blocks = shapes.pop()
+        stream_blocks, dense_blocks = shapes.pop()
         values = {f.name: getattr(base, f.name) for f in fields(FullAttentionSpec) if f.init}
-        return cls(**values, sink_blocks=sink_blocks, ring_blocks=ring_blocks)
+        return cls(**values, stream_blocks=stream_blocks, dense_blocks=dense_blocks)
+
+
+def stream_blocks_needed(layout: SinkLayout, computed: int, new: int) -> int:
+    """Blocks a stream with ``computed`` tokens so far needs for a step of ``new``."""
+    cached = computed if computed < layout.capacity else layout.capacity - 1
+    return min(cdiv(min(cached + new, layout.span), layout.block_size),
+               layout.blocks_per_request)
 
 
 class SinkRingManager(FullAttentionManager):
-    """Whole block set at admission, never more; no prefix caching, no skipping.
+    """Dense requests: vLLM's full attention. Sink requests: on-demand ring blocks."""
 
-    The only "computed blocks" it ever adopts are a parked session's full block set
-    (patches/engine_core/sessions.py), handed over as a prefix hit on resume."""
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        # Shared with the sink scheduler (``bind``), which fills them:
+        self.sink_layouts: dict[str, SinkLayout] = {}  # request id -> layout (streams)
+        self.restoring: dict[str, int] = {}  # preempted stream -> blocks it held
+        self.on_adopt = None                # callback(request_id): session adopted
+        self._need: dict[str, int] = {}     # blocks a stream needs, for allocate_new_blocks
 
-    on_adopt = None  # callback(request_id) set by the sink scheduler
+    def bind(self, sink_layouts: dict, restoring: dict, on_adopt) -> None:
+        self.sink_layouts, self.restoring, self.on_adopt = sink_layouts, restoring, on_adopt
 
-    def _missing(self, request_id: str, adopting: int = 0) -> int:
-        spec = self.kv_cache_spec
-        assert isinstance(spec, SinkAttentionSpec)
-        held = len(self.req_to_blocks.get(request_id, ())) + adopting
-        return max(0, spec.blocks_per_request - held)
+    def get_num_blocks_to_allocate(self, request_id, num_tokens, new_computed_blocks,
+                                   total_computed_tokens, *args, **kwargs) -> int:
+        layout = self.sink_layouts.get(request_id)
+        if layout is None:
+            return super().get_num_blocks_to_allocate(
+                request_id, num_tokens, new_computed_blocks, total_computed_tokens,
+                *args, **kwargs)
+        need = stream_blocks_needed(layout, total_computed_tokens,
+                                    num_tokens - total_computed_tokens)
+        need = max(need, self.restoring.get(request_id, 0))  # its saved cache comes back
+        held = len(self.req_to_blocks.get(request_id, ())) + len(new_computed_blocks or ())
+        need = max(need, held)
+        self._need[request_id] = need
+        return need - held
 
-    def get_num_blocks_to_allocate(self, request_id, num_tokens=0, new_computed_blocks=(),
-                                   *args, **kwargs) -> int:
-        return self._missing(request_id, len(new_computed_blocks or ()))
-
-    def allocate_new_blocks(self, request_id, *args, **kwargs):
-        n = self._missing(request_id)
-        if n == 0:
+    def allocate_new_blocks(self, request_id, num_tokens, num_tokens_main_model):
+        if request_id not in self.sink_layouts:
+            return super().allocate_new_blocks(request_id, num_tokens, num_tokens_main_model)
+        self.restoring.pop(request_id, None)
+        blocks = self.req_to_blocks[request_id]
+        n = self._need.pop(request_id, len(blocks)) - len(blocks)
+        if n <= 0:
             return []
         new_blocks = self.block_pool.get_new_blocks(n)
-        self.req_to_blocks[request_id].extend(new_blocks)
+        blocks.extend(new_blocks)
         if self._record_new_block_ids:
             self.new_block_ids.extend(b.block_id for b in new_blocks)
         return new_blocks
@@ -88,28 +123,30 @@ class SinkRingManager(FullAttentionManager):
     def allocate_external_computed_blocks(self, request_id, *args, **kwargs) -> None:
         raise RuntimeError("KV connectors are not supported in sink mode")
 
-    @classmethod
-    def find_longest_cache_hit(cls, block_hashes, max_length, kv_cache_group_ids,
-                               *args, **kwargs):
-        return tuple([] for _ in kv_cache_group_ids), 0
-
-    def cache_blocks(self, *args, **kwargs) -> None:
-        return
+    def cache_blocks(self, request, *args, **kwargs) -> None:
+        if request.request_id not in self.sink_layouts:
+            super().cache_blocks(request, *args, **kwargs)
 
     def add_local_computed_blocks(self, request_id, new_computed_blocks, *args, **kwargs) -> None:
+        if request_id not in self.sink_layouts:
+            super().add_local_computed_blocks(request_id, new_computed_blocks, *args, **kwargs)
+            return
         if not new_computed_blocks:
             return
+        # A parked session's blocks, adopted on resume (patches/engine_core/sessions.py).
         blocks = self.req_to_blocks[request_id]
         assert not blocks, "a resumed session is adopted before any allocation"
         blocks.extend(new_computed_blocks)
         if self.on_adopt is not None:
             self.on_adopt(request_id)
 
-    def remove_skipped_blocks(self, *args, **kwargs) -> None:
-        return
+    def remove_skipped_blocks(self, request_id, *args, **kwargs) -> None:
+        if request_id not in self.sink_layouts:
+            super().remove_skipped_blocks(request_id, *args, **kwargs)
 
-    def get_num_skipped_tokens(self, num_computed_tokens: int) -> int:
-        return 0
+    def free(self, request_id: str) -> None:
+        self._need.pop(request_id, None)
+        super().free(request_id)
 
 
 def register_kv_policy(vllm_config=None) -> None:

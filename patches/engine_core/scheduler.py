@@ -1,31 +1,37 @@
 """EngineCore: the scheduler class sink mode selects through ``scheduler_cls``.
 
-A plain vLLM ``Scheduler`` whose constructor first registers the sink + ring KV policy
-(so the KV-cache manager it builds uses ``SinkRingManager``) and afterwards checks that
+A plain vLLM ``Scheduler`` whose constructor first registers the sink KV policy (so
+the KV-cache manager it builds uses ``SinkRingManager``) and afterwards checks that
 every KV-cache group really is a sink group: the plugin never runs half-applied.
-Scheduling itself is vLLM's: the manager guarantees a running sink request never needs
-a new block, so it is never preempted, and admission waits for a free block set.
+Scheduling is vLLM's; these overrides, each delegating, add what streams need:
 
-A sink request adds at most ``policy.max_step_tokens`` tokens per step (the prefill
-chunk K once its cache is full): ``_update_after_schedule`` trims larger grants before
-vLLM advances the request, which vLLM's long-prefill threshold cannot do alone (it
-does not apply while a request is the only one eligible).
-
-It also runs persistent sessions (``SessionStore``) through four small overrides:
-``add_request`` (strips client-supplied private arguments), ``_free_request_blocks``
-(park instead of free), ``schedule`` (bounds on parked sessions first) and the KV
-manager's ``get_computed_blocks`` (a resume is a prefix hit of the parked tokens).
+``add_request``          which layout the request has (``vllm_sink.requests``; dense
+                         requests get none), strips client-supplied private arguments;
+                         streams are never hashed for prefix caching; a dense request
+                         is bounded by the model's context like vanilla vLLM
+``_update_after_schedule``  a stream adds at most ``policy.max_step_tokens`` tokens a
+                         step (the prefill chunk K once its cache is full): larger
+                         grants are trimmed before vLLM advances the request (vLLM's
+                         long-prefill threshold does not apply to a lone request)
+``_preempt_request``     a preempted stream keeps its computed count: the workers save
+                         its cached KV before the blocks are reused and restore it on
+                         resume, so nothing is recomputed (vLLM would recompute the
+                         whole history, possibly millions of tokens)
+``_free_request_blocks`` / ``_free_blocks`` / ``schedule`` / ``get_computed_blocks``
+                         persistent sessions (``SessionStore``): park instead of free,
+                         bounds on parked sessions, a resume is a prefix hit
 """
 
 from __future__ import annotations
 
 import logging
+from collections import Counter
 
 from vllm.v1.core.sched.scheduler import Scheduler
 
 from vllm_sink.config import SinkConfigError
 from vllm_sink.patches import _directives
-from vllm_sink.patches._layout import sink_config, sink_layout
+from vllm_sink.patches._layout import engine_sink
 from vllm_sink.patches.engine_core.kv_policy import (SinkAttentionSpec, SinkRingManager,
                                                      register_kv_policy)
 from vllm_sink.patches.engine_core.sessions import SessionStore
@@ -37,8 +43,8 @@ logger = logging.getLogger("vllm.vllm_sink")
 
 class SinkScheduler(Scheduler):
     def __init__(self, vllm_config, kv_cache_config, *args, **kwargs) -> None:
-        self.sink_layout = sink_layout(vllm_config)
-        if self.sink_layout is None:
+        self.sink = engine_sink(vllm_config)
+        if self.sink is None:
             raise RuntimeError("SinkScheduler needs additional_config['sink']")
         register_kv_policy(vllm_config)
         super().__init__(vllm_config, kv_cache_config, *args, **kwargs)
@@ -47,42 +53,68 @@ class SinkScheduler(Scheduler):
                if not isinstance(g.kv_cache_spec, SinkAttentionSpec)]
         if not groups or bad:
             raise RuntimeError(f"sink mode: KV-cache groups without the sink policy: {bad}")
+        B = self.sink.layout.block_size
         for g in groups:  # vLLM may settle the block size after the frontend resolved it
-            if g.kv_cache_spec.block_size != self.sink_layout.block_size:
+            if g.kv_cache_spec.block_size != B:
                 raise SinkConfigError(
                     f"vLLM chose KV block size {g.kv_cache_spec.block_size} after sink "
-                    f"mode resolved its layout for {self.sink_layout.block_size}; start "
-                    f"vLLM with --block-size {g.kv_cache_spec.block_size}.")
-        self.sink_blocks_per_request = self.sink_layout.blocks_per_request * len(groups)
-        self.sink_sessions = SessionStore(self, sink_config(vllm_config),
-                                          self.sink_layout.blocks_per_request)
-        for manager in self.kv_cache_manager.coordinator.single_type_managers:
+                    f"mode resolved its layout for {B}; start vLLM with "
+                    f"--block-size {g.kv_cache_spec.block_size}.")
+        self.sink_layouts: dict = {}         # request id -> layout, for streams only
+        self.sink_restoring: dict[str, int] = {}   # preempted stream -> blocks it held
+        self.sink_counts: Counter = Counter()
+        self.sink_sessions = SessionStore(self, self.sink)
+        for manager in self._sink_managers:
             assert isinstance(manager, SinkRingManager)
-            manager.on_adopt = self.sink_sessions.adopted
+            manager.bind(self.sink_layouts, self.sink_restoring, self.sink_sessions.adopted)
         original = self.kv_cache_manager.get_computed_blocks
+        empty = self.kv_cache_manager.empty_kv_cache_blocks
 
         def get_computed_blocks(request):
+            if request.request_id not in self.sink_layouts:
+                return original(request)          # dense: vLLM's prefix cache
             hit = self.sink_sessions.try_resume(request)
             if hit is None:
-                return original(request)
+                return empty, 0, 0
             blocks, length = hit
             return self.kv_cache_manager.create_kv_cache_blocks(blocks), length, 0
 
         self.kv_cache_manager.get_computed_blocks = get_computed_blocks
         self.sink_board = StatsBoard(board_path(vllm_config.instance_id, "scheduler"),
                                      create=True, fields=SESSION_FIELDS)
-        logger.info("vllm_sink: scheduler ready, %d KV blocks in the pool, %d per sink "
-                    "request (%d concurrent requests fit)", kv_cache_config.num_blocks,
-                    self.sink_blocks_per_request,
-                    (kv_cache_config.num_blocks - 1) // self.sink_blocks_per_request)
+        per = self.sink.layout.blocks_per_request * len(groups)
+        logger.info("vllm_sink: scheduler ready, %d KV blocks in the pool; a stream takes "
+                    "up to %d as it grows (%d full streams fit); requests are %s unless "
+                    "they say otherwise", kv_cache_config.num_blocks, per,
+                    (kv_cache_config.num_blocks - 1) // per,
+                    "dense" if self.sink.default_is_dense else "streams")
+
+    @property
+    def _sink_managers(self):
+        return self.kv_cache_manager.coordinator.single_type_managers
 
     def add_request(self, request) -> None:
         params = request.sampling_params
         extra = getattr(params, "extra_args", None) if params is not None else None
         if isinstance(extra, dict) and any(k.startswith(_directives.PRIVATE_ARG_PREFIX)
                                            for k in extra):
-            params.extra_args = {k: v for k, v in extra.items()
-                                 if not k.startswith(_directives.PRIVATE_ARG_PREFIX)}
+            params.extra_args = extra = {k: v for k, v in extra.items()
+                                         if not k.startswith(_directives.PRIVATE_ARG_PREFIX)}
+        layout = self.sink.layout_for(extra) if params is not None else None
+        if layout is not None:
+            self.sink_layouts[request.request_id] = layout
+            request._block_hasher = None      # ring blocks are never prefix-cached
+            request.block_hashes = []
+            self.sink_counts["requests_sink"] += 1
+        else:
+            # Dense: vanilla vLLM's bound (the frontend refused longer prompts and
+            # clamped max_tokens; this is the backstop for direct engine clients).
+            pool = (self.kv_cache_manager.block_pool.num_gpu_blocks - 1) \
+                * self.sink.layout.block_size
+            room = min(self.sink.dense_max_model_len, pool) - request.num_prompt_tokens
+            if params is not None and (request.max_tokens or 0) > room:
+                request.max_tokens = max(room, 0)
+            self.sink_counts["requests_dense"] += 1
         super().add_request(request)
 
     def _update_after_schedule(self, scheduler_output) -> None:
@@ -90,29 +122,66 @@ class SinkScheduler(Scheduler):
         super()._update_after_schedule(scheduler_output)
 
     def _sink_trim_steps(self, scheduler_output) -> None:
-        """No step may add more tokens than the request's cache can hold while it runs."""
+        """No step may add more tokens than a stream's cache can hold while it runs."""
         trimmed = 0
         counts = scheduler_output.num_scheduled_tokens
         for req_id, n in counts.items():
-            cap = max_step_tokens(self.sink_layout, self.requests[req_id].num_computed_tokens)
+            layout = self.sink_layouts.get(req_id)
+            if layout is None:
+                continue
+            cap = max_step_tokens(layout, self.requests[req_id].num_computed_tokens)
             if n > cap:
                 counts[req_id] = cap
                 trimmed += n - cap
         scheduler_output.total_num_scheduled_tokens -= trimmed
 
+    def _preempt_request(self, request, timestamp, *args, **kwargs) -> None:
+        computed = request.num_computed_tokens
+        held = len(self._sink_managers[0].req_to_blocks.get(request.request_id, ()))
+        super()._preempt_request(request, timestamp, *args, **kwargs)
+        if request.request_id in self.sink_layouts:
+            # Its cached KV survives on the workers (saved before the blocks are reused,
+            # restored into as many new ones): resume where it was, recomputing nothing.
+            request.num_computed_tokens = computed
+            self.sink_restoring[request.request_id] = held
+            self.sink_counts["preempted_sink"] += 1
+        else:
+            self.sink_counts["preempted_dense"] += 1
+
     def _free_request_blocks(self, request) -> None:
-        if not self.sink_sessions.on_finish(request):
+        if request.request_id not in self.sink_layouts or \
+                not self.sink_sessions.on_finish(request):
             super()._free_request_blocks(request)
+
+    def _free_blocks(self, request) -> None:
+        super()._free_blocks(request)
+        self.sink_layouts.pop(request.request_id, None)
+        self.sink_restoring.pop(request.request_id, None)
 
     def schedule(self, *args, **kwargs):
         self.sink_sessions.before_schedule()
         output = super().schedule(*args, **kwargs)
-        pool = self.kv_cache_manager.block_pool
-        self.sink_board.write({**self.sink_sessions.stats(),
-                               "running_requests": len(self.running),
-                               "pool_blocks_in_use": pool.num_gpu_blocks - 1
-                               - pool.get_num_free_blocks()})
+        self.sink_board.write(self.sink_stats())
         return output
+
+    def sink_stats(self) -> dict[str, int]:
+        """The scheduler board: pool, running requests by kind, sessions (O(running))."""
+        pool = self.kv_cache_manager.block_pool
+        held = self._sink_managers[0].req_to_blocks
+        groups = len(self._sink_managers)
+        running_sink = blocks_sink = blocks_dense = 0
+        for request in self.running:
+            n = len(held.get(request.request_id, ())) * groups
+            if request.request_id in self.sink_layouts:
+                running_sink += 1
+                blocks_sink += n
+            else:
+                blocks_dense += n
+        return {**self.sink_sessions.stats(), **self.sink_counts,
+                "running_requests": len(self.running), "running_sink": running_sink,
+                "running_dense": len(self.running) - running_sink,
+                "blocks_sink": blocks_sink, "blocks_dense": blocks_dense,
+                "pool_blocks_in_use": pool.num_gpu_blocks - 1 - pool.get_num_free_blocks()}
 
     def shutdown(self) -> None:
         self.sink_board.unlink()

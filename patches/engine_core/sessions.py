@@ -35,6 +35,7 @@ def digest(tokens) -> bytes:
 @dataclass
 class Parked:
     blocks: tuple[list, ...]      # KVCacheBlock lists, one per KV group, allocation order
+    layout: object                # the stream's SinkLayout: a resume must ask for the same
     length: int                   # A: tokens whose KV the blocks hold (absolute)
     digest: bytes                 # digest of those A token ids
     parked_at: float
@@ -51,12 +52,13 @@ def session_key(request) -> str | None:
 
 
 class SessionStore:
-    def __init__(self, scheduler, config, blocks_per_request: int) -> None:
+    def __init__(self, scheduler, sink) -> None:
+        config = sink.config
         self.sched = scheduler
         self.enabled = config.sessions and config.max_parked_sessions > 0
         self.cap = config.max_parked_sessions
         self.timeout = config.session_idle_timeout
-        self.blocks_per_request = blocks_per_request
+        self.blocks_per_request = sink.layout.blocks_per_request  # the most a stream holds
         self.parked: OrderedDict[str, Parked] = OrderedDict()
         self.running: dict[str, str] = {}          # session key -> running request id
         self.counters: Counter = Counter()
@@ -85,8 +87,7 @@ class SessionStore:
                 request.status not in (RequestStatus.FINISHED_STOPPED,
                                        RequestStatus.FINISHED_LENGTH_CAPPED):
             return False
-        held = [m.req_to_blocks.get(request.request_id, []) for m in self._managers]
-        if any(len(b) != self.blocks_per_request for b in held):
+        if not all(m.req_to_blocks.get(request.request_id) for m in self._managers):
             return False
         if key in self.parked:
             self._drop(key, None)
@@ -94,8 +95,8 @@ class SessionStore:
         for m in self._managers:
             m.num_cached_block.pop(request.request_id, None)
         A = request.num_computed_tokens
-        self.parked[key] = Parked(blocks, A, digest(request.all_token_ids[:A]),
-                                  time.monotonic())
+        self.parked[key] = Parked(blocks, self.sched.sink_layouts[request.request_id], A,
+                                  digest(request.all_token_ids[:A]), time.monotonic())
         self._directive(_directives.park, request.request_id, key)
         while len(self.parked) > self.cap:
             if not self._evict_lru("parked_evictions"):
@@ -118,6 +119,8 @@ class SessionStore:
             reason = "miss_in_use" if key in self.running else "miss_none_parked"
         elif params is not None and params.prompt_logprobs is not None:
             reason = "miss_prompt_logprobs"
+        elif self.sched.sink_layouts.get(request.request_id) != p.layout:
+            reason = "miss_layout"
         else:
             tokens = request.prompt_token_ids or []
             if digest(tokens[:p.length]) != p.digest or len(tokens) < p.length:
@@ -126,7 +129,8 @@ class SessionStore:
                 reason = "miss_no_new_tokens"
         if reason is not None:
             self.counters[reason] += 1
-            if reason in ("miss_prefix", "miss_no_new_tokens", "miss_prompt_logprobs"):
+            if reason in ("miss_prefix", "miss_no_new_tokens", "miss_prompt_logprobs",
+                          "miss_layout"):
                 self._drop(key, None)   # the conversation moved on: parked KV is stale
             self.running[key] = request.request_id
             return None
@@ -183,6 +187,4 @@ class SessionStore:
     def stats(self) -> dict[str, int]:
         return {**{k: int(v) for k, v in self.counters.items()},
                 "parked_sessions": len(self.parked),
-                # only full block sets are parked (on_finish checks)
-                "blocks_parked": len(self.parked) * self.blocks_per_request
-                * len(self._managers)}
+                "blocks_parked": sum(len(b) for p in self.parked.values() for b in p.blocks)}

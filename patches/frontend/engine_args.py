@@ -6,17 +6,19 @@ adjust engine arguments, so this is the one monkeypatch: wrap and delegate. With
 ``"sink"`` section the wrapper calls the original and returns its result untouched.
 
 With one, before delegating, it refuses explicit settings it cannot honour and sets:
-prefix caching off (ring blocks are overwritten in place), chunked prefill on (prompts
-longer than the capacity stream through), CPU block size 32 unless given (CUDA keeps
+chunked prefill on (prompts longer than the capacity stream through), CPU block size
+32 unless given (CUDA keeps
 vLLM's default), async scheduling off, vLLM's V1 model runner
 (``VLLM_USE_V2_MODEL_RUNNER=0``, for every process it starts), and vLLM's sanctioned
 class options ``worker_cls`` / ``scheduler_cls`` to the plugin's worker (CPU or CUDA)
 and scheduler. Compilation and CUDA graphs stay as vLLM sets them. After delegating it
 resolves the layout against the model (position limit = the context length vLLM
 derived), sets vLLM's long-prefill threshold to the prefill chunk (so concurrent long
-prompts share the step budget), lifts ``max_model_len`` (the per-request stream cap)
-and writes the resolved section back so every process sees the same numbers. Every
-change is logged.
+prompts share the step budget), lifts ``max_model_len`` (the per-request stream cap;
+dense requests keep the model's context, ``request_sink``) and writes the resolved
+section back so every process sees the same numbers. Prefix caching stays as vLLM sets
+it: it serves the dense requests (stream blocks are never hashed). Every change is
+logged.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from vllm_sink.config import SinkConfig, SinkConfigError, SinkLayout
+from vllm_sink.config import RESOLVED, SinkConfig, SinkConfigError, SinkLayout
 from vllm_sink.patches._patching import Patch
 
 logger = logging.getLogger("vllm.vllm_sink")
@@ -72,9 +74,6 @@ def _refuse(setting: str, why: str) -> SinkConfigError:
 
 def _check_explicit_args(args) -> None:
     """Refuse explicit engine arguments sink mode cannot honour."""
-    if args.enable_prefix_caching:
-        raise _refuse("--enable-prefix-caching", "window blocks are overwritten in "
-                      "place as the ring turns, so they can never be shared. Remove it.")
     if args.enable_chunked_prefill is False:
         raise _refuse("--no-enable-chunked-prefill", "prompts longer than the window "
                       "are streamed through in chunks. Remove it.")
@@ -208,6 +207,9 @@ def _check_model(vllm_config) -> None:
 def _create_sink_engine_config(original, args, section, call_args, call_kwargs):
     from vllm.platforms import current_platform
 
+    if isinstance(section, dict) and RESOLVED in section:
+        raise SinkConfigError(f'additional_config["sink"]["{RESOLVED}"] is written by the '
+                              "plugin, not by users. Remove it.")
     sink = SinkConfig.from_section(section)
     platform = _platform(current_platform)
     _check_explicit_args(args)
@@ -230,7 +232,6 @@ def _create_sink_engine_config(original, args, section, call_args, call_kwargs):
             changed.append((name, old, value))
 
     stream_cap = args.max_model_len  # sink mode: caps the total length of one stream
-    set_arg("enable_prefix_caching", False)
     set_arg("enable_chunked_prefill", True)
     set_arg("async_scheduling", False)
     if args.block_size is None and platform == "cpu":
@@ -257,20 +258,31 @@ def _create_sink_engine_config(original, args, section, call_args, call_kwargs):
         changed.append(("long_prefill_token_threshold", threshold, K))
         sc.long_prefill_token_threshold = K
 
+    # Streams run to the stream cap; dense requests keep the model's context bound
+    # (or a smaller --max-model-len), enforced per request (frontend/request_sink.py).
+    dense_len = mc.max_model_len if stream_cap is None else min(mc.max_model_len, stream_cap)
     new_len = stream_cap if stream_cap is not None else STREAM_LIMIT
     changed.append(("max_model_len", mc.max_model_len, new_len))
     mc.max_model_len = new_len
 
-    vllm_config.additional_config = {**vllm_config.additional_config,
-                                     "sink": sink.resolved_section(layout)}
-    from vllm_sink.patches.frontend import session_ids
+    vllm_config.additional_config = {
+        **vllm_config.additional_config,
+        "sink": {**sink.resolved_section(layout),
+                 RESOLVED: {"dense_max_model_len": dense_len}}}
+    from vllm_sink.patches.frontend import body_field, request_sink, session_ids
     from vllm_sink.patches.frontend.metrics import watch_engine
 
     watch_engine(vllm_config)
+    request_sink.PATCH.apply()
+    for patch in body_field.PATCHES:
+        patch.apply()
     if sink.sessions:
         session_ids.PATCH.apply()
     for name, old, new in changed:
         logger.info("vllm_sink: %s %r -> %r", name, old, new)
-    logger.info("vllm_sink: sink mode on: %s; max stream length %d tokens",
-                layout.describe(), new_len)
+    logger.info("vllm_sink: sink mode on: requests are %s unless their \"sink\" field says "
+                "otherwise; default (and largest) stream layout: %s; max stream length %d "
+                "tokens; dense requests up to %d tokens",
+                "dense" if sink.default == "dense" else "endless streams",
+                layout.describe(), new_len, dense_len)
     return vllm_config

@@ -13,7 +13,7 @@ from vllm_sink.stats_board import SESSION_FIELDS, StatsBoard, board_path
 
 _GAUGES = {
     "active_requests": "Sink requests currently holding a KV block set",
-    "kv_blocks_reserved": "KV blocks reserved by sink requests (capacity/B per request)",
+    "kv_blocks_reserved": "KV blocks held by sink requests (each grows up to its block set)",
     "sink_tokens": "Effective sink tokens per request (whole KV blocks)",
     "window_tokens": "Effective window tokens per request (whole KV blocks)",
     "capacity": "Effective KV capacity per request in tokens (sink + window)",
@@ -21,7 +21,11 @@ _GAUGES = {
     "position_limit": "Largest position + 1 fed to the model",
 }
 _SESSION_GAUGES = {
-    "running_requests": "Requests the scheduler is running (each holds capacity/B blocks)",
+    "running_requests": "Requests the scheduler is running (streams and dense)",
+    "running_sink": "Running endless-stream (sink) requests",
+    "running_dense": "Running plain dense requests",
+    "blocks_sink": "KV blocks held by running sink requests",
+    "blocks_dense": "KV blocks held by running dense requests",
     "pool_blocks_in_use": "KV blocks taken from the pool (running requests + parked sessions)",
     "parked_sessions": "Sessions whose KV is parked between requests",
     "blocks_parked": "KV blocks held by parked sessions",
@@ -31,14 +35,21 @@ _SESSION_COUNTERS = {
     "resumes": "Requests that resumed a parked session (only new tokens prefilled)",
     "parked_evictions": "Parked sessions dropped to make room or over the cap",
     "parked_expired": "Parked sessions dropped after the idle timeout",
+    "requests_sink": "Requests served as endless streams",
+    "requests_dense": "Requests served with plain dense attention",
+    "preempted_sink": "Stream preemptions (cached KV saved, restored on resume)",
+    "preempted_dense": "Dense preemptions (recomputed by vLLM on resume)",
 }
-_MISSES = ("none_parked", "prefix", "no_new_tokens", "in_use", "prompt_logprobs")
+_MISSES = ("none_parked", "prefix", "no_new_tokens", "in_use", "prompt_logprobs", "layout")
 _COUNTERS = {
     "requests": "Sink requests started",
     "evictions": "Eviction events (whole window blocks dropped before a step)",
     "tokens_evicted": "Window tokens evicted",
     "rebases": "Position-offset rebases (window keys rotated back once)",
     "sink_rewrites": "Sink-key rewrites from the pristine snapshot",
+    "kv_saves": "Preempted streams whose cached KV was saved before its blocks were reused",
+    "kv_restores": "Resumed streams whose cached KV was restored (nothing recomputed)",
+    "tokens_restored": "Cached tokens restored after preemption instead of recomputed",
 }
 
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from vllm_sink.key_cache import KeyCache, to_device
+from vllm_sink.key_cache import BlockStack, KeyCache, to_device
 from vllm_sink.patches.worker.kv_keys import probe_key_layout
 
 # Attention backends whose KV writes, block tables and kernels sink mode was verified on.
@@ -35,15 +35,17 @@ class BlockSpan:
 
 
 class SinkKeys:
-    def __init__(self, caches: list[tuple[int, KeyCache]], factors: list[int]) -> None:
+    def __init__(self, caches: list[tuple[int, KeyCache]], factors: list[int],
+                 stacks: list[BlockStack]) -> None:
         self.caches = caches      # (KV-cache group index, keys of its layers)
         self.factors = factors    # kernel blocks per manager block, per group
+        self.stacks = stacks      # whole KV blocks of every layer, per group
 
     @classmethod
     def build(cls, kv_cache_config, forward_context: dict, rotaries: dict) -> SinkKeys:
         from vllm_sink.config import SinkConfigError
 
-        caches, factors = [], []
+        caches, factors, stacks = [], [], []
         for g, group in enumerate(kv_cache_config.kv_cache_groups):
             spec = group.kv_cache_spec
             first = forward_context[group.layer_names[0]]
@@ -66,11 +68,12 @@ class SinkKeys:
                 by_table.setdefault((id(table), neox), (table, []))[1].append(name)
             rel = probe_key_layout(first, first.kv_cache, kernel_block, spec.num_kv_heads,
                                    spec.head_size, spec.head_size_v)
+            stacks.append(BlockStack([forward_context[n].kv_cache for n in group.layer_names]))
             for (_, neox), (table, names) in by_table.items():
                 layers = [forward_context[n].kv_cache for n in names]
                 caches.append((g, KeyCache(layers, rel, kernel_block, spec.num_kv_heads,
                                            spec.head_size, table, neox)))
-        return cls(caches, factors)
+        return cls(caches, factors, stacks)
 
     def describe(self) -> str:
         return ", ".join(f"{c.num_layers} layers {c.mode}" for _, c in self.caches)
@@ -105,3 +108,17 @@ class SinkKeys:
             if sources is not None:
                 source = torch.cat([s[c] for s in sources], dim=1)
             cache.rotate(ids, per_block, source)
+
+    def save(self, spans: Sequence[BlockSpan]) -> list[torch.Tensor]:
+        """Host copies of the whole KV blocks of ``spans`` (every layer), per group."""
+        out = []
+        for g, stack in enumerate(self.stacks):
+            ids, _ = self._kernel_blocks(g, spans)
+            out.append(stack.read(to_device(ids, stack.device)).to("cpu"))
+        return out
+
+    def restore(self, spans: Sequence[BlockSpan], saved: list[torch.Tensor]) -> None:
+        """Write ``save``'s copies into the blocks of ``spans`` (same block count)."""
+        for g, (stack, data) in enumerate(zip(self.stacks, saved)):
+            ids, _ = self._kernel_blocks(g, spans)
+            stack.write(to_device(ids, stack.device), to_device(data, stack.device))

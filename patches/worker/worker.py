@@ -3,9 +3,10 @@
 ``SinkWorkerMixin`` goes in front of vLLM's worker class (``CPUWorker`` or the CUDA
 ``Worker``, see ``cpu_worker.py`` / ``gpu_worker.py``). Two differences, both at startup:
 
-* the worker's private copy of the config has ``max_model_len`` = span + B (a row needs
-  at most span + 1 slots, span = C - 1 + prefill chunk) instead of the ~1e9-token stream
-  cap the scheduler uses, so every worker buffer is sized by the block set;
+* the worker's private copy of the config has ``max_model_len`` = the larger of a dense
+  request's bound (the model's context) and a stream's row (span + B: a row needs at
+  most span + 1 slots, span = C - 1 + prefill chunk), instead of the ~1e9-token stream
+  cap the scheduler uses, so every worker buffer is sized as for vanilla vLLM;
 * its model runner is vLLM's V1 runner with ``SinkRunnerMixin`` mixed in (nothing of
   vLLM's is copied).
 
@@ -16,26 +17,28 @@ from __future__ import annotations
 
 import copy
 
-from vllm_sink.patches._layout import sink_layout
+from vllm_sink.patches._layout import engine_sink
 from vllm_sink.stats_board import StatsBoard, board_path
 
 
 class SinkWorkerMixin:
     def __init__(self, vllm_config, *args, **kwargs) -> None:
-        layout = sink_layout(vllm_config)
-        if layout is None:
+        sink = engine_sink(vllm_config)
+        if sink is None:
             raise RuntimeError(f"{type(self).__name__} needs additional_config['sink']")
+        layout = sink.layout
         vllm_config = copy.deepcopy(vllm_config)  # never shrink the scheduler's copy
-        vllm_config.model_config.max_model_len = layout.span + layout.block_size
-        self.sink_layout = layout
+        vllm_config.model_config.max_model_len = max(sink.dense_max_model_len,
+                                                     layout.span + layout.block_size)
+        self.sink = sink
         super().__init__(vllm_config, *args, **kwargs)
         self.use_v2_model_runner = False  # virtual rows live in the V1 input batch
 
     def _sink_start_runner(self, runner) -> None:
         """Called once the runner exists: its sink state, and rank 0's counter board."""
-        runner.sink_init(self.sink_layout)
+        runner.sink_init(self.sink)
         if self.rank == 0:  # counters for the frontend's /metrics (same host)
-            layout = self.sink_layout
+            layout = self.sink.layout
             runner.sink_board = StatsBoard(board_path(self.vllm_config.instance_id),
                                            create=True)
             runner.sink_board.write({

@@ -19,17 +19,23 @@ def _config(model, sink=None, **kw):
 
 
 def test_sink_mode_sets_what_it_needs(default_model_dir):
+    import os
+
     cfg = _config(default_model_dir, {"sink_tokens": 4, "window_tokens": 100})
     assert cfg.cache_config.block_size == 32
-    assert cfg.cache_config.enable_prefix_caching is False
+    assert cfg.cache_config.enable_prefix_caching    # vLLM's default: for dense requests
     assert cfg.scheduler_config.enable_chunked_prefill
-    assert cfg.scheduler_config.max_num_batched_tokens <= 128
+    assert cfg.scheduler_config.long_prefill_token_threshold == 128   # the prefill chunk
+    assert cfg.scheduler_config.max_num_batched_tokens > 128          # budget untouched
     assert cfg.model_config.max_model_len == 1 << 30
     assert cfg.parallel_config.worker_cls.endswith("SinkCPUWorker")
     assert cfg.scheduler_config.scheduler_cls.endswith("SinkScheduler")
+    assert os.environ["VLLM_USE_V2_MODEL_RUNNER"] == "0"
     assert cfg.additional_config["sink"] == {
-        "sink_tokens": 32, "window_tokens": 128, "position_limit": 8192,
-        "sessions": True, "max_parked_sessions": 256, "session_idle_timeout": 600.0}
+        "sink_tokens": 32, "window_tokens": 128, "prefill_chunk_tokens": 128,
+        "position_limit": 8192, "default": "sink", "sessions": True,
+        "max_parked_sessions": 256, "session_idle_timeout": 600.0,
+        "_resolved": {"dense_max_model_len": 8192}}
 
 
 def test_without_sink_section_config_is_vanilla(default_model_dir):
@@ -45,16 +51,22 @@ def test_max_model_len_becomes_stream_cap(default_model_dir):
     cfg = _config(default_model_dir, {"window_tokens": 64}, max_model_len=50_000)
     assert cfg.model_config.max_model_len == 50_000      # > 8192 positions: fine
     assert cfg.additional_config["sink"]["position_limit"] == 8192
+    assert cfg.additional_config["sink"]["_resolved"]["dense_max_model_len"] == 8192
+    cfg = _config(default_model_dir, {"window_tokens": 64}, max_model_len=4096)
+    assert cfg.additional_config["sink"]["_resolved"]["dense_max_model_len"] == 4096
 
 
 @pytest.mark.parametrize("kwargs, sink, words", [
-    ({"enable_prefix_caching": True}, {}, ["--enable-prefix-caching", "Remove it"]),
+    ({"attention_backend": "FLEX_ATTENTION"}, {}, ["--attention-backend FLEX_ATTENTION",
+                                                  "CPU_ATTN"]),
+    ({}, {"_resolved": {}}, ["_resolved", "Remove it"]),
+    ({}, {"default": "streams"}, ["default", "'sink', 'dense'"]),
     ({"enable_chunked_prefill": False}, {}, ["chunked-prefill"]),
     ({"kv_cache_dtype": "fp8"}, {}, ["fp8", "--kv-cache-dtype auto"]),
     ({"pipeline_parallel_size": 2}, {}, ["pipeline"]),
     ({"enable_lora": True}, {}, ["LoRA"]),
-    ({"max_num_batched_tokens": 4096}, {"window_tokens": 256},
-     ["--max-num-batched-tokens 4096", "at most 256"]),
+    ({}, {"window_tokens": 256, "prefill_chunk_tokens": 8000},
+     ["prefill_chunk_tokens", "at most 7905"]),
     ({}, {"window_tokens": 9000}, ["exceeds the model's position limit 8192",
                                    "window_tokens\" to at most 8160"]),
     ({}, {"sink_tokens": 4, "window": 100}, ["Unknown key", "window"]),

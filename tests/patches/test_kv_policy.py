@@ -1,8 +1,10 @@
 """patches/engine_core/kv_policy: through vLLM's own KVCacheManager and BlockPool.
 
-Invariant: a sink request holds exactly C/B blocks from its first allocation to its
-end, never more, so running requests never need blocks (no preemption), a request
-that cannot get its full set waits, and freeing returns every block."""
+Invariants: a stream takes blocks as its cache grows, never more than its layout's
+block set, and from then on allocates nothing however long it runs; a dense request
+behaves exactly as vLLM's full attention (blocks per token, prefix cache hits); a
+preempted stream resumes with room for everything it had cached; freeing returns
+every block."""
 
 import pytest
 import torch
@@ -13,60 +15,105 @@ vllm = pytest.importorskip("vllm")
 
 from vllm.sampling_params import SamplingParams  # noqa: E402
 from vllm.v1.core.kv_cache_manager import KVCacheManager  # noqa: E402
+from vllm.v1.core.kv_cache_utils import get_request_block_hasher, init_none_hash  # noqa: E402
 from vllm.v1.kv_cache_interface import (FullAttentionSpec, KVCacheConfig,  # noqa: E402
                                         KVCacheGroupSpec)
 from vllm.v1.request import Request  # noqa: E402
 
 from vllm_sink.config import SinkLayout  # noqa: E402
 from vllm_sink.patches.engine_core.kv_policy import (SinkAttentionSpec,  # noqa: E402
-                                                     SinkRingManager, register_kv_policy)
+                                                     SinkRingManager, register_kv_policy,
+                                                     stream_blocks_needed)
 
 B = 4
-LAYOUT = SinkLayout(B, 1, 3, 10_000)  # 4 blocks per request
+LAYOUT = SinkLayout(B, 1, 3, 10_000, 5)   # C = 16, K = 5: span 20, 5 blocks per stream
+FULL = FullAttentionSpec(block_size=B, num_kv_heads=2, head_size=8, dtype=torch.float32)
 
 
-def _manager(num_blocks: int) -> KVCacheManager:
+def _manager(num_blocks: int, caching: bool = False):
     register_kv_policy()
-    full = FullAttentionSpec(block_size=B, num_kv_heads=2, head_size=8, dtype=torch.float32)
-    spec = SinkAttentionSpec.from_full(full, LAYOUT)
+    spec = SinkAttentionSpec.from_full(FULL, LAYOUT, dense_max_model_len=64)
     config = KVCacheConfig(num_blocks=num_blocks, kv_cache_tensors=[],
                            kv_cache_groups=[KVCacheGroupSpec(["layer.0"], spec)])
-    return KVCacheManager(config, max_model_len=1 << 30, scheduler_block_size=B,
-                          hash_block_size=B, enable_caching=False)
+    mgr = KVCacheManager(config, max_model_len=1 << 30, scheduler_block_size=B,
+                         hash_block_size=B, enable_caching=caching)
+    layouts, restoring = {}, {}
+    single = mgr.coordinator.single_type_managers[0]
+    assert isinstance(single, SinkRingManager)
+    single.bind(layouts, restoring, None)
+    return mgr, layouts, restoring
 
 
-def _request(i: int, prompt_len: int) -> Request:
-    return Request(f"r{i}", list(range(prompt_len)), SamplingParams(max_tokens=10**6), None)
+def _request(i: int, prompt: list[int], hasher=None) -> Request:
+    return Request(f"r{i}", prompt, SamplingParams(max_tokens=10**6), None,
+                   block_hasher=hasher)
 
 
-def test_spec_sizes_by_capacity_not_model_len():
-    full = FullAttentionSpec(block_size=B, num_kv_heads=2, head_size=8, dtype=torch.float32)
-    spec = SinkAttentionSpec.from_full(full, LAYOUT)
-    assert spec.max_num_blocks_per_req(None, 1 << 30) == 4
-    assert spec.max_memory_usage_bytes(None) == 4 * spec.page_size_bytes
+def _held(mgr, req) -> int:
+    return len(mgr.get_blocks(req.request_id).get_block_ids()[0])
+
+
+def test_spec_sizes_block_table_for_both_kinds():
+    spec = SinkAttentionSpec.from_full(FULL, LAYOUT, dense_max_model_len=64)
+    assert spec.max_num_blocks_per_req(None, 1 << 30) == 16     # dense: 64 / 4
+    assert spec.max_memory_usage_bytes(None) == 5 * spec.page_size_bytes  # one stream
     assert SinkAttentionSpec.merge([spec, spec]) == spec
-    assert not spec.prefix_cacheable
 
 
-def test_reserve_once_never_grow_free_all():
-    mgr = _manager(num_blocks=1 + 2 * 4)   # null block + room for two requests
-    assert isinstance(mgr.coordinator.single_type_managers[0], SinkRingManager)
+def test_blocks_needed_by_a_stream():
+    # Filling up: a + n tokens; once full: at most C - 1 + n; never past the block set.
+    assert [stream_blocks_needed(LAYOUT, a, n) for a, n in
+            [(0, 3), (0, 20), (8, 1), (15, 1), (16, 1), (1000, 1), (1000, 5), (1000, 50)]] \
+        == [1, 5, 3, 4, 4, 4, 5, 5]
+
+
+def test_stream_grows_on_demand_then_never_allocates():
+    mgr, layouts, _ = _manager(num_blocks=1 + 12)
     free0 = mgr.block_pool.get_num_free_blocks()
-    a = _request(0, 3)
-    blocks = mgr.allocate_slots(a, 3)       # 3 tokens need 1 block; the set is 4
-    assert blocks is not None and len(blocks.get_block_ids()[0]) == 4
-    assert mgr.block_pool.get_num_free_blocks() == free0 - 4
-    # A stream far past capacity: each step allocates nothing.
-    for step in range(100):
-        a.num_computed_tokens += 3 if step == 0 else 1
-        assert mgr.allocate_slots(a, 1).get_block_ids() == ([],)
-    assert mgr.block_pool.get_num_free_blocks() == free0 - 4
-    b, c = _request(1, 50), _request(2, 5)
-    assert mgr.allocate_slots(b, 8) is not None
-    assert mgr.allocate_slots(c, 5) is None  # pool full: c waits, nothing taken
-    assert mgr.block_pool.get_num_free_blocks() == 0
+    a = _request(0, list(range(3)))
+    layouts[a.request_id] = LAYOUT
+    assert mgr.allocate_slots(a, 3) is not None and _held(mgr, a) == 1   # 3 tokens
+    a.num_computed_tokens = 3
+    grown = []
+    for _ in range(200):                        # decode far past the capacity
+        assert mgr.allocate_slots(a, 1) is not None
+        a.num_computed_tokens += 1
+        grown.append(_held(mgr, a))
+    assert grown[:14] == [1] * 1 + [2] * 4 + [3] * 4 + [4] * 4 + [4]   # C = 16 tokens
+    assert set(grown[13:]) == {4}               # full at C / B: decode never needs more
+    assert mgr.allocate_slots(a, 5) is not None and _held(mgr, a) == 5  # a prompt chunk
+    assert mgr.block_pool.get_num_free_blocks() == free0 - 5
     mgr.free(a)
-    assert mgr.allocate_slots(c, 5) is not None
-    mgr.free(b)
-    mgr.free(c)
     assert mgr.block_pool.get_num_free_blocks() == free0
+
+
+def test_preempted_stream_resumes_with_room_for_its_cache():
+    mgr, layouts, restoring = _manager(num_blocks=1 + 12)
+    a = _request(0, list(range(40)))
+    layouts[a.request_id] = LAYOUT
+    assert mgr.allocate_slots(a, 20) is not None and _held(mgr, a) == 5  # a full chunk
+    a.num_computed_tokens = 20            # then preempted: freed, 5 blocks recorded
+    mgr.free(a)
+    restoring[a.request_id] = 5
+    # Resumed with its computed count kept: room for everything it had cached, even if
+    # its next step alone would need less (20 + 1 tokens -> 4 blocks).
+    assert mgr.allocate_slots(a, 1) is not None and _held(mgr, a) == 5
+    assert a.request_id not in restoring
+
+
+def test_dense_requests_are_plain_full_attention_with_prefix_cache():
+    init_none_hash(lambda x: repr(x).encode())
+    hasher = get_request_block_hasher(B, lambda x: repr(x).encode())
+    mgr, layouts, _ = _manager(num_blocks=1 + 20, caching=True)
+    prompt = list(range(30))
+    d = _request(0, prompt, hasher)
+    assert mgr.allocate_slots(d, 30) is not None and _held(mgr, d) == 8   # cdiv(30, 4)
+    d.num_computed_tokens = 30
+    mgr.free(d)
+    e = _request(1, prompt, hasher)           # same prompt: vLLM's prefix-cache hit
+    _, hit, _ = mgr.get_computed_blocks(e)
+    assert hit == 28
+    # A stream with the same prompt is never hashed into (or served from) the cache.
+    s = _request(2, prompt)
+    layouts[s.request_id] = LAYOUT
+    assert mgr.allocate_slots(s, 20) is not None and _held(mgr, s) == 5

@@ -1,0 +1,65 @@
+"""vllm_sink.requests: a request's own "sink" field against the engine's default and
+maximum; every refusal names the field and the limit."""
+
+import pytest
+
+from vllm_sink.config import SinkConfig, SinkConfigError
+from vllm_sink.requests import EngineSink
+
+pytestmark = pytest.mark.cpu
+
+
+def _engine(**section) -> EngineSink:
+    section = {"sink_tokens": 4, "window_tokens": 1024, **section}
+    layout = SinkConfig.from_section(section).resolve(32, 8192)
+    resolved = {**SinkConfig.from_section(section).resolved_section(layout),
+                "_resolved": {"dense_max_model_len": 8192}}
+    return EngineSink.from_section(resolved, 32)
+
+
+def test_defaults_and_opt_outs():
+    eng = _engine()
+    assert eng.layout_for(None) == eng.layout == eng.layout_for({"sink": True})
+    assert eng.layout_for({"sink": "sink"}) == eng.layout_for({"sink": {}}) == eng.layout
+    for dense in (False, "dense", 0, " dense "):
+        assert eng.layout_for({"sink": dense}) is None
+    assert eng.dense_max_model_len == 8192
+    dense_first = _engine(default="dense")
+    assert dense_first.layout_for({}) is None and dense_first.layout_for({"sink": None}) is None
+    assert dense_first.layout_for({"sink": True}) == dense_first.layout
+
+
+def test_own_layouts_within_the_engine_maximum():
+    eng = _engine()
+    small = eng.layout_for({"sink": {"window_tokens": 256}})
+    assert (small.sink_tokens, small.window_tokens, small.chunk_tokens) == (32, 256, 256)
+    tiny = eng.layout_for({"sink": {"window_tokens": 64}})
+    assert tiny.chunk_tokens == 64                       # min(engine's 256, its window)
+    # Same capacity without sinks: the engine's chunk, so it fits the engine's blocks.
+    narrow = _engine(window_tokens=96)
+    assert narrow.layout_for({"sink": {"sink_tokens": 0, "window_tokens": 128}}
+                             ).blocks_per_request == narrow.layout.blocks_per_request
+    only_window = eng.layout_for({"sink": '{"sink_tokens": 0, "window_tokens": 512}'})
+    assert only_window.sink_tokens == 0 and only_window.window_tokens == 512
+    assert eng.layout_for({"sink": {"prefill_chunk_tokens": 64}}).chunk_tokens == 64
+    # Same field, same layout object (resolved once).
+    assert eng.layout_for({"sink": {"window_tokens": 256}}) is small
+
+
+@pytest.mark.parametrize("value, words", [
+    ({"window_tokens": 4096}, ["window_tokens", "at most", "KV blocks"]),
+    ({"prefill_chunk_tokens": 1024}, ["prefill_chunk_tokens", "at most"]),
+    ({"window": 10}, ["Unknown key", "window", "window_tokens"]),
+    ({"sessions": False}, ["Unknown key", "sessions"]),
+    ({"window_tokens": "big"}, ["window_tokens", "number"]),
+    ({"window_tokens": 0}, ["window_tokens", ">= 1"]),
+    ("maybe", ['"sink"', "dense"]),
+    (3.5, ['"sink"', "JSON object"]),
+    ([1, 2], ['"sink"', "JSON object"]),
+])
+def test_bad_fields_name_the_field(value, words):
+    with pytest.raises(SinkConfigError) as e:
+        _engine().layout_for({"sink": value})
+    assert 'request field "sink"' in str(e.value)
+    for word in words:
+        assert word in str(e.value), str(e.value)

@@ -1,0 +1,114 @@
+"""Which requests of an engine are endless streams, and with what layout. Pure Python.
+
+The engine's ``"sink"`` section is every request's default and maximum. A request may
+bring its own ``"sink"`` field (``SamplingParams.extra_args["sink"]`` offline; on the
+OpenAI server a top-level ``"sink"`` body field or ``vllm_xargs``)::
+
+    absent, null                    the engine's "default": a stream with the engine's
+                                    layout ("sink", the default) or dense ("dense")
+    false, "dense"                  plain dense attention: vanilla vLLM, bounded by the
+                                    model's context length, prefix caching as vLLM does
+    true, "sink", {}                a stream with the engine's layout
+    {"window_tokens": 1024, ...}    a stream with its own sink_tokens / window_tokens /
+                                    prefill_chunk_tokens (unset keys: the engine's),
+                                    holding at most as many KV blocks as the engine's
+                                    layout does
+    a JSON string of any of these   (vllm_xargs values are strings or numbers)
+
+Every process (frontend, scheduler, workers) resolves the same field the same way from
+the engine's resolved section and the KV block size; the frontend refuses a bad field
+with an error naming it, so the others only ever see valid ones.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from vllm_sink.config import (ENGINE, REQUEST_KEYS, RESOLVED, SinkConfig, SinkConfigError,
+                              SinkLayout, parse_keys)
+
+FIELD = "sink"
+WHERE = 'request field "sink"'
+_DENSE, _STREAM = ("dense", False), ("sink", True)
+
+
+@dataclass
+class EngineSink:
+    """An engine's resolved sink settings: default and maximum of its requests."""
+
+    config: SinkConfig
+    layout: SinkLayout
+    dense_max_model_len: int      # context bound of dense requests (vanilla's max_model_len)
+
+    def __post_init__(self) -> None:
+        self._cache: dict[str, SinkLayout | None] = {}
+
+    @classmethod
+    def from_section(cls, section: Mapping, block_size: int) -> EngineSink:
+        config = SinkConfig.from_section(section)
+        resolved = section.get(RESOLVED) or {}
+        layout = config.resolve(block_size, config.position_limit or 2 ** 62)
+        dense = int(resolved.get("dense_max_model_len", layout.position_limit))
+        return cls(config, layout, dense)
+
+    @property
+    def default_is_dense(self) -> bool:
+        return self.config.default == "dense"
+
+    def layout_for(self, extra_args: Mapping | None) -> SinkLayout | None:
+        """The layout of a request with these ``extra_args``; None for a dense one."""
+        if not extra_args or FIELD not in extra_args:
+            return None if self.default_is_dense else self.layout
+        value = extra_args[FIELD]
+        key = json.dumps(value, sort_keys=True, default=str)
+        if key not in self._cache:
+            self._cache[key] = self._resolve(value)
+        return self._cache[key]
+
+    def _resolve(self, value: Any) -> SinkLayout | None:
+        if isinstance(value, str):
+            text = value.strip()
+            if text in _DENSE or text in _STREAM:
+                value = text
+            else:
+                try:
+                    value = json.loads(text)
+                except json.JSONDecodeError:
+                    raise SinkConfigError(
+                        f'{WHERE} = {value!r}: use true, false, "sink", "dense" or a JSON '
+                        'object such as {"window_tokens": 1024}.') from None
+        if value is None:
+            return None if self.default_is_dense else self.layout
+        if value in _DENSE:
+            return None
+        if value in _STREAM:
+            return self.layout
+        values = parse_keys(value, REQUEST_KEYS, WHERE)
+        if not values:
+            return self.layout
+        engine = self.config
+        asked = SinkConfig(sink_tokens=values.get("sink_tokens", engine.sink_tokens),
+                           window_tokens=values.get("window_tokens",
+                                                    self.layout.window_tokens),
+                           prefill_chunk_tokens=values.get("prefill_chunk_tokens"),
+                           position_limit=self.layout.position_limit)
+        B, limit = self.layout.block_size, self.layout.position_limit
+        try:
+            layout = asked.resolve(B, limit)
+            if "prefill_chunk_tokens" not in values:   # the engine's chunk, if it fits
+                chunk = min(layout.chunk_tokens, self.layout.chunk_tokens)
+                layout = dataclasses.replace(asked, prefill_chunk_tokens=chunk).resolve(B, limit)
+        except SinkConfigError as e:
+            raise SinkConfigError(f"{WHERE} {json.dumps(value)}: {e}") from None
+        if layout.blocks_per_request > self.layout.blocks_per_request:
+            raise SinkConfigError(
+                f"{WHERE} {json.dumps(value)} needs {layout.blocks_per_request} KV blocks "
+                f"per request ({layout.describe()}); this engine allows at most "
+                f"{self.layout.blocks_per_request} (its {ENGINE}: {self.layout.describe()}). "
+                "Ask for a smaller window_tokens / sink_tokens / prefill_chunk_tokens, or "
+                "start the engine with a larger window.")
+        return layout
