@@ -36,8 +36,10 @@ Invariants between steps, per stream (virtual = absolute - E for window tokens):
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import logging
+import time
 
 import numpy as np
 import torch
@@ -72,6 +74,14 @@ class SinkRunnerMixin:
                               "sink_rewrites": 0, "requests": 0, "kv_saves": 0,
                               "kv_restores": 0, "tokens_restored": 0}
         self.sink_board = None  # StatsBoard on rank 0, read by the frontend's /metrics
+        # Host time spent in the plugin's own per-step code (outside vLLM's), and steps:
+        # the bookkeeping overhead the benchmarks report (sink_stats, not /metrics).
+        self.sink_timing = {"host_ns": 0, "steps": 0}
+        # Per step (bounded): [start ns, requests scheduled, tokens scheduled, evictions,
+        # rebases, plugin host ns], read and cleared by the benchmarks through the
+        # worker's sink_trace(): step periods of evicting vs ordinary steps, and the
+        # plugin's share of each, without a round trip per step.
+        self.sink_trace = collections.deque(maxlen=1 << 16)
 
     def _sink_board_values(self) -> dict[str, int]:
         """What rank 0 publishes every step (one pass over the streams)."""
@@ -80,7 +90,8 @@ class SinkRunnerMixin:
                 "kv_blocks_reserved": blocks * self.sink_kv_groups}
 
     def sink_stats(self) -> dict[str, int]:
-        return {**self._sink_board_values(), "parked_sessions": len(self.sink_parked),
+        return {**self._sink_board_values(), **self.sink_timing,
+                "parked_sessions": len(self.sink_parked),
                 "max_offset": max((r.stream.offset for r in self.sink_requests.values()),
                                   default=0)}
 
@@ -139,6 +150,7 @@ class SinkRunnerMixin:
 
     # ---- per step: before vLLM updates its batch ------------------------------------
     def _update_states(self, scheduler_output):
+        t0 = time.perf_counter_ns()
         finished = self._sink_finish(scheduler_output)
         self._sink_save_preempted(scheduler_output, finished)
         new_reqs = [self._sink_new_request(nr, scheduler_output)
@@ -158,9 +170,19 @@ class SinkRunnerMixin:
         output = dataclasses.replace(
             scheduler_output, scheduled_new_reqs=new_reqs, finished_req_ids=finished,
             scheduled_cached_reqs=dataclasses.replace(cached, num_computed_tokens=counts))
+        t1 = time.perf_counter_ns()
         result = super()._update_states(output)
+        t2 = time.perf_counter_ns()
+        before = self.sink_counters["evictions"], self.sink_counters["rebases"]
         self._sink_after_update(scheduler_output)
         self._sink_publish()
+        host = (t1 - t0) + (time.perf_counter_ns() - t2)
+        self.sink_timing["host_ns"] += host
+        self.sink_timing["steps"] += 1
+        self.sink_trace.append([t0, len(scheduler_output.num_scheduled_tokens),
+                                scheduler_output.total_num_scheduled_tokens,
+                                self.sink_counters["evictions"] - before[0],
+                                self.sink_counters["rebases"] - before[1], host])
         return result
 
     def _sink_finish(self, scheduler_output) -> set[str]:
@@ -298,6 +320,17 @@ class SinkRunnerMixin:
     # ---- positions ----------------------------------------------------------------------
     def _prepare_inputs(self, scheduler_output, num_scheduled_tokens: np.ndarray, *args, **kwargs):
         result = super()._prepare_inputs(scheduler_output, num_scheduled_tokens, *args, **kwargs)
+        t0 = time.perf_counter_ns()
+        try:
+            self._sink_offset_positions(num_scheduled_tokens)
+        finally:
+            host = time.perf_counter_ns() - t0
+            self.sink_timing["host_ns"] += host
+            if self.sink_trace:
+                self.sink_trace[-1][5] += host
+        return result
+
+    def _sink_offset_positions(self, num_scheduled_tokens: np.ndarray) -> None:
         ib = self.input_batch
         num_reqs = ib.num_reqs
         if self.device.type == "cpu":
@@ -322,7 +355,6 @@ class SinkRunnerMixin:
             self.sink_row_offsets.copy_to_gpu(num_reqs)
             rows = self.req_indices.gpu[:total]
             self.positions[:total] += self.sink_row_offsets.gpu[rows]
-        return result
 
     def _sink_remember_rng(self) -> None:
         """Seeded requests in a partial prefill step: vLLM rewinds their generator after

@@ -55,3 +55,11 @@ class SinkWorkerMixin:
     def sink_stats(self) -> dict[str, int]:
         """Counters for tests and tools: ``llm.collective_rpc("sink_stats")``."""
         return self.model_runner.sink_stats()
+
+    def sink_trace(self) -> list[list[int]]:
+        """The runner's per-step records since the last call (then cleared): [start of
+        the step (perf_counter ns), requests and tokens scheduled, evictions, rebases,
+        host ns spent in the plugin's own code]."""
+        trace = list(self.model_runner.sink_trace)
+        self.model_runner.sink_trace.clear()
+        return trace

@@ -25,10 +25,14 @@ def hardware() -> str:
                 break
     except OSError:
         pass
+    import torch
     import vllm
 
+    device = "CPU"
+    if torch.cuda.is_available():
+        device = f"CUDA, {torch.cuda.get_device_name()}"
     return (f"{cpu}, {os.cpu_count()} cores, {psutil.virtual_memory().total / 2**30:.0f} GiB "
-            f"RAM; vLLM {vllm.__version__} (CPU), Python {platform.python_version()}")
+            f"RAM; vLLM {vllm.__version__} ({device}), Python {platform.python_version()}")
 
 
 def make_llm(model: str, sink: dict | None = None, **kw):

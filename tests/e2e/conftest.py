@@ -18,6 +18,8 @@ def make_llm(model: str, sink: dict | None = None, **kw):
 
     kw.setdefault("enforce_eager", True)
     kw.setdefault("kv_cache_memory_bytes", KV_BYTES)
+    if os.environ.get("VLLM_SINK_TEST_BLOCK_SIZE"):   # the CPU layouts, on another device
+        kw.setdefault("block_size", int(os.environ["VLLM_SINK_TEST_BLOCK_SIZE"]))
     kw.setdefault("seed", 0)
     extra = {"sink": sink} if sink is not None else {}
     return LLM(model, additional_config=extra, **kw)

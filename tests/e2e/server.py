@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -27,7 +28,8 @@ class Server:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.model = model
-        vllm = str(Path(sys.executable).with_name("vllm"))
+        vllm = Path(sys.executable).with_name("vllm")   # the venv's, else the PATH's
+        vllm = str(vllm) if vllm.exists() else (shutil.which("vllm") or str(vllm))
         cmd = [vllm, "serve", model, "--host", "127.0.0.1", "--port", str(self.port),
                "--served-model-name", "smol", "--enforce-eager", *args]
         if sink is not None:
