@@ -7,6 +7,10 @@ chat UI). The run is bounded by ``--duration`` seconds and/or ``--tokens`` per s
 closed, which the server handles as client disconnects. Only the URL given is
 contacted (default: loopback).
 
+``--dense-fraction F`` turns that share of the sessions into short plain-dense API
+calls (``"sink": false`` in the body, ``--dense-tokens`` each, back to back), next to
+the endless streams in the same batch; figures are then also reported per kind.
+
 Measures per token (streamed with continuous usage stats, so token counts are exact):
 time to first token, inter-token latency, aggregate tokens/s, errors by kind; samples
 the server's /metrics (``vllm_sink:kv_blocks_reserved``, active requests, KV usage)
@@ -55,7 +59,18 @@ class LoadConfig:
     metrics_interval: float = 1.0
     seed: int = 0
     session_ids: bool = False          # send a stable session_id per chat session
+    dense_fraction: float = 0.0        # share of sessions that are short dense requests
+    dense_tokens: int = 64             # max tokens per dense request
     quiet: bool = False
+
+    @property
+    def dense_sessions(self) -> int:
+        return round(self.dense_fraction * self.sessions)
+
+    def is_dense(self, session: int) -> bool:
+        # Spread the dense sessions evenly over the session indices.
+        n = self.dense_sessions
+        return n > 0 and (session * n) % self.sessions < n
 
     def validate(self) -> None:
         if self.mode not in ("generate", "chat"):
@@ -68,6 +83,10 @@ class LoadConfig:
             raise ValueError("--duration must be > 0")
         if self.tokens is not None and self.tokens < 1:
             raise ValueError("--tokens must be >= 1")
+        if not 0.0 <= self.dense_fraction <= 1.0:
+            raise ValueError("--dense-fraction must be between 0 and 1")
+        if self.dense_tokens < 1:
+            raise ValueError("--dense-tokens must be >= 1")
         parsed = urlparse(self.url)
         if parsed.scheme not in ("http", "https") or not parsed.hostname:
             raise ValueError(f"--url must be an http(s) URL, got {self.url!r}")
@@ -78,6 +97,7 @@ class TurnRecord:
     session: int
     turn: int
     start: float
+    kind: str = "sink"                 # "sink" (endless stream / chat) or "dense"
     ttft: float | None = None
     tokens: int = 0
     prompt_tokens: int = 0
@@ -221,7 +241,8 @@ class LoadTest:
 
     # ---- sessions ----------------------------------------------------------------------
     async def _turn(self, http, session: int, turn: int, path: str, body: dict) -> str | None:
-        rec = TurnRecord(session, turn, time.monotonic())
+        rec = TurnRecord(session, turn, time.monotonic(),
+                         kind="dense" if body.get("sink") is False else "sink")
         self.turns.append(rec)
         remaining = self.deadline - time.monotonic()
         try:
@@ -243,6 +264,20 @@ class LoadTest:
     async def _session(self, http, session: int, model: str) -> None:
         rng = random.Random(self.cfg.seed * 100_003 + session)
         topic = TOPICS[session % len(TOPICS)]
+        if self.cfg.is_dense(session):
+            # Short plain API calls, back to back: vanilla vLLM behaviour in the batch.
+            for turn in range(self.cfg.max_turns):
+                if self._session_done(session):
+                    return
+                left = (self.cfg.tokens - self.session_tokens[session]) if self.cfg.tokens \
+                    else self.cfg.dense_tokens
+                body = {"model": model, "prompt": topic, "sink": False,
+                        "max_tokens": min(left, self.cfg.dense_tokens),
+                        "temperature": 0.8, "top_p": 0.95, "ignore_eos": True,
+                        "seed": self.cfg.seed + 7919 * session + turn}
+                if await self._turn(http, session, turn, "/v1/completions", body) is None:
+                    return
+            return
         if self.cfg.mode == "generate":
             # One endless completion, or (request_tokens) back-to-back long completions.
             for turn in range(self.cfg.max_turns):
@@ -294,7 +329,9 @@ class LoadTest:
                             "vllm:num_requests_waiting", "vllm_sink:capacity",
                             "vllm_sink:block_size", "vllm_sink:tokens_evicted_total",
                             "vllm:num_preemptions_total", "vllm_sink:running_requests",
-                            "vllm_sink:pool_blocks_in_use", "vllm_sink:blocks_parked"):
+                            "vllm_sink:pool_blocks_in_use", "vllm_sink:blocks_parked",
+                            "vllm_sink:blocks_per_request", "vllm_sink:blocks_sink",
+                            "vllm_sink:blocks_dense", "vllm_sink:running_sink"):
                     if key in m:
                         sample[key] = m[key]
             except Exception as e:  # noqa: BLE001
@@ -358,10 +395,17 @@ class LoadTest:
         itl = [g for t in self.turns for g in t.itl]
         errors = Counter(t.error for t in self.turns if t.error)
         tokens = sum(self.session_tokens)
+        streams = self.cfg.sessions - self.cfg.dense_sessions
         full = [s for s in self.samples
-                if s.get("vllm_sink:active_requests") == self.cfg.sessions]
+                if streams and s.get("vllm_sink:active_requests") == streams]
         blocks_full = sorted({int(s["vllm_sink:kv_blocks_reserved"]) for s in full
                               if "vllm_sink:kv_blocks_reserved" in s})
+        # Streams take blocks as they grow, each at most blocks_per_request of them:
+        # every sample must stay within active streams x that bound.
+        bound = [(s["vllm_sink:kv_blocks_reserved"],
+                  s["vllm_sink:active_requests"] * s["vllm_sink:blocks_per_request"])
+                 for s in self.samples if "vllm_sink:blocks_per_request" in s
+                 and "vllm_sink:kv_blocks_reserved" in s and "vllm_sink:active_requests" in s]
         rss = [s["server_rss_bytes"] for s in self.samples if s.get("server_rss_bytes")]
         ms = lambda v: None if v is None else round(v * 1000, 2)  # noqa: E731
         by_turn: dict[int, list[float]] = {}
@@ -384,14 +428,34 @@ class LoadTest:
             "error_examples": {t.error: t.detail for t in self.turns if t.error},
             "kv_blocks_while_all_active": blocks_full,
             "kv_blocks_flat": len(blocks_full) == 1 if blocks_full else None,
+            "kv_blocks_within_bound": all(b <= m for b, m in bound) if bound else None,
             "kv_blocks_after": (self.samples[-1].get("vllm_sink:kv_blocks_reserved")
                                 if self.samples else None),
             "server_rss_mib": ({"first": round(rss[0] / 2**20, 1),
                                 "max": round(max(rss) / 2**20, 1),
                                 "last": round(rss[-1] / 2**20, 1)} if rss else None),
+            "by_kind": self._by_kind(elapsed) if self.cfg.dense_sessions else None,
             "samples": self.samples,
             "turns": [{k: v for k, v in asdict(t).items() if k != "itl"} for t in self.turns],
         }
+
+
+    def _by_kind(self, elapsed: float) -> dict:
+        out = {}
+        for kind in ("sink", "dense"):
+            turns = [t for t in self.turns if t.kind == kind]
+            ttft = [t.ttft for t in turns if t.ttft is not None]
+            itl = [g for t in turns for g in t.itl]
+            tokens = sum(t.tokens for t in turns)
+            out[kind] = {
+                "sessions": sum(self.cfg.is_dense(s) == (kind == "dense")
+                                for s in range(self.cfg.sessions)),
+                "requests": len(turns), "tokens": tokens,
+                "tokens_per_s": round(tokens / elapsed, 2) if elapsed > 0 else 0.0,
+                "ttft_ms_p50": None if not ttft else round(_pct(ttft, 50) * 1000, 2),
+                "itl_ms_p50": None if not itl else round(_pct(itl, 50) * 1000, 2),
+                "errors": sum(1 for t in turns if t.error)}
+        return out
 
 
 def _turn_line(s: dict) -> str:
@@ -411,8 +475,13 @@ def format_table(s: dict) -> str:
         ("ITL p50/p90/p99 (ms)", "/".join(str(v) for v in s["itl_ms"].values())),
         ("errors", s["error_count"] if not s["errors"] else
          f"{s['error_count']} " + json.dumps(s["errors"])),
+        *[(f"{kind} sessions: tokens/s, TTFT/ITL p50 ms",
+           f"{v['sessions']} sessions, {v['requests']} requests: {v['tokens_per_s']} tok/s, "
+           f"{v['ttft_ms_p50']}/{v['itl_ms_p50']}, {v['errors']} errors")
+          for kind, v in (s.get("by_kind") or {}).items()],
         ("KV blocks while all active", s["kv_blocks_while_all_active"] or "-"),
-        ("KV blocks flat", s["kv_blocks_flat"]),
+        ("KV blocks flat / within streams x max", f"{s['kv_blocks_flat']} / "
+                                                   f"{s['kv_blocks_within_bound']}"),
         ("KV blocks after run", s["kv_blocks_after"]),
         ("server RSS MiB first/max/last", "-" if not s["server_rss_mib"] else
          "/".join(str(v) for v in s["server_rss_mib"].values())),
@@ -441,6 +510,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--metrics-interval", type=float, default=d.metrics_interval)
     p.add_argument("--session-ids", action="store_true",
                    help="send a stable session_id per chat session")
+    p.add_argument("--dense-fraction", type=float, default=d.dense_fraction,
+                   help="share of sessions that are short plain-dense requests "
+                        "(\"sink\": false), e.g. 0.9")
+    p.add_argument("--dense-tokens", type=int, default=d.dense_tokens,
+                   help="max tokens per dense request")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None, help="write the full results here")
     p.add_argument("--quiet", action="store_true", help="no live progress line")
@@ -454,7 +528,9 @@ def run_from_args(args: argparse.Namespace) -> int:
                      request_tokens=args.request_tokens,
                      max_turns=args.max_turns, model=args.model, api_key=args.api_key,
                      timeout=args.timeout, metrics_interval=args.metrics_interval,
-                     seed=args.seed, session_ids=args.session_ids, quiet=args.quiet)
+                     seed=args.seed, session_ids=args.session_ids,
+                     dense_fraction=args.dense_fraction, dense_tokens=args.dense_tokens,
+                     quiet=args.quiet)
     try:
         summary = asyncio.run(LoadTest(cfg).run())
     except ValueError as e:

@@ -30,6 +30,8 @@ FIELDS = (
     "capacity",
     "block_size",
     "position_limit",
+    "prefill_chunk_tokens",
+    "blocks_per_request",   # the most blocks one stream of the default layout holds
 )
 
 # Written by the scheduler (EngineCore) after every schedule(): its pool and sessions.

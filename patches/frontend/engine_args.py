@@ -26,6 +26,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from vllm_sink import backends
 from vllm_sink.config import RESOLVED, SinkConfig, SinkConfigError, SinkLayout
 from vllm_sink.patches._patching import Patch
 
@@ -40,10 +41,8 @@ WORKER_CLS = {"cpu": "vllm_sink.patches.worker.cpu_worker.SinkCPUWorker",
               "cuda": "vllm_sink.patches.worker.gpu_worker.SinkGPUWorker"}
 SCHEDULER_CLS = "vllm_sink.patches.engine_core.scheduler.SinkScheduler"
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
-# Attention backends a user may pick (--attention-backend); patches/worker/sink_keys.py
-# checks the one vLLM actually selected per layer.
-SUPPORTED_ATTENTION = {"cpu": ("CPU_ATTN",),
-                       "cuda": ("FLASH_ATTN", "FLASHINFER", "TRITON_ATTN")}
+# Attention backends a user may pick (--attention-backend): vllm_sink.backends;
+# patches/worker/sink_keys.py checks the one vLLM actually selected per layer.
 V2_RUNNER_ENV = "VLLM_USE_V2_MODEL_RUNNER"
 
 
@@ -134,11 +133,12 @@ def _check_attention_backend(args, platform: str) -> None:
     if chosen is None or str(chosen).lower() == "auto":
         return
     name = getattr(chosen, "name", str(chosen)).upper()
-    if name not in SUPPORTED_ATTENTION[platform]:
-        raise _refuse(f"--attention-backend {name}",
-                      f"sink mode is verified on {', '.join(SUPPORTED_ATTENTION[platform])} "
-                      f"on {platform}: it re-rotates cached keys in place and must know "
-                      "each backend's cache and block-table handling. Pick one of those.")
+    why = backends.refusal(name, platform)
+    if why is not None:
+        raise _refuse(f"--attention-backend {name}", why)
+    if name not in backends.VERIFIED[platform]:
+        logger.warning("vllm_sink: running on the unverified %s attention backend (%s)",
+                       name, backends.ENV)
 
 
 def _use_v1_runner() -> tuple[str | None, str]:

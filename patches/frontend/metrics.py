@@ -19,6 +19,8 @@ _GAUGES = {
     "capacity": "Effective KV capacity per request in tokens (sink + window)",
     "block_size": "KV block size in tokens",
     "position_limit": "Largest position + 1 fed to the model",
+    "prefill_chunk_tokens": "Most prompt tokens a full stream reads per step",
+    "blocks_per_request": "Most KV blocks one stream of the engine's layout holds",
 }
 _SESSION_GAUGES = {
     "running_requests": "Requests the scheduler is running (streams and dense)",

@@ -18,11 +18,10 @@ from dataclasses import dataclass
 
 import torch
 
+from vllm_sink import backends
 from vllm_sink.key_cache import BlockStack, KeyCache, to_device
 from vllm_sink.patches.worker.kv_keys import probe_key_layout
 
-# Attention backends whose KV writes, block tables and kernels sink mode was verified on.
-VERIFIED_BACKENDS = ("CPU_ATTN", "FLASH_ATTN", "FLASHINFER", "TRITON_ATTN")
 
 
 @dataclass(frozen=True)
@@ -59,10 +58,11 @@ class SinkKeys:
             by_table: dict[tuple[int, bool], tuple[torch.Tensor, list[str]]] = {}
             for name in group.layer_names:
                 backend = forward_context[name].attn_backend.get_name()
-                if backend not in VERIFIED_BACKENDS:
+                why = backends.refusal(backend)
+                if why is not None:
                     raise SinkConfigError(
-                        f"Layer {name} runs on the {backend} attention backend; sink mode "
-                        f"is verified on {', '.join(VERIFIED_BACKENDS)}. Choose one with "
+                        f"Layer {name} runs on the {backend} attention backend (vLLM's "
+                        f"choice or --attention-backend): {why} Choose the backend with "
                         "--attention-backend.")
                 table, neox = rotaries[name]
                 by_table.setdefault((id(table), neox), (table, []))[1].append(name)

@@ -44,7 +44,9 @@ class SinkWorkerMixin:
             runner.sink_board.write({
                 "sink_tokens": layout.sink_tokens, "window_tokens": layout.window_tokens,
                 "capacity": layout.capacity, "block_size": layout.block_size,
-                "position_limit": layout.position_limit})
+                "position_limit": layout.position_limit,
+                "prefill_chunk_tokens": layout.chunk_tokens,
+                "blocks_per_request": layout.blocks_per_request})
 
     def shutdown(self) -> None:
         board = getattr(getattr(self, "model_runner", None), "sink_board", None)

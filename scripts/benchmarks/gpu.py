@@ -152,15 +152,29 @@ def fixup_steps(llm, rng, batch, window=None, decode=160):
     prompts = [{"prompt_token_ids": tokens(rng, window - 48)} for _ in range(batch)]
     llm.generate(prompts, params(decode, window), use_tqdm=False)
     trace = steps_of(llm.collective_rpc("sink_trace")[0])
-    dec = [t for t in trace if t["tokens"] == t["reqs"] == batch]   # full decode batches
+    # Decode steps of the fullest batch seen (all requests at once, if the pool holds
+    # them: the worker's trace says how many were scheduled).
+    decoding = [t for t in trace if t["tokens"] == t["reqs"]]
+    held = max((t["reqs"] for t in decoding), default=0)
+    dec = [t for t in decoding if t["reqs"] == held]
+    if not dec:
+        return {"batch": batch, "held": 0, "error": "no decode step recorded"}
     ordinary = [t["ms"] for t in dec if not t["evictions"]]
     evicting = [t["ms"] for t in dec if t["evictions"]]
     step_ms = statistics.median([t["ms"] for t in dec])
     host_ms = statistics.mean([t["host_ms"] for t in dec])
-    return {"batch": batch, "ordinary_steps": len(ordinary), "evicting_steps": len(evicting),
+    return {"batch": batch, "held": held,
+            "ordinary_steps": len(ordinary), "evicting_steps": len(evicting),
             "ordinary_ms": statistics.median(ordinary) if ordinary else None,
             "evicting_ms": statistics.median(evicting) if evicting else None,
             "step_ms": step_ms, "host_ms_per_step": host_ms, "host_share": host_ms / step_ms}
+
+
+def checkpoint(args, res: dict) -> None:
+    """Write what was measured so far (a later failure keeps the earlier figures)."""
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    res["graphs"] = args.graphs
+    (Path(args.out) / f"gpu_{args.phase}.json").write_text(json.dumps(res, indent=1))
 
 
 def vanilla(args) -> dict:
@@ -173,6 +187,7 @@ def vanilla(args) -> dict:
         row = run_single(llm, tokens(rng, n), 256)
         res["cost"].append(row)
         print("vanilla", row, flush=True)
+        checkpoint(args, res)
     try:
         llm.generate([{"prompt_token_ids": tokens(rng, args.past_context)}], params(1),
                      use_tqdm=False)
@@ -185,6 +200,7 @@ def vanilla(args) -> dict:
     for s in args.sessions:
         res["throughput"].append(throughput(llm, rng, s))
         print("vanilla", res["throughput"][-1], flush=True)
+        checkpoint(args, res)
     for w in args.windows:            # sliding window with re-computation: a W-token
         lat = []                      # prefill for every generated token
         for _ in range(5):
@@ -207,13 +223,16 @@ def plugin(args) -> dict:
         row = run_single(llm, tokens(rng, n), 256, WINDOW, sink=True)
         res["cost"].append(row)
         print("plugin", row, flush=True)
+        checkpoint(args, res)
     throughput(llm, rng, 16, decode=32, window=WINDOW)                    # warm-up
     for s in args.sessions:
         res["throughput"].append(throughput(llm, rng, s, window=WINDOW))
         print("plugin", res["throughput"][-1], flush=True)
+        checkpoint(args, res)
     for b in args.batches:
         res["fixup"].append(fixup_steps(llm, rng, b))
         print("plugin fixup", res["fixup"][-1], flush=True)
+        checkpoint(args, res)
     for w in args.windows:
         row = run_single(llm, tokens(rng, 2 * w + 500), 128, w)
         res["streaming"].append({"window": w, "ms_per_token": row["decode_ms"]})
@@ -243,11 +262,14 @@ def report(args) -> int:
     print(table(thr, list(thr[0])))
     rec = [{"window": v["window"], "recompute_ms": v["ms_per_token"],
             "streaming_ms": p["ms_per_token"], "speedup": v["ms_per_token"] / p["ms_per_token"]}
-           for v, p in zip(van["recompute"], plg["streaming"])]
-    print("\nper-token latency: sliding window with re-computation vs StreamingLLM")
-    print(table(rec, list(rec[0])))
-    print("\neviction fix-up and per-step host bookkeeping (decode steps)")
-    print(table(plg["fixup"], list(plg["fixup"][0])))
+           for v, p in zip(van.get("recompute", []), plg.get("streaming", []))]
+    if rec:
+        print("\nper-token latency: sliding window with re-computation vs StreamingLLM")
+        print(table(rec, list(rec[0])))
+    fix = plg.get("fixup", [])
+    if fix:
+        print("\neviction fix-up and per-step host bookkeeping (decode steps)")
+        print(table(fix, list(dict.fromkeys(k for r in fix for k in r))))
     payload = {"benchmark": "gpu", "date": time.strftime("%Y-%m-%d %H:%M:%S"),
                "hardware": hardware(),
                "shape": "Llama-3.1-8B (dummy weights), bf16", "graphs": args.graphs,
@@ -273,7 +295,8 @@ def main() -> int:
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 64, 256])
     ap.add_argument("--windows", type=int, nargs="+", default=[1024, 2048, 4096])
     ap.add_argument("--model", default=str(SHAPE))
-    ap.add_argument("--pool-gib", type=float, default=48.0, help="KV pool, both sides")
+    ap.add_argument("--pool-gib", type=float, default=80.0,
+                    help="KV pool, both sides (80 GiB: 256 full 2048-window streams fit)")
     ap.add_argument("--window", type=int, default=2048,
                     help="window of the cost, throughput and fix-up streams")
     global ARGS, VOCAB, WINDOW
@@ -283,10 +306,7 @@ def main() -> int:
                 120000)
     if args.phase == "report":
         return report(args)
-    res = (vanilla if args.phase == "vanilla" else plugin)(args)
-    res["graphs"] = args.graphs
-    Path(args.out).mkdir(parents=True, exist_ok=True)
-    (Path(args.out) / f"gpu_{args.phase}.json").write_text(json.dumps(res, indent=1))
+    checkpoint(args, (vanilla if args.phase == "vanilla" else plugin)(args))
     return 0
 
 

@@ -1,0 +1,33 @@
+"""vllm_sink.backends: verified backends run, unverified ones only when named, others
+never; every refusal names what to use instead."""
+
+import pytest
+
+from vllm_sink import backends
+
+pytestmark = pytest.mark.cpu
+
+
+def test_verified_backends_run(monkeypatch):
+    monkeypatch.delenv(backends.ENV, raising=False)
+    for platform, names in backends.VERIFIED.items():
+        for name in names:
+            assert backends.refusal(name, platform) is None
+            assert backends.refusal(name.lower()) is None        # any platform, any case
+
+
+def test_unverified_backend_refused_unless_named(monkeypatch):
+    monkeypatch.delenv(backends.ENV, raising=False)
+    why = backends.refusal("FLASHINFER", "cuda")
+    assert why is not None and "not verified" in why and backends.ENV in why
+    assert "FLASH_ATTN" in why and "TRITON_ATTN" in why
+    monkeypatch.setenv(backends.ENV, "triton_attn, flashinfer")
+    assert backends.refusal("FLASHINFER", "cuda") is None
+    assert "FLASHINFER" in backends.allowed("cuda")
+    assert backends.refusal("FLASHINFER", "cpu") is not None     # not a CPU backend
+
+
+def test_unknown_backend_refused_even_when_named(monkeypatch):
+    monkeypatch.setenv(backends.ENV, "FLEX_ATTENTION")
+    why = backends.refusal("FLEX_ATTENTION", "cuda")
+    assert why is not None and "verified on FLASH_ATTN, TRITON_ATTN" in why
