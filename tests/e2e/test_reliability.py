@@ -179,7 +179,7 @@ def test_soak_command_short(servers, tmp_path):
 
 @pytest.fixture(scope="module")
 def tiny_pool_server(small_model):
-    # 22 blocks: the null block + room for 3 sink requests of 7 blocks.
+    # 22 blocks: the null block + room for 3 streams at their full 7 blocks.
     srv = Server(small_model, SINK, "--kv-cache-memory-bytes", str(22 * BLOCK_BYTES))
     try:
         srv.wait_ready()
@@ -188,9 +188,14 @@ def tiny_pool_server(small_model):
         srv.stop()
 
 
-def test_admission_waits_when_pool_full(tiny_pool_server):
+def test_pool_too_small_for_all_streams(tiny_pool_server):
+    """Six 400-token streams in a pool that holds three at full size: blocks are taken
+    on demand, so more than three run at once; when the pool runs dry vLLM preempts
+    streams, whose cached KV the workers save and restore (nothing recomputed). Every
+    request completes in full and the pool is whole afterwards."""
     srv = tiny_pool_server
-    results, peak = {}, {"active": 0, "waiting": 0}
+    before = srv.metrics()
+    results, peak = {}, {"running": 0, "held": 0}
 
     def run(i):
         r = requests.post(srv.url + "/v1/completions", timeout=600, json={
@@ -202,13 +207,18 @@ def test_admission_waits_when_pool_full(tiny_pool_server):
         t.start()
     while any(t.is_alive() for t in threads):
         m = srv.metrics()
-        peak["active"] = max(peak["active"], m.get("vllm_sink:active_requests", 0))
-        peak["waiting"] = max(peak["waiting"], m.get("vllm:num_requests_waiting", 0))
+        peak["running"] = max(peak["running"], m.get("vllm:num_requests_running", 0))
+        peak["held"] = max(peak["held"], m.get("vllm_sink:blocks_sink", 0))
         time.sleep(0.3)
     assert results == {i: (200, 400) for i in range(6)}
-    assert peak["active"] == 3 and peak["waiting"] >= 1
+    assert peak["running"] >= 4 and peak["held"] <= 21
     m = _idle(srv)
-    assert m.get("vllm:num_preemptions_total", 0) == 0
+    delta = {k: m.get(k, 0) - before.get(k, 0) for k in (
+        "vllm_sink:preempted_sink_total", "vllm_sink:kv_saves_total",
+        "vllm_sink:kv_restores_total")}
+    assert delta["vllm_sink:preempted_sink_total"] >= 1, delta
+    assert delta["vllm_sink:kv_saves_total"] == delta["vllm_sink:kv_restores_total"] \
+        == delta["vllm_sink:preempted_sink_total"], delta
 
 
 def test_shutdown_with_active_sessions(tiny_pool_server):
