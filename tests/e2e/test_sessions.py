@@ -80,7 +80,7 @@ def _session_stats(server) -> dict[str, float]:
 
 @pytest.fixture(scope="module")
 def server(default_model_dir):
-    # Pool: null block + 6 request sets of 4 blocks. Up to 3 parked sessions, 5 s idle.
+    # Pool: null block + 6 full streams of 4 blocks. Up to 3 parked sessions, 5 s idle.
     sink = {**SINK, "max_parked_sessions": 3, "session_idle_timeout": 5}
     srv = Server(default_model_dir, sink, "--api-key", "key-a", "key-b",
                  "--kv-cache-memory-bytes", str(25 * BLOCK_BYTES))
@@ -138,10 +138,15 @@ def test_other_api_key_cannot_resume(server):
 
 def test_parking_is_bounded_and_running_requests_win(server):
     before = _session_stats(server)
-    for i in range(4):                                  # cap is 3 parked sessions
-        _chat(server, "key-a", f"cap-{i}", [{"role": "user", "content": f"Hello {i}"}], 8)
+    usage = [_chat(server, "key-a", f"cap-{i}", [{"role": "user", "content": f"Hello {i}"}],
+                   8)["usage"] for i in range(4)]       # cap is 3 parked sessions
     s = _session_stats(server)
-    assert s["parked_sessions"] == 3 and s["blocks_parked"] == 12
+    # Blocks on demand: a parked session holds the blocks its cached tokens (prompt +
+    # reply, the last sampled token maybe not yet computed) filled, not its whole set.
+    tokens = [u["prompt_tokens"] + u["completion_tokens"] for u in usage[1:]]
+    low = sum(-(-(n - 1) // 32) for n in tokens)
+    high = sum(-(-n // 32) for n in tokens)
+    assert s["parked_sessions"] == 3 and low <= s["blocks_parked"] <= high, (s, tokens)
     assert s["parked_evictions_total"] > before["parked_evictions_total"]
     # Six plain requests need 24 blocks; the pool has 24: parked sessions must go.
     import threading
