@@ -7,8 +7,6 @@ import pytest
 
 pytestmark = pytest.mark.cpu
 
-pytest.importorskip("vllm")
-
 import vllm_sink.patches as patches  # noqa: E402
 from vllm_sink.patches import _patching  # noqa: E402
 from vllm_sink.patches._patching import Patch, PatchError  # noqa: E402

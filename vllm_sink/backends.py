@@ -29,12 +29,15 @@ def opted_in() -> set[str]:
     return {n.strip().upper() for n in os.environ.get(ENV, "").split(",") if n.strip()}
 
 
+def _platforms(platform: str | None) -> list[str]:
+    return [platform] if platform else list(VERIFIED)
+
+
 def allowed(platform: str | None = None) -> tuple[str, ...]:
     """Backends sink mode runs on (``platform`` None: on any platform)."""
-    platforms = [platform] if platform else list(VERIFIED)
-    names = [n for p in platforms for n in VERIFIED[p]]
-    names += [n for p in platforms for n in UNVERIFIED[p] if n in opted_in()]
-    return tuple(names)
+    chosen = opted_in()
+    return tuple(n for p in _platforms(platform)
+                 for n in VERIFIED[p] + tuple(u for u in UNVERIFIED[p] if u in chosen))
 
 
 def refusal(name: str, platform: str | None = None) -> str | None:
@@ -43,8 +46,8 @@ def refusal(name: str, platform: str | None = None) -> str | None:
     if name in allowed(platform):
         return None
     where = f" on {platform}" if platform else ""
-    verified = ", ".join(n for p in ([platform] if platform else VERIFIED) for n in VERIFIED[p])
-    if any(name in UNVERIFIED[p] for p in ([platform] if platform else UNVERIFIED)):
+    verified = ", ".join(n for p in _platforms(platform) for n in VERIFIED[p])
+    if any(name in UNVERIFIED[p] for p in _platforms(platform)):
         return (f"the {name} attention backend is not verified with sink mode yet (its "
                 f"oracle test, tests/e2e/test_cuda.py, has not passed on a GPU). Use "
                 f"{verified}{where}, or set {ENV}={name} to run it unverified.")

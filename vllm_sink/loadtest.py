@@ -447,9 +447,9 @@ class LoadTest:
             ttft = [t.ttft for t in turns if t.ttft is not None]
             itl = [g for t in turns for g in t.itl]
             tokens = sum(t.tokens for t in turns)
+            dense = self.cfg.dense_sessions
             out[kind] = {
-                "sessions": sum(self.cfg.is_dense(s) == (kind == "dense")
-                                for s in range(self.cfg.sessions)),
+                "sessions": dense if kind == "dense" else self.cfg.sessions - dense,
                 "requests": len(turns), "tokens": tokens,
                 "tokens_per_s": round(tokens / elapsed, 2) if elapsed > 0 else 0.0,
                 "ttft_ms_p50": None if not ttft else round(_pct(ttft, 50) * 1000, 2),

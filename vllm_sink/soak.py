@@ -59,8 +59,9 @@ def analyse(summary: dict, warmup: float, max_growth: float) -> dict:
     if per_request is None:
         failures.append("no vllm_sink metrics (is sink mode on?)")
     if drift:
-        failures.append(f"{len(drift)} samples where pool blocks != what running requests "
-                        f"and parked sessions hold, or a stream held > {per_request}")
+        failures.append(f"{len(drift)} samples where the pool had more blocks in use than "
+                        "running requests and parked sessions hold, or streams held more "
+                        f"than {per_request} each")
     if final_blocks:
         failures.append(f"{final_blocks} blocks still reserved after the run")
     if summary["error_count"]:

@@ -74,9 +74,6 @@ class SinkRunnerMixin:
                               "sink_rewrites": 0, "requests": 0, "kv_saves": 0,
                               "kv_restores": 0, "tokens_restored": 0}
         self.sink_board = None  # StatsBoard on rank 0, read by the frontend's /metrics
-        # Host time spent in the plugin's own per-step code (outside vLLM's), and steps:
-        # the bookkeeping overhead the benchmarks report (sink_stats, not /metrics).
-        self.sink_timing = {"host_ns": 0, "steps": 0}
         # Per step (bounded): [start ns, requests scheduled, tokens scheduled, evictions,
         # rebases, plugin host ns], read and cleared by the benchmarks through the
         # worker's sink_trace(): step periods of evicting vs ordinary steps, and the
@@ -90,8 +87,7 @@ class SinkRunnerMixin:
                 "kv_blocks_reserved": blocks * self.sink_kv_groups}
 
     def sink_stats(self) -> dict[str, int]:
-        return {**self._sink_board_values(), **self.sink_timing,
-                "parked_sessions": len(self.sink_parked),
+        return {**self._sink_board_values(), "parked_sessions": len(self.sink_parked),
                 "max_offset": max((r.stream.offset for r in self.sink_requests.values()),
                                   default=0)}
 
@@ -176,13 +172,11 @@ class SinkRunnerMixin:
         before = self.sink_counters["evictions"], self.sink_counters["rebases"]
         self._sink_after_update(scheduler_output)
         self._sink_publish()
-        host = (t1 - t0) + (time.perf_counter_ns() - t2)
-        self.sink_timing["host_ns"] += host
-        self.sink_timing["steps"] += 1
         self.sink_trace.append([t0, len(scheduler_output.num_scheduled_tokens),
                                 scheduler_output.total_num_scheduled_tokens,
                                 self.sink_counters["evictions"] - before[0],
-                                self.sink_counters["rebases"] - before[1], host])
+                                self.sink_counters["rebases"] - before[1],
+                                (t1 - t0) + (time.perf_counter_ns() - t2)])
         return result
 
     def _sink_finish(self, scheduler_output) -> set[str]:
@@ -321,13 +315,9 @@ class SinkRunnerMixin:
     def _prepare_inputs(self, scheduler_output, num_scheduled_tokens: np.ndarray, *args, **kwargs):
         result = super()._prepare_inputs(scheduler_output, num_scheduled_tokens, *args, **kwargs)
         t0 = time.perf_counter_ns()
-        try:
-            self._sink_offset_positions(num_scheduled_tokens)
-        finally:
-            host = time.perf_counter_ns() - t0
-            self.sink_timing["host_ns"] += host
-            if self.sink_trace:
-                self.sink_trace[-1][5] += host
+        self._sink_offset_positions(num_scheduled_tokens)
+        if self.sink_trace:  # this step's record (_update_states ran first)
+            self.sink_trace[-1][5] += time.perf_counter_ns() - t0
         return result
 
     def _sink_offset_positions(self, num_scheduled_tokens: np.ndarray) -> None:

@@ -80,6 +80,7 @@ def main() -> int:
         "token-by-token reference": {"sink_tokens": 4, "window_tokens": W,
                                      "prefill_chunk_tokens": 1},
     }
+    long = (kjv * (args.throughput_tokens // len(kjv) + 1))[:args.throughput_tokens]
     results: dict[str, dict] = {}
     rate = None
     for name, sink in configs.items():
@@ -91,14 +92,12 @@ def main() -> int:
             lps = prompt_logprobs(llm, tokens[:n])
             took = time.monotonic() - t0
             if name == "sink + window":
-                long = (kjv * (args.throughput_tokens // len(kjv) + 1))[:args.throughput_tokens]
                 rate = prefill_rate(llm, long)
         finally:
             shutdown(llm)
         results[name] = {"sink": layout, "lps": lps, "seconds": took}
         print(f"{name}: {n} prompt tokens scored in {took:.0f} s", flush=True)
 
-    long = (kjv * (args.throughput_tokens // len(kjv) + 1))[:args.throughput_tokens]
     rate_w = None
     if not args.no_chunk_compare:
         llm = make_llm(model, {"sink_tokens": 4, "window_tokens": W, "prefill_chunk_tokens": W})

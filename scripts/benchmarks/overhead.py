@@ -66,12 +66,13 @@ def main() -> int:
                     help="mixed workload: this share of requests is dense, the rest streams")
     ap.add_argument("--stream-tokens", type=int, default=1024,
                     help="mixed workload: tokens each stream generates")
-    ap.add_argument("--window", type=int, default=2048,
-                    help="the streams' window (mixed workload default: 256, so they evict)")
+    ap.add_argument("--window", type=int, default=None,
+                    help="the streams' window (default 2048; mixed workload: 256, so "
+                         "they evict)")
     args = ap.parse_args()
     mixed = args.dense_fraction > 0
-    if mixed and args.window == 2048:
-        args.window = 256
+    if args.window is None:
+        args.window = 256 if mixed else 2048
 
     from vllm_sink import default_model
     from vllm_sink.kjv import kjv_tokens

@@ -6,8 +6,6 @@ import pytest
 
 pytestmark = pytest.mark.e2e
 
-pytest.importorskip("vllm")
-
 from vllm.engine.arg_utils import EngineArgs  # noqa: E402
 
 from vllm_sink import SinkConfigError, model_variant  # noqa: E402

@@ -11,8 +11,6 @@ import torch
 
 pytestmark = pytest.mark.cpu
 
-vllm = pytest.importorskip("vllm")
-
 from vllm.sampling_params import SamplingParams  # noqa: E402
 from vllm.v1.core.kv_cache_manager import KVCacheManager  # noqa: E402
 from vllm.v1.core.kv_cache_utils import get_request_block_hasher, init_none_hash  # noqa: E402
