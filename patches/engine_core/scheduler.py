@@ -1,9 +1,14 @@
-"""EngineCore: the scheduler class sink mode selects through ``scheduler_cls``.
+"""EngineCore: the scheduler classes sink mode selects through ``scheduler_cls``.
 
-A plain vLLM ``Scheduler`` whose constructor first registers the sink KV policy (so
-the KV-cache manager it builds uses ``SinkRingManager``) and afterwards checks that
-every KV-cache group really is a sink group: the plugin never runs half-applied.
-Scheduling is vLLM's; these overrides, each delegating, add what streams need:
+``SinkSchedulerMixin`` over vLLM's own scheduler, the one vLLM itself would pick:
+``SinkScheduler`` (over ``Scheduler``) without async scheduling, ``SinkAsyncScheduler``
+(over ``AsyncScheduler``) with it (vLLM's CUDA default: the next step is scheduled
+while the current one runs; the frontend picks the class once vLLM has settled
+``async_scheduling``, ``frontend/engine_args.py``). The constructor first registers the sink KV
+policy (so the KV-cache manager it builds uses ``SinkRingManager``) and afterwards
+checks that every KV-cache group really is a sink group: the plugin never runs
+half-applied. Scheduling is vLLM's; these overrides, each delegating, add what streams
+need:
 
 ``add_request``          which layout the request has (``vllm_sink.requests``; dense
                          requests get none), strips client-supplied private arguments;
@@ -20,6 +25,13 @@ Scheduling is vLLM's; these overrides, each delegating, add what streams need:
 ``_free_request_blocks`` / ``_free_blocks`` / ``schedule`` / ``get_computed_blocks``
                          persistent sessions (``SessionStore``): park instead of free,
                          bounds on parked sessions, a resume is a prefix hit
+
+Async scheduling needs nothing more here: every count above is the scheduler's own
+(advanced when a step is scheduled, as vLLM does), the workers run steps in order, and
+a preempted stream's in-flight output arrives as vLLM's "stale" output, appended to
+the request without touching its (kept) computed count. A session parks what the
+scheduler counted as computed: with async scheduling that may include the step that
+fed the final token, which then ran on the workers before the park reaches them.
 """
 
 from __future__ import annotations
@@ -27,6 +39,7 @@ from __future__ import annotations
 import logging
 from collections import Counter
 
+from vllm.v1.core.sched.async_scheduler import AsyncScheduler
 from vllm.v1.core.sched.scheduler import Scheduler
 
 from vllm_sink.config import SinkConfigError
@@ -41,11 +54,11 @@ from vllm_sink.stats_board import SESSION_FIELDS, StatsBoard, board_path
 logger = logging.getLogger("vllm.vllm_sink")
 
 
-class SinkScheduler(Scheduler):
+class SinkSchedulerMixin:
     def __init__(self, vllm_config, kv_cache_config, *args, **kwargs) -> None:
         self.sink = engine_sink(vllm_config)
         if self.sink is None:
-            raise RuntimeError("SinkScheduler needs additional_config['sink']")
+            raise RuntimeError(f"{type(self).__name__} needs additional_config['sink']")
         register_kv_policy(vllm_config)
         super().__init__(vllm_config, kv_cache_config, *args, **kwargs)
         groups = kv_cache_config.kv_cache_groups
@@ -186,3 +199,12 @@ class SinkScheduler(Scheduler):
     def shutdown(self) -> None:
         self.sink_board.unlink()
         super().shutdown()
+
+
+class SinkScheduler(SinkSchedulerMixin, Scheduler):
+    """Sink mode without async scheduling (vLLM's ``Scheduler``)."""
+
+
+class SinkAsyncScheduler(SinkSchedulerMixin, AsyncScheduler):
+    """Sink mode with async scheduling (vLLM's ``AsyncScheduler``)."""
+

@@ -7,14 +7,16 @@ adjust engine arguments, so this is the one monkeypatch: wrap and delegate. With
 
 With one, before delegating, it refuses explicit settings it cannot honour and sets:
 chunked prefill on (prompts longer than the capacity stream through), CPU block size
-32 unless given (CUDA keeps
-vLLM's default), async scheduling off, vLLM's V1 model runner
+32 unless given (CUDA keeps vLLM's default), vLLM's V1 model runner
 (``VLLM_USE_V2_MODEL_RUNNER=0``, for every process it starts), and vLLM's sanctioned
-class options ``worker_cls`` / ``scheduler_cls`` to the plugin's worker (CPU or CUDA)
-and scheduler. Compilation and CUDA graphs stay as vLLM sets them. After delegating it
-resolves the layout against the model (position limit = the context length vLLM
-derived), sets vLLM's long-prefill threshold to the prefill chunk (so concurrent long
-prompts share the step budget), lifts ``max_model_len`` (the per-request stream cap;
+class option ``worker_cls`` to the plugin's worker (CPU or CUDA). Compilation, CUDA
+graphs and async scheduling stay as vLLM sets them (async scheduling is on by default on
+CUDA; vLLM's CPU platform turns it off). After delegating it sets ``scheduler_cls`` to
+the sink scheduler over the class vLLM would have chosen (``AsyncScheduler`` when async
+scheduling is on, else ``Scheduler``: vLLM settles that only while building the
+config), resolves the layout against the model (position limit = the context length
+vLLM derived), sets vLLM's long-prefill threshold to the prefill chunk (so concurrent
+long prompts share the step budget), lifts ``max_model_len`` (the per-request stream cap;
 dense requests keep the model's context, ``request_sink``) and writes the resolved
 section back so every process sees the same numbers. Prefix caching stays as vLLM sets
 it: it serves the dense requests (stream blocks are never hashed). Every change is
@@ -39,7 +41,9 @@ CPU_BLOCK_SIZE = 32  # smallest block the CPU attention backend accepts
 
 WORKER_CLS = {"cpu": "vllm_sink.patches.worker.cpu_worker.SinkCPUWorker",
               "cuda": "vllm_sink.patches.worker.gpu_worker.SinkGPUWorker"}
-SCHEDULER_CLS = "vllm_sink.patches.engine_core.scheduler.SinkScheduler"
+# The sink scheduler over vLLM's Scheduler / AsyncScheduler, by async_scheduling.
+SCHEDULER_CLS = {False: "vllm_sink.patches.engine_core.scheduler.SinkScheduler",
+                 True: "vllm_sink.patches.engine_core.scheduler.SinkAsyncScheduler"}
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 # Attention backends a user may pick (--attention-backend): vllm_sink.backends;
 # patches/worker/sink_keys.py checks the one vLLM actually selected per layer.
@@ -99,13 +103,10 @@ def _check_explicit_args(args) -> None:
                       "recycles in place. Remove it.")
     if args.enable_prompt_embeds:
         raise _refuse("--enable-prompt-embeds", "not supported with sink mode yet.")
-    if args.async_scheduling:
-        raise _refuse("--async-scheduling", "the worker edits its batch rows between "
-                      "steps. Remove it.")
     if args.worker_cls not in (None, "auto", *WORKER_CLS.values()):
         raise _refuse(f"--worker-cls {args.worker_cls}", "sink mode runs its own worker "
                       "class; use --worker-extension-cls to add methods instead.")
-    if args.scheduler_cls not in (None, SCHEDULER_CLS):
+    if args.scheduler_cls not in (None, *SCHEDULER_CLS.values()):
         raise _refuse(f"--scheduler-cls {args.scheduler_cls}",
                       "sink mode runs its own scheduler class.")
 
@@ -233,12 +234,10 @@ def _create_sink_engine_config(original, args, section, call_args, call_kwargs):
 
     stream_cap = args.max_model_len  # sink mode: caps the total length of one stream
     set_arg("enable_chunked_prefill", True)
-    set_arg("async_scheduling", False)
     if args.block_size is None and platform == "cpu":
         set_arg("block_size", CPU_BLOCK_SIZE)
     set_arg("max_model_len", None)  # let vLLM derive the model's context length
     set_arg("worker_cls", WORKER_CLS[platform])
-    set_arg("scheduler_cls", SCHEDULER_CLS)
     old_env, new_env = _use_v1_runner()
     if old_env != new_env:
         changed.append((V2_RUNNER_ENV, old_env, new_env))
@@ -247,6 +246,14 @@ def _create_sink_engine_config(original, args, section, call_args, call_kwargs):
     _check_model(vllm_config)
 
     mc, sc = vllm_config.model_config, vllm_config.scheduler_config
+    # vLLM has now settled async scheduling (on by default on CUDA, off on CPU): run
+    # the sink scheduler over the class vLLM itself would have picked.
+    scheduler_cls = SCHEDULER_CLS[bool(sc.async_scheduling)]
+    changed.append(("scheduler_cls", sc.scheduler_cls, scheduler_cls))
+    sc.scheduler_cls = scheduler_cls
+    if args.async_scheduling and not sc.async_scheduling:
+        logger.warning("vllm_sink: async scheduling was asked for, but vLLM's %s platform "
+                       "runs without it", platform.upper())
     layout: SinkLayout = sink.resolve(vllm_config.cache_config.block_size, mc.max_model_len)
 
     # A sink request adds at most K = prefill_chunk_tokens tokens per step once its cache

@@ -153,6 +153,7 @@ class SinkRunnerMixin:
                     for nr in scheduler_output.scheduled_new_reqs]
         cached = scheduler_output.scheduled_cached_reqs
         counts = list(cached.num_computed_tokens)
+        outputs = list(cached.num_output_tokens)
         for i, req_id in enumerate(cached.req_ids):
             rs = self.sink_requests.get(req_id)
             if rs is None:
@@ -163,9 +164,14 @@ class SinkRunnerMixin:
             else:
                 rs.append_blocks(cached.new_block_ids[i])
             counts[i] = rs.stream.virtual(rs.step_start)
+            # The virtual output count: async scheduling re-reads a re-added row's
+            # outputs as the last ``num_output_tokens`` of all its tokens (its sampled
+            # ones are placeholders here); the virtual sequence keeps only its newest.
+            outputs[i] = len(self.requests[req_id].output_token_ids)
         output = dataclasses.replace(
             scheduler_output, scheduled_new_reqs=new_reqs, finished_req_ids=finished,
-            scheduled_cached_reqs=dataclasses.replace(cached, num_computed_tokens=counts))
+            scheduled_cached_reqs=dataclasses.replace(cached, num_computed_tokens=counts,
+                                                      num_output_tokens=outputs))
         t1 = time.perf_counter_ns()
         result = super()._update_states(output)
         t2 = time.perf_counter_ns()

@@ -9,7 +9,9 @@ side by side on one machine, the same engine settings and the same KV pool.
                                         throughput, eviction/rebase step cost, per-step
                                         host bookkeeping at batch 1 / 64 / 256,
                                         StreamingLLM decode at windows 1k / 2k / 4k
-    python gpu.py report --out DIR      tables + results/gpu.json from the two above
+    python gpu.py vanilla-v1 --out DIR  vanilla on vLLM's V1 model runner (the one sink
+                                        mode runs): decode cost and throughput only
+    python gpu.py report --out DIR      tables + results/gpu.json from the above
 
 Each phase runs in its own process (``scripts/gpu-verify`` runs all three). Engines use
 full CUDA graphs for decode without torch.compile (``--graphs full``; vLLM's default
@@ -52,6 +54,8 @@ def engine(sink: dict | None, graphs: str):
         kw["enforce_eager"] = True
     if sink is not None:
         kw["additional_config"] = {"sink": sink}
+    if ARGS.async_scheduling == "off":
+        kw["async_scheduling"] = False
     t = time.monotonic()
     try:
         llm = LLM(ARGS.model, **kw)
@@ -67,6 +71,14 @@ def engine(sink: dict | None, graphs: str):
 def _graph_mode(llm) -> str:
     cc = llm.llm_engine.vllm_config.compilation_config
     return f"{cc.mode!s} / {cc.cudagraph_mode!s}"
+
+
+def _engine_info(llm) -> dict:
+    """What the engine really ran with: compilation / graphs, scheduling, model runner."""
+    cfg = llm.llm_engine.vllm_config
+    return {"cudagraph_mode": _graph_mode(llm),
+            "async_scheduling": bool(cfg.scheduler_config.async_scheduling),
+            "model_runner": "V2" if cfg.use_v2_model_runner else "V1"}
 
 
 def params(n: int, window: int | None = None, **kw):
@@ -181,13 +193,19 @@ def vanilla(args) -> dict:
     rng = random.Random(1)
     llm, start_s = engine(None, args.graphs)
     res = {"engine_start_s": start_s, "cost": [], "throughput": [], "recompute": [],
-           "cudagraph_mode": _graph_mode(llm)}
+           **_engine_info(llm)}
     run_single(llm, tokens(rng, 500), 32)                                 # warm-up
     for n in args.contexts:
         row = run_single(llm, tokens(rng, n), 256)
         res["cost"].append(row)
-        print("vanilla", row, flush=True)
+        print(args.phase, row, flush=True)
         checkpoint(args, res)
+    if args.phase == "vanilla-v1":       # the runner comparison: cost and throughput
+        for s in args.sessions:
+            res["throughput"].append(throughput(llm, rng, s))
+            print("vanilla-v1", res["throughput"][-1], flush=True)
+            checkpoint(args, res)
+        return res
     try:
         llm.generate([{"prompt_token_ids": tokens(rng, args.past_context)}], params(1),
                      use_tqdm=False)
@@ -217,7 +235,7 @@ def plugin(args) -> dict:
     llm, start_s = engine({"sink_tokens": 4,
                            "window_tokens": max(args.windows + [WINDOW])}, args.graphs)
     res = {"engine_start_s": start_s, "cost": [], "throughput": [], "fixup": [],
-           "streaming": [], "cudagraph_mode": _graph_mode(llm)}
+           "streaming": [], **_engine_info(llm)}
     run_single(llm, tokens(rng, 500), 32, WINDOW)                         # warm-up
     for n in args.positions:
         row = run_single(llm, tokens(rng, n), 256, WINDOW, sink=True)
@@ -248,16 +266,26 @@ def report(args) -> int:
     out = Path(args.out)
     van = json.loads((out / "gpu_vanilla.json").read_text())
     plg = json.loads((out / "gpu_plugin.json").read_text())
+    v1_path = out / "gpu_vanilla-v1.json"
+    v1 = json.loads(v1_path.read_text()) if v1_path.exists() else None
+    sides = [("vanilla", van), *([("vanilla-v1", v1)] if v1 else []), ("plugin", plg)]
+    for name, side in sides:
+        print(f"{name}: {side.get('model_runner', '?')} runner, async scheduling "
+              f"{side.get('async_scheduling', '?')}, {side.get('cudagraph_mode', '?')}")
     base = van["cost"][0]["decode_ms"]
     print("decode ms/token, batch 1 (vanilla: context; plugin: stream position, window 2048)")
-    rows = [{"side": "vanilla", **r, "vs_vanilla_1k": r["decode_ms"] / base} for r in van["cost"]]
-    rows += [{"side": "plugin", **r, "vs_vanilla_1k": r["decode_ms"] / base} for r in plg["cost"]]
+    rows = [{"side": name, **r, "vs_vanilla_1k": r["decode_ms"] / base}
+            for name, side in sides for r in side["cost"]]
     print(table(rows, ["side", "tokens", "prefill_s", "decode_ms", "decode_ms_p90",
                        "vs_vanilla_1k", "kv_blocks", "rebases"]))
     print(f"vanilla, a {van['past_context_tokens']}-token prompt: {van['past_context']}")
     thr = [{"sessions": v["sessions"], "vanilla_tok_s": v["output_tok_s"],
             "plugin_tok_s": p["output_tok_s"], "ratio": p["output_tok_s"] / v["output_tok_s"]}
            for v, p in zip(van["throughput"], plg["throughput"])]
+    if v1:
+        for row, w in zip(thr, v1["throughput"]):
+            row.update(vanilla_v1_tok_s=w["output_tok_s"],
+                       ratio_vs_v1=row["plugin_tok_s"] / w["output_tok_s"])
     print("\nthroughput within capacity (256 prompt + 256 output tokens each)")
     print(table(thr, list(thr[0])))
     rec = [{"window": v["window"], "recompute_ms": v["ms_per_token"],
@@ -273,7 +301,8 @@ def report(args) -> int:
     payload = {"benchmark": "gpu", "date": time.strftime("%Y-%m-%d %H:%M:%S"),
                "hardware": hardware(),
                "shape": "Llama-3.1-8B (dummy weights), bf16", "graphs": args.graphs,
-               "vanilla": van, "plugin": plg, "cost_rows": rows, "throughput": thr,
+               "vanilla": van, "vanilla_v1": v1, "plugin": plg, "cost_rows": rows,
+               "throughput": thr,
                "recompute": rec}
     text = json.dumps(payload, indent=1)
     (out / "gpu.json").write_text(text)
@@ -284,7 +313,7 @@ def report(args) -> int:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("phase", choices=["vanilla", "plugin", "report"])
+    ap.add_argument("phase", choices=["vanilla", "vanilla-v1", "plugin", "report"])
     ap.add_argument("--out", default=os.environ.get("OUT", str(HERE / "results")))
     ap.add_argument("--graphs", choices=["full", "default", "eager"], default="full")
     ap.add_argument("--positions", type=int, nargs="+",
@@ -297,6 +326,8 @@ def main() -> int:
     ap.add_argument("--model", default=str(SHAPE))
     ap.add_argument("--pool-gib", type=float, default=80.0,
                     help="KV pool, both sides (80 GiB: 256 full 2048-window streams fit)")
+    ap.add_argument("--async-scheduling", choices=["default", "off"], default="default",
+                    help="off: schedule step by step (vLLM's default on CUDA is async)")
     ap.add_argument("--window", type=int, default=2048,
                     help="window of the cost, throughput and fix-up streams")
     global ARGS, VOCAB, WINDOW
@@ -306,7 +337,9 @@ def main() -> int:
                 120000)
     if args.phase == "report":
         return report(args)
-    checkpoint(args, (vanilla if args.phase == "vanilla" else plugin)(args))
+    if args.phase == "vanilla-v1":
+        os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "0"
+    checkpoint(args, (plugin if args.phase == "plugin" else vanilla)(args))
     return 0
 
 

@@ -154,7 +154,8 @@ def check_backend(backend, small_model, reference_model, prompts, mode="graphs")
 
 def test_flash_attn_with_vllm_defaults_matches_reference(small_model, reference_model, prompts):
     """vLLM's own defaults on Hopper: FLASH_ATTN (chosen by vLLM, not named here),
-    torch.compile, FULL_AND_PIECEWISE CUDA graphs. The floor is vanilla FLASH_ATTN's."""
+    torch.compile, FULL_AND_PIECEWISE CUDA graphs, async scheduling. The floor is vanilla
+    FLASH_ATTN's."""
     from vllm.config import CompilationMode, CUDAGraphMode
 
     llm = make_llm(small_model, SINK, **{**MODES["default"], **POOL})
@@ -162,6 +163,8 @@ def test_flash_attn_with_vllm_defaults_matches_reference(small_model, reference_
         cc = llm.llm_engine.vllm_config.compilation_config
         assert cc.mode == CompilationMode.VLLM_COMPILE, cc.mode
         assert cc.cudagraph_mode == CUDAGraphMode.FULL_AND_PIECEWISE, cc.cudagraph_mode
+        sc = llm.llm_engine.vllm_config.scheduler_config   # vLLM's CUDA default: async
+        assert sc.async_scheduling and sc.scheduler_cls.endswith("SinkAsyncScheduler")
         outs = greedy_with_logprobs(llm, prompts, STREAM)
         stats = llm.collective_rpc("sink_stats")[0]
     finally:
@@ -179,19 +182,24 @@ def test_triton_attn_matches_reference_bf16(small_model, reference_model, prompt
 
 def test_float32_graphs_vs_eager_and_reference(small_model, reference_model, prompts):
     """float32 (TRITON_ATTN; FLASH_ATTN has no float32): within 0.01 of the reference,
-    and CUDA graphs on give exactly the tokens of enforce_eager."""
+    and CUDA graphs on give exactly the tokens of enforce_eager, async scheduling (on in
+    both, vLLM's default) exactly those of scheduling step by step."""
     f32 = {"dtype": "float32", "attention_backend": "TRITON_ATTN"}
     graphs, stats, rows = stream(small_model, reference_model, prompts, "graphs", **f32)
     eager, _ = greedy_in_fresh_engine(small_model, SINK, prompts, STREAM,
                                       **{**MODES["eager"], **POOL, **f32})
+    in_step, _ = greedy_in_fresh_engine(small_model, SINK, prompts, STREAM,
+                                        **{**MODES["graphs"], **POOL, **f32},
+                                        async_scheduling=False)
     same = [t == e for (t, _), (e, _) in zip(graphs, eager)]
-    record("float32 TRITON_ATTN graphs vs eager",
+    same_sync = [t == e for (t, _), (e, _) in zip(graphs, in_step)]
+    record("float32 TRITON_ATTN graphs vs eager, async vs not",
            {"mean_abs_dlogp": max(r[0] for r in rows), "max_abs_dlogp": max(r[1] for r in rows),
             "top1_agreement_min": min(r[2] for r in rows), "rebases": stats["rebases"],
-            "graphs_equal_eager": same})
+            "graphs_equal_eager": same, "async_equal_sync": same_sync})
     assert stats["rebases"] >= 5
     assert max(r[0] for r in rows) <= 0.01 and min(r[2] for r in rows) >= 0.98
-    assert all(same)
+    assert all(same) and all(same_sync)
 
 
 def test_unverified_backends_are_refused(small_model, monkeypatch):

@@ -108,3 +108,30 @@ def test_model_without_rope_refused(tmp_path):
 def test_context_parallel_refused(default_model_dir):
     with pytest.raises(SinkConfigError, match="context parallelism"):
         _config(default_model_dir, {}, decode_context_parallel_size=2)
+
+
+def test_scheduler_follows_vllms_async_choice(default_model_dir, caplog):
+    """The sink scheduler is layered over the class vLLM itself would run: AsyncScheduler
+    when async scheduling is on (vLLM's CUDA default), Scheduler when off. vLLM's CPU
+    platform turns async scheduling off; asking for it is not refused, and the log
+    says it does not run."""
+    import logging
+
+    from vllm.utils.import_utils import resolve_obj_by_qualname
+    from vllm.v1.core.sched.async_scheduler import AsyncScheduler
+    from vllm.v1.core.sched.scheduler import Scheduler
+
+    from vllm_sink.patches.engine_core.scheduler import SinkSchedulerMixin
+    from vllm_sink.patches.frontend.engine_args import SCHEDULER_CLS
+
+    for is_async, base in ((False, Scheduler), (True, AsyncScheduler)):
+        cls = resolve_obj_by_qualname(SCHEDULER_CLS[is_async])
+        assert issubclass(cls, base) and issubclass(cls, SinkSchedulerMixin)
+        mro = cls.__mro__   # the sink overrides come before vLLM's
+        assert mro.index(SinkSchedulerMixin) < mro.index(base)
+    assert not issubclass(resolve_obj_by_qualname(SCHEDULER_CLS[False]), AsyncScheduler)
+    with caplog.at_level(logging.WARNING, logger="vllm.vllm_sink"):
+        cfg = _config(default_model_dir, {}, async_scheduling=True)
+    assert not cfg.scheduler_config.async_scheduling
+    assert cfg.scheduler_config.scheduler_cls == SCHEDULER_CLS[False]
+    assert "async scheduling was asked for" in caplog.text
