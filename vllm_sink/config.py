@@ -23,6 +23,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 DEFAULT_SINK_TOKENS = 4
@@ -217,33 +218,35 @@ class SinkLayout:
         assert self.block_size >= 1 and self.sink_blocks >= 0 and self.window_blocks >= 1
         assert self.chunk_tokens >= 1 and self.span <= self.position_limit
 
-    @property
+    # Derived sizes: computed once per layout (the worker reads them per request and
+    # step); cached_property stores them in the instance dict, outside the frozen fields.
+    @cached_property
     def sink_tokens(self) -> int:
         return self.sink_blocks * self.block_size
 
-    @property
+    @cached_property
     def window_tokens(self) -> int:
         return self.window_blocks * self.block_size
 
-    @property
+    @cached_property
     def capacity(self) -> int:
         return self.sink_tokens + self.window_tokens
 
-    @property
+    @cached_property
     def span(self) -> int:
         """Most tokens cached while a step runs: <= C - 1 before it, plus <= K new."""
         return self.capacity - 1 + self.chunk_tokens
 
-    @property
+    @cached_property
     def headroom_blocks(self) -> int:
         return -(-(self.chunk_tokens - 1) // self.block_size)
 
-    @property
+    @cached_property
     def ring_blocks(self) -> int:
         """Blocks after the sinks, recycled in a ring: window plus headroom."""
         return self.window_blocks + self.headroom_blocks
 
-    @property
+    @cached_property
     def blocks_per_request(self) -> int:
         return self.sink_blocks + self.ring_blocks
 

@@ -49,7 +49,7 @@ the sinks from the snapshot.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from vllm_sink.config import SinkLayout
 
@@ -111,9 +111,9 @@ def ring_row(sink_ids: list[int], ring_ids: list[int], shift: int) -> list[int]:
     return list(sink_ids) + list(ring_ids[k:]) + list(ring_ids[:k])
 
 
-@dataclass(frozen=True)
-class StepPlan:
-    """What must happen to one request's cache before a step runs."""
+class StepPlan(NamedTuple):
+    """What must happen to one request's cache before a step runs (a tuple: one is
+    made per stream and step, on the worker's hot path)."""
 
     cached_before: int      # L: virtual tokens cached when the step was scheduled
     evict_tokens: int       # t: oldest window tokens dropped before the step
@@ -155,8 +155,11 @@ class SinkStream:
 
     def plan(self, absolute_computed: int, new: int) -> StepPlan:
         """Advance the state for a step adding ``new`` tokens; return what to do."""
-        L = self.virtual(absolute_computed)
-        t = eviction_for_step(self.layout, L, new)
+        L = absolute_computed - self.evicted
+        layout = self.layout
+        if 0 <= L < layout.capacity and L + new <= layout.span:
+            return StepPlan(L, 0, 0, False, self.offset, 0)   # nothing to evict
+        t = eviction_for_step(layout, L, new)
         first = t > 0 and self.evicted == 0
         rebase_by = 0
         if t:
