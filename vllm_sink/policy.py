@@ -158,7 +158,8 @@ class SinkStream:
         L = absolute_computed - self.evicted
         layout = self.layout
         if 0 <= L < layout.capacity and L + new <= layout.span:
-            return StepPlan(L, 0, 0, False, self.offset, 0)   # nothing to evict
+            # eviction_for_step's no-overflow case (most steps): nothing to evict.
+            return StepPlan(L, 0, 0, False, self.offset, 0)
         t = eviction_for_step(layout, L, new)
         first = t > 0 and self.evicted == 0
         rebase_by = 0

@@ -3,12 +3,12 @@
 ``SinkSchedulerMixin`` over vLLM's own scheduler, the one vLLM itself would pick:
 ``SinkScheduler`` (over ``Scheduler``) without async scheduling, ``SinkAsyncScheduler``
 (over ``AsyncScheduler``) with it (vLLM's CUDA default: the next step is scheduled
-while the current one runs; the frontend picks the class once vLLM has settled
-``async_scheduling``, ``frontend/engine_args.py``). The constructor first registers the sink KV
-policy (so the KV-cache manager it builds uses ``SinkRingManager``) and afterwards
-checks that every KV-cache group really is a sink group: the plugin never runs
-half-applied. Scheduling is vLLM's; these overrides, each delegating, add what streams
-need:
+while the current one runs). The frontend picks the class once vLLM has settled
+``async_scheduling`` (``frontend/engine_args.py``). The constructor first registers the
+sink KV policy (so the KV-cache manager it builds uses ``SinkRingManager``) and
+afterwards checks that every KV-cache group really is a sink group: the plugin never
+runs half-applied. Scheduling is vLLM's; these overrides, each delegating, add what
+streams need:
 
 ``add_request``          which layout the request has (``vllm_sink.requests``; dense
                          requests get none), strips client-supplied private arguments;
@@ -207,4 +207,3 @@ class SinkScheduler(SinkSchedulerMixin, Scheduler):
 
 class SinkAsyncScheduler(SinkSchedulerMixin, AsyncScheduler):
     """Sink mode with async scheduling (vLLM's ``AsyncScheduler``)."""
-

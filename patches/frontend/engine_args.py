@@ -249,8 +249,9 @@ def _create_sink_engine_config(original, args, section, call_args, call_kwargs):
     # vLLM has now settled async scheduling (on by default on CUDA, off on CPU): run
     # the sink scheduler over the class vLLM itself would have picked.
     scheduler_cls = SCHEDULER_CLS[bool(sc.async_scheduling)]
-    changed.append(("scheduler_cls", sc.scheduler_cls, scheduler_cls))
-    sc.scheduler_cls = scheduler_cls
+    if sc.scheduler_cls != scheduler_cls:
+        changed.append(("scheduler_cls", sc.scheduler_cls, scheduler_cls))
+        sc.scheduler_cls = scheduler_cls
     if args.async_scheduling and not sc.async_scheduling:
         logger.warning("vllm_sink: async scheduling was asked for, but vLLM's %s platform "
                        "runs without it", platform.upper())
