@@ -128,7 +128,12 @@ def test_policy_matches_naive_cache(B, sink_blocks, window_blocks, slack, K, dat
     steps = [first] + data.draw(st.lists(st.integers(1, K), max_size=12)) + [1] * 3 * C
     computed = 0
     for n in steps:
+        quiet = stream.quiet(computed, n)     # the worker's per-step fast path
+        before = (stream.evicted, stream.offset, stream.shift)
         plan = stream.plan(computed, n)
+        assert quiet == (plan.evict_tokens == 0 and plan.rebase_by == 0)
+        if quiet:
+            assert (stream.evicted, stream.offset, stream.shift) == before
         naive.step(n)
         computed += n
         cached = naive.cached()

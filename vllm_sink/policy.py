@@ -139,7 +139,8 @@ class SinkStream:
     the sequence of (absolute computed tokens, scheduled tokens) the scheduler emits.
     """
 
-    __slots__ = ("layout", "evicted", "offset", "shift", "evictions", "rebases")
+    __slots__ = ("layout", "evicted", "offset", "shift", "evictions", "rebases",
+                 "evict_from", "fill_to")
 
     def __init__(self, layout: SinkLayout) -> None:
         self.layout = layout
@@ -148,6 +149,17 @@ class SinkStream:
         self.shift = 0      # ring blocks rotated so far
         self.evictions = 0  # eviction events
         self.rebases = 0    # rebase events
+        # The quiet-step bounds, absolute counts kept in step with E: a step adding n
+        # tokens to a absolute computed ones evicts nothing and fits iff
+        # a < evict_from (L = a - E < C) and a + n <= fill_to (L + n <= span).
+        # ``quiet`` reads them; the worker inlines that test on its per-step hot path.
+        self.evict_from = layout.capacity
+        self.fill_to = layout.span
+
+    def quiet(self, absolute_computed: int, new: int) -> bool:
+        """Whether a step of ``new`` tokens leaves this stream's state untouched (no
+        eviction, no rebase: ``plan`` would return evict_tokens == 0)."""
+        return absolute_computed < self.evict_from and absolute_computed + new <= self.fill_to
 
     def virtual(self, absolute: int) -> int:
         """Virtual index of absolute token count ``absolute`` (>= every evicted token)."""
@@ -156,15 +168,16 @@ class SinkStream:
     def plan(self, absolute_computed: int, new: int) -> StepPlan:
         """Advance the state for a step adding ``new`` tokens; return what to do."""
         L = absolute_computed - self.evicted
-        layout = self.layout
-        if 0 <= L < layout.capacity and L + new <= layout.span:
+        if L >= 0 and self.quiet(absolute_computed, new):
             # eviction_for_step's no-overflow case (most steps): nothing to evict.
             return StepPlan(L, 0, 0, False, self.offset, 0)
-        t = eviction_for_step(layout, L, new)
+        t = eviction_for_step(self.layout, L, new)
         first = t > 0 and self.evicted == 0
         rebase_by = 0
         if t:
             self.evicted += t
+            self.evict_from = self.evicted + self.layout.capacity
+            self.fill_to = self.evicted + self.layout.span
             self.offset += t
             self.shift += cdiv(t, self.layout.block_size)
             self.evictions += 1

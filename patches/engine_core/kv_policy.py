@@ -73,7 +73,7 @@ class SinkAttentionSpec(FullAttentionSpec):
 def stream_blocks_needed(layout: SinkLayout, computed: int, new: int) -> int:
     """Blocks a stream with ``computed`` tokens so far needs for a step of ``new``."""
     cached = computed if computed < layout.capacity else layout.capacity - 1
-    return min(cdiv(min(cached + new, layout.span), layout.block_size),
+    return min(-(-min(cached + new, layout.span) // layout.block_size),   # cdiv
                layout.blocks_per_request)
 
 
@@ -98,18 +98,23 @@ class SinkRingManager(FullAttentionManager):
             return super().get_num_blocks_to_allocate(
                 request_id, num_tokens, new_computed_blocks, total_computed_tokens,
                 *args, **kwargs)
-        need = stream_blocks_needed(layout, total_computed_tokens,
-                                    num_tokens - total_computed_tokens)
-        need = max(need, self.restoring.get(request_id, 0))  # its saved cache comes back
-        held = len(self.req_to_blocks.get(request_id, ())) + len(new_computed_blocks or ())
-        need = max(need, held)
+        held = len(self.req_to_blocks.get(request_id, ()))
+        if new_computed_blocks:
+            held += len(new_computed_blocks)
+        need = held
+        if held < layout.blocks_per_request:    # else: its whole set, recycled as a ring
+            need = max(held, stream_blocks_needed(layout, total_computed_tokens,
+                                                  num_tokens - total_computed_tokens))
+            if self.restoring:  # a preempted stream's cache comes back into as many blocks
+                need = max(need, self.restoring.get(request_id, 0))
         self._need[request_id] = need
         return need - held
 
     def allocate_new_blocks(self, request_id, num_tokens, num_tokens_main_model):
         if request_id not in self.sink_layouts:
             return super().allocate_new_blocks(request_id, num_tokens, num_tokens_main_model)
-        self.restoring.pop(request_id, None)
+        if self.restoring:
+            self.restoring.pop(request_id, None)
         blocks = self.req_to_blocks[request_id]
         n = self._need.pop(request_id, len(blocks)) - len(blocks)
         if n <= 0:

@@ -37,6 +37,7 @@ fed the final token, which then ran on the workers before the park reaches them.
 from __future__ import annotations
 
 import logging
+import time
 from collections import Counter
 
 from vllm.v1.core.sched.async_scheduler import AsyncScheduler
@@ -52,6 +53,10 @@ from vllm_sink.policy import max_step_tokens
 from vllm_sink.stats_board import SESSION_FIELDS, StatsBoard, board_path
 
 logger = logging.getLogger("vllm.vllm_sink")
+
+# While steps run, the scheduler board is refreshed whenever the running, waiting or
+# parked sets change size, and otherwise at least this often (a refresh is O(running)).
+BOARD_PERIOD_S = 0.05
 
 
 class SinkSchedulerMixin:
@@ -95,6 +100,8 @@ class SinkSchedulerMixin:
         self.kv_cache_manager.get_computed_blocks = get_computed_blocks
         self.sink_board = StatsBoard(board_path(vllm_config.instance_id, "scheduler"),
                                      create=True, fields=SESSION_FIELDS)
+        self._sink_board_shape: tuple[int, int, int] | None = None
+        self._sink_board_at = 0.0
         per = self.sink.layout.blocks_per_request * len(groups)
         logger.info("vllm_sink: scheduler ready, %d KV blocks in the pool; a stream takes "
                     "up to %d as it grows (%d full streams fit); requests are %s unless "
@@ -136,8 +143,10 @@ class SinkSchedulerMixin:
 
     def _sink_trim_steps(self, scheduler_output) -> None:
         """No step may add more tokens than a stream's cache can hold while it runs."""
-        trimmed = 0
         counts = scheduler_output.num_scheduled_tokens
+        if scheduler_output.total_num_scheduled_tokens == len(counts):
+            return   # one token per request: every stream has room for one (K >= 1)
+        trimmed = 0
         for req_id, n in counts.items():
             layout = self.sink_layouts.get(req_id)
             if layout is None:
@@ -174,8 +183,17 @@ class SinkSchedulerMixin:
     def schedule(self, *args, **kwargs):
         self.sink_sessions.before_schedule()
         output = super().schedule(*args, **kwargs)
-        self.sink_board.write(self.sink_stats())
+        self._sink_publish()
         return output
+
+    def _sink_publish(self) -> None:
+        """Write the board (one consistent snapshot) when the request sets changed size,
+        else at most every BOARD_PERIOD_S: block counts a scrape reads are that fresh."""
+        now = time.monotonic()
+        shape = (len(self.running), len(self.waiting), len(self.sink_sessions.parked))
+        if shape != self._sink_board_shape or now - self._sink_board_at >= BOARD_PERIOD_S:
+            self.sink_board.write(self.sink_stats())
+            self._sink_board_shape, self._sink_board_at = shape, now
 
     def sink_stats(self) -> dict[str, int]:
         """The scheduler board: pool, running requests by kind, sessions (O(running))."""

@@ -69,6 +69,9 @@ class SinkRunnerMixin:
         self.sink_kv_groups = 1
         # Position offset O of each input-batch row, copied to the device each step.
         self.sink_row_offsets = self._make_buffer(self.max_num_reqs, dtype=torch.int64)
+        # Streams whose offset O may be non-zero (a superset: ids of finished streams
+        # may linger); while empty, positions need no offset and the step skips that.
+        self.sink_offset_ids: set[str] = set()
         # Cumulative counters over the worker's life (exposed by the sink worker's sink_stats).
         self.sink_counters = {"evictions": 0, "tokens_evicted": 0, "rebases": 0,
                               "sink_rewrites": 0, "requests": 0, "kv_saves": 0,
@@ -154,20 +157,22 @@ class SinkRunnerMixin:
         cached = scheduler_output.scheduled_cached_reqs
         counts = list(cached.num_computed_tokens)
         outputs = list(cached.num_output_tokens)
-        for i, req_id in enumerate(cached.req_ids):
-            rs = self.sink_requests.get(req_id)
+        streams, requests = self.sink_requests, self.requests
+        resumed, new_blocks = cached.resumed_req_ids, cached.new_block_ids
+        for i, req_id in enumerate(cached.req_ids):   # hot: every stream, every step
+            rs = streams.get(req_id)
             if rs is None:
                 continue                                  # dense: vLLM's own
-            rs.step_start = counts[i]
-            if req_id in cached.resumed_req_ids:
-                self._sink_restore(req_id, rs, cached.new_block_ids[i])
-            else:
-                rs.append_blocks(cached.new_block_ids[i])
-            counts[i] = rs.stream.virtual(rs.step_start)
+            start = rs.step_start = counts[i]
+            if req_id in resumed:
+                self._sink_restore(req_id, rs, new_blocks[i])
+            elif new_blocks[i] is not None:
+                rs.append_blocks(new_blocks[i])
+            counts[i] = start - rs.stream.evicted         # absolute -> virtual
             # The virtual output count: async scheduling re-reads a re-added row's
             # outputs as the last ``num_output_tokens`` of all its tokens (its sampled
             # ones are placeholders here); the virtual sequence keeps only its newest.
-            outputs[i] = len(self.requests[req_id].output_token_ids)
+            outputs[i] = len(requests[req_id].output_token_ids)
         output = dataclasses.replace(
             scheduler_output, scheduled_new_reqs=new_reqs, finished_req_ids=finished,
             scheduled_cached_reqs=dataclasses.replace(cached, num_computed_tokens=counts,
@@ -196,6 +201,7 @@ class SinkRunnerMixin:
             else:
                 parks[req_id] = key
         for req_id in finished:
+            self.sink_offset_ids.discard(req_id)
             rs = self.sink_requests.pop(req_id, None)
             if rs is not None and req_id in parks:
                 rs.prompt = None
@@ -220,6 +226,8 @@ class SinkRunnerMixin:
             if rs is None:
                 raise RuntimeError(f"sink worker has no parked state for session {resume!r}")
             self.sink_requests[nr.req_id] = rs
+            if rs.stream.offset:
+                self.sink_offset_ids.add(nr.req_id)
             return resume_session(rs, nr, n)
         if nr.num_computed_tokens:
             raise RuntimeError("sink mode requests start with no computed tokens")
@@ -266,18 +274,26 @@ class SinkRunnerMixin:
     def _sink_after_update(self, scheduler_output) -> None:
         evicted_any = refresh = False
         snap, rebase, rebase_by, sinks, offsets = [], [], [], [], []
+        streams = self.sink_requests
         for req_id, n in scheduler_output.num_scheduled_tokens.items():
-            rs = self.sink_requests.get(req_id)
+            rs = streams.get(req_id)
             if rs is None:
                 continue
-            plan = rs.stream.plan(rs.step_start, n)
             rs.step_tokens = n
+            st, start = rs.stream, rs.step_start
+            if rs.prompt is None and start < st.evict_from and start + n <= st.fill_to:
+                continue   # SinkStream.quiet, inlined (most steps): nothing to do
+            plan = st.plan(start, n)
             sb = rs.layout.sink_blocks
             if plan.evict_tokens:
                 refresh |= evict(self, req_id, rs, plan)
                 evicted_any = True
                 self.sink_counters["evictions"] += 1
                 self.sink_counters["tokens_evicted"] += plan.evict_tokens
+                if plan.offset:
+                    self.sink_offset_ids.add(req_id)
+                else:
+                    self.sink_offset_ids.discard(req_id)
                 if plan.first_eviction and sb:
                     snap.append(rs)
                 if plan.rebase_by:
@@ -331,6 +347,10 @@ class SinkRunnerMixin:
         num_reqs = ib.num_reqs
         if self.device.type == "cpu":
             self._sink_remember_rng()
+        if not self.sink_offset_ids:
+            # Every O is 0: positions are the virtual ones vLLM computed, all below
+            # span <= position_limit (SinkLayout's invariant).
+            return
         offsets = self.sink_row_offsets.np[:num_reqs]
         streams = self.sink_requests
         offsets[:] = [streams[r].stream.offset if r in streams else -1 for r in ib.req_ids]
@@ -380,6 +400,8 @@ class SinkRunnerMixin:
 
     # ---- prompt logprobs in absolute coordinates ---------------------------------------
     def _get_prompt_logprobs_dict(self, hidden_states, num_scheduled_tokens):
+        if not self.num_prompt_logprobs:   # (then no stream kept its prompt for them)
+            return super()._get_prompt_logprobs_dict(hidden_states, num_scheduled_tokens)
         swapped = []
         for req_id in self.num_prompt_logprobs:
             rs, state = self.sink_requests.get(req_id), self.requests.get(req_id)

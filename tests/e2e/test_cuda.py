@@ -176,10 +176,6 @@ def test_flash_attn_with_vllm_defaults_matches_reference(small_model, reference_
           floor, outs, stats, rows)
 
 
-def test_triton_attn_matches_reference_bf16(small_model, reference_model, prompts):
-    check_backend("TRITON_ATTN", small_model, reference_model, prompts)
-
-
 def test_float32_graphs_vs_eager_and_reference(small_model, reference_model, prompts):
     """float32 (TRITON_ATTN; FLASH_ATTN has no float32): within 0.01 of the reference,
     and CUDA graphs on give exactly the tokens of enforce_eager, async scheduling (on in
@@ -211,6 +207,10 @@ def test_unverified_backends_are_refused(small_model, monkeypatch):
         make_llm(small_model, SINK, attention_backend="FLEX_ATTENTION")
     with pytest.raises(SinkConfigError, match="FLASHINFER.*not verified"):
         make_llm(small_model, SINK, attention_backend="FLASHINFER")
+
+
+def test_triton_attn_matches_reference_bf16(small_model, reference_model, prompts):
+    check_backend("TRITON_ATTN", small_model, reference_model, prompts)
 
 
 def test_flashinfer_matches_reference_bf16(small_model, reference_model, prompts,
