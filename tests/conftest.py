@@ -14,7 +14,13 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 def pytest_collection_modifyitems(config, items):
     """Every test must carry exactly one tier marker: the default run stays honest."""
     tiers = {"cpu", "e2e", "gpu", "slow"}
-    no_cuda = None if _cuda_available() else pytest.mark.skip(
+    cuda = _cuda_available()
+    if cuda:
+        # The check above initialised the CUDA driver in this process without torch's
+        # lazy init, which vLLM's own fork-or-spawn test does not see: engines started
+        # from the tests must spawn their processes (a forked one cannot use CUDA).
+        os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
+    no_cuda = None if cuda else pytest.mark.skip(
         reason="needs a CUDA GPU; none here (run `scripts/test -m gpu` on a GPU machine)")
     for item in items:
         marks = {m.name for m in item.iter_markers()} & tiers

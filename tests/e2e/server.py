@@ -28,9 +28,11 @@ class Server:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.model = model
-        vllm = Path(sys.executable).with_name("vllm")   # the venv's, else the PATH's
-        vllm = str(vllm) if vllm.exists() else (shutil.which("vllm") or str(vllm))
-        cmd = [vllm, "serve", model, "--host", "127.0.0.1", "--port", str(self.port),
+        # The venv's `vllm`, else the PATH's, else the same CLI through this interpreter.
+        vllm = Path(sys.executable).with_name("vllm")
+        found = str(vllm) if vllm.exists() else shutil.which("vllm")
+        cli = [found] if found else [sys.executable, "-m", "vllm.entrypoints.cli.main"]
+        cmd = [*cli, "serve", model, "--host", "127.0.0.1", "--port", str(self.port),
                "--served-model-name", "smol", "--enforce-eager", *args]
         if sink is not None:
             cmd += ["--additional-config", json.dumps({"sink": sink})]
