@@ -154,25 +154,39 @@ class SinkRunnerMixin:
         self._sink_save_preempted(scheduler_output, finished)
         new_reqs = [self._sink_new_request(nr, scheduler_output)
                     for nr in scheduler_output.scheduled_new_reqs]
+        scheduled = scheduler_output.num_scheduled_tokens
+        streams, requests = self.sink_requests, self.requests
+        # Streams whose step is not quiet (it evicts or rebases, or a prompt slice is
+        # still to show): the only ones _sink_after_update visits.
+        busy: list[tuple[str, RequestSink, int]] = []
+        for nr in scheduler_output.scheduled_new_reqs:
+            rs = streams.get(nr.req_id)
+            if rs is not None:
+                n = rs.step_tokens = scheduled[nr.req_id]
+                if rs.prompt is not None or not rs.stream.quiet(rs.step_start, n):
+                    busy.append((nr.req_id, rs, n))
         cached = scheduler_output.scheduled_cached_reqs
         counts = list(cached.num_computed_tokens)
         outputs = list(cached.num_output_tokens)
-        streams, requests = self.sink_requests, self.requests
         resumed, new_blocks = cached.resumed_req_ids, cached.new_block_ids
         for i, req_id in enumerate(cached.req_ids):   # hot: every stream, every step
             rs = streams.get(req_id)
             if rs is None:
                 continue                                  # dense: vLLM's own
             start = rs.step_start = counts[i]
+            n = rs.step_tokens = scheduled[req_id]
             if req_id in resumed:
                 self._sink_restore(req_id, rs, new_blocks[i])
             elif new_blocks[i] is not None:
                 rs.append_blocks(new_blocks[i])
-            counts[i] = start - rs.stream.evicted         # absolute -> virtual
+            st = rs.stream
+            counts[i] = start - st.evicted                # absolute -> virtual
             # The virtual output count: async scheduling re-reads a re-added row's
             # outputs as the last ``num_output_tokens`` of all its tokens (its sampled
             # ones are placeholders here); the virtual sequence keeps only its newest.
             outputs[i] = len(requests[req_id].output_token_ids)
+            if rs.prompt is not None or start >= st.evict_from or start + n > st.fill_to:
+                busy.append((req_id, rs, n))          # not SinkStream.quiet (inlined)
         output = dataclasses.replace(
             scheduler_output, scheduled_new_reqs=new_reqs, finished_req_ids=finished,
             scheduled_cached_reqs=dataclasses.replace(cached, num_computed_tokens=counts,
@@ -181,7 +195,7 @@ class SinkRunnerMixin:
         result = super()._update_states(output)
         t2 = time.perf_counter_ns()
         before = self.sink_counters["evictions"], self.sink_counters["rebases"]
-        self._sink_after_update(scheduler_output)
+        self._sink_after_update(busy)
         self._sink_publish()
         self.sink_trace.append([t0, len(scheduler_output.num_scheduled_tokens),
                                 scheduler_output.total_num_scheduled_tokens,
@@ -271,19 +285,12 @@ class SinkRunnerMixin:
         self.sink_counters["tokens_restored"] += rs.stream.virtual(rs.step_start)
 
     # ---- per step: after vLLM updated its batch -------------------------------------
-    def _sink_after_update(self, scheduler_output) -> None:
+    def _sink_after_update(self, busy: list[tuple[str, RequestSink, int]]) -> None:
+        """Evictions, rebases and prompt slices of the streams whose step is not quiet."""
         evicted_any = refresh = False
         snap, rebase, rebase_by, sinks, offsets = [], [], [], [], []
-        streams = self.sink_requests
-        for req_id, n in scheduler_output.num_scheduled_tokens.items():
-            rs = streams.get(req_id)
-            if rs is None:
-                continue
-            rs.step_tokens = n
-            st, start = rs.stream, rs.step_start
-            if rs.prompt is None and start < st.evict_from and start + n <= st.fill_to:
-                continue   # SinkStream.quiet, inlined (most steps): nothing to do
-            plan = st.plan(start, n)
+        for req_id, rs, n in busy:
+            plan = rs.stream.plan(rs.step_start, n)
             sb = rs.layout.sink_blocks
             if plan.evict_tokens:
                 refresh |= evict(self, req_id, rs, plan)

@@ -1,0 +1,153 @@
+"""Host time per engine step, plugin vs vanilla: what sink mode adds on the CPU side.
+
+At many concurrent sessions a GPU engine is host-bound (the GPU waits for Python), so
+every microsecond the plugin adds to a step is lost throughput there. This benchmark
+isolates that cost on any machine: a tiny Llama shape (``shapes/tiny-llama``, dummy
+weights) whose forward is cheap, run in-process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``)
+with the engine's hot methods timed in thread CPU time (waits excluded):
+
+    schedule            the scheduler (plugin: + trim, KV policy, board)
+    _update_states      the runner's batch update (plugin: + virtual rows, evictions)
+    _prepare_inputs     inputs and positions (plugin: + position offsets)
+    execute_model       the whole worker step (forward included)
+
+Two workloads per side, each ``--sessions`` requests at once, greedy, ignore EOS:
+``within`` (256-token prompts + 256 tokens, window 2048: nothing evicted) and ``evicting``
+(prompts just under a ``--evict-window`` window, 160 tokens decoded through evictions;
+plugin only, with the worker's own per-step host time for evicting vs ordinary steps).
+Sides alternate in fresh processes, ``--rounds`` times; medians are reported.
+
+    scripts/bench host                    # 256 sessions, 2 rounds (~5 min on 2 cores)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from common import save, table
+
+HERE = Path(__file__).resolve().parent
+SHAPE = HERE / "shapes" / "tiny-llama"
+TIMED = {"scheduler": ("schedule",),
+         "runner": ("_update_states", "_prepare_inputs", "execute_model")}
+
+
+def _time_methods(objects: dict, spent: dict) -> None:
+    """Wrap the hot methods of each object's class with a thread-CPU-time recorder."""
+    for kind, obj in objects.items():
+        cls = type(obj)
+        for name in TIMED[kind]:
+            orig = getattr(cls, name)
+
+            def wrapper(self, *a, _orig=orig, _name=name, **k):
+                t = time.thread_time_ns()
+                try:
+                    return _orig(self, *a, **k)
+                finally:
+                    spent[_name].append(time.thread_time_ns() - t)
+
+            setattr(cls, name, wrapper)
+
+
+def side(args) -> dict:
+    """One engine (``args.side``): the workloads, timed. Runs in its own process."""
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    from vllm import LLM, SamplingParams
+
+    plugin = args.side == "plugin"
+    kw = dict(load_format="dummy", skip_tokenizer_init=True, seed=0,
+              max_num_seqs=args.sessions, kv_cache_memory_bytes=2 << 30, block_size=32,
+              enforce_eager=True, dtype="bfloat16")
+    if plugin:
+        kw["additional_config"] = {"sink": {"sink_tokens": 4, "window_tokens": 2048}}
+    llm = LLM(str(SHAPE), **kw)
+    core = llm.llm_engine.engine_core.engine_core
+    spent: dict[str, list[int]] = {n: [] for names in TIMED.values() for n in names}
+    _time_methods({"scheduler": core.scheduler,
+                   "runner": core.model_executor.driver_worker.worker.model_runner}, spent)
+    rng = random.Random(args.seed)
+    vocab = json.loads((SHAPE / "config.json").read_text())["vocab_size"]
+
+    def generate(prompt_len, decode, window=None):
+        extra = {"sink": {"window_tokens": window}} if window else None
+        prompts = [{"prompt_token_ids": [rng.randrange(3, vocab) for _ in range(prompt_len)]}
+                   for _ in range(args.sessions)]
+        params = SamplingParams(temperature=0, max_tokens=decode, ignore_eos=True,
+                                detokenize=False, extra_args=extra)
+        t = time.monotonic()
+        outs = llm.generate(prompts, params, use_tqdm=False)
+        return sum(len(o.outputs[0].token_ids) for o in outs) / (time.monotonic() - t)
+
+    generate(16, 16)                                                   # warm-up
+    for v in spent.values():
+        v.clear()
+    tok_s = generate(256, 256)
+    out = {"side": args.side, "output_tok_s": tok_s,
+           **{f"{n}_us": statistics.median(v) / 1e3 for n, v in spent.items()}}
+    if plugin:
+        llm.collective_rpc("sink_trace")
+        generate(args.evict_window - 48, 160, window=args.evict_window)
+        trace = llm.collective_rpc("sink_trace")[0]
+        decode = [t for t in trace if t[1] == t[2] == args.sessions]  # full decode steps
+        for key, rows in (("evicting", [t for t in decode if t[3]]),
+                          ("ordinary", [t for t in decode if not t[3]])):
+            out[f"plugin_host_us_{key}"] = (statistics.mean(t[5] for t in rows) / 1e3
+                                           if rows else None)
+            out[f"{key}_steps"] = len(rows)
+    print("RESULT " + json.dumps(out), flush=True)
+    return out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--sessions", type=int, default=256)
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--evict-window", type=int, default=256)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--side", choices=["vanilla", "plugin"], help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.side:
+        side(args)
+        return 0
+    runs: dict[str, list[dict]] = {"vanilla": [], "plugin": []}
+    for r in range(args.rounds):
+        for name in runs:                       # alternate, each in a fresh process
+            cmd = [sys.executable, __file__, "--side", name, "--sessions", str(args.sessions),
+                   "--evict-window", str(args.evict_window), "--seed", str(r)]
+            res = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
+            lines = [x for x in res.stdout.splitlines() if x.startswith("RESULT ")]
+            if res.returncode or not lines:
+                print(res.stdout[-2000:], res.stderr[-3000:], file=sys.stderr)
+                return 1
+            runs[name].append(json.loads(lines[-1][len("RESULT "):]))
+    med = {name: {k: statistics.median(r[k] for r in rows)
+                  for k in rows[0] if isinstance(rows[0][k], (int, float))}
+           for name, rows in runs.items()}
+    rows = [{"per step (median)": k.removesuffix("_us") + " us", "vanilla": med["vanilla"][k],
+             "plugin": med["plugin"][k], "plugin - vanilla": med["plugin"][k] - med["vanilla"][k]}
+            for k in med["vanilla"] if k.endswith("_us")]
+    rows.append({"per step (median)": "output tok/s", "vanilla": med["vanilla"]["output_tok_s"],
+                 "plugin": med["plugin"]["output_tok_s"],
+                 "plugin - vanilla": med["plugin"]["output_tok_s"] - med["vanilla"]["output_tok_s"]})
+    print(f"\n{args.sessions} sessions within capacity (256 + 256 tokens), "
+          f"{args.rounds} rounds, thread CPU time per step:")
+    print(table(rows, list(rows[0])))
+    p = med["plugin"]
+    print(f"plugin's own host time per full decode step, {args.sessions} streams through "
+          f"evictions (window {args.evict_window}): evicting steps "
+          f"{p.get('plugin_host_us_evicting') or 0:.0f} us, ordinary "
+          f"{p.get('plugin_host_us_ordinary') or 0:.0f} us")
+    save("host", {"args": vars(args), "runs": runs, "median": med})
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
