@@ -15,9 +15,12 @@ Two workloads per side, each ``--sessions`` requests at once, greedy, ignore EOS
 ``within`` (256-token prompts + 256 tokens, window 2048: nothing evicted) and ``evicting``
 (prompts just under a ``--evict-window`` window, 160 tokens decoded through evictions;
 plugin only, with the worker's own per-step host time for evicting vs ordinary steps).
-Sides alternate in fresh processes, ``--rounds`` times; medians are reported.
+Sides alternate in fresh processes, ``--rounds`` times. Per round each figure is the
+median over steps; across rounds the best one is reported (the least time, the most
+tokens/s, as ``timeit`` does): interference from the rest of a shared machine only
+ever adds time, and it can hit one process of a round and not the other.
 
-    scripts/bench host                    # 256 sessions, 2 rounds (~5 min on 2 cores)
+    scripts/bench host                    # 256 sessions, 3 rounds (~8 min on 2 cores)
 """
 
 from __future__ import annotations
@@ -86,20 +89,26 @@ def side(args) -> dict:
         outs = llm.generate(prompts, params, use_tqdm=False)
         return sum(len(o.outputs[0].token_ids) for o in outs) / (time.monotonic() - t)
 
+    def decode_steps():   # the worker's trace: full decode steps since the last call
+        trace = llm.collective_rpc("sink_trace")[0]
+        return [t for t in trace if t[1] == t[2] == args.sessions]
+
     generate(16, 16)                                                   # warm-up
     for v in spent.values():
         v.clear()
+    if plugin:
+        llm.collective_rpc("sink_trace")
     tok_s = generate(256, 256)
     out = {"side": args.side, "output_tok_s": tok_s,
            **{f"{n}_us": statistics.median(v) / 1e3 for n, v in spent.items()}}
     if plugin:
-        llm.collective_rpc("sink_trace")
+        # The plugin's own code per step, timed inside the worker (vllm_sink's trace).
+        out["plugin_host_us_within"] = statistics.median(t[5] for t in decode_steps()) / 1e3
         generate(args.evict_window - 48, 160, window=args.evict_window)
-        trace = llm.collective_rpc("sink_trace")[0]
-        decode = [t for t in trace if t[1] == t[2] == args.sessions]  # full decode steps
+        decode = decode_steps()
         for key, rows in (("evicting", [t for t in decode if t[3]]),
                           ("ordinary", [t for t in decode if not t[3]])):
-            out[f"plugin_host_us_{key}"] = (statistics.mean(t[5] for t in rows) / 1e3
+            out[f"plugin_host_us_{key}"] = (statistics.median(t[5] for t in rows) / 1e3
                                            if rows else None)
             out[f"{key}_steps"] = len(rows)
     print("RESULT " + json.dumps(out), flush=True)
@@ -109,7 +118,7 @@ def side(args) -> dict:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--sessions", type=int, default=256)
-    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--evict-window", type=int, default=256)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--side", choices=["vanilla", "plugin"], help=argparse.SUPPRESS)
@@ -128,24 +137,26 @@ def main() -> int:
                 print(res.stdout[-2000:], res.stderr[-3000:], file=sys.stderr)
                 return 1
             runs[name].append(json.loads(lines[-1][len("RESULT "):]))
-    med = {name: {k: statistics.median(r[k] for r in rows)
-                  for k in rows[0] if isinstance(rows[0][k], (int, float))}
-           for name, rows in runs.items()}
-    rows = [{"per step (median)": k.removesuffix("_us") + " us", "vanilla": med["vanilla"][k],
-             "plugin": med["plugin"][k], "plugin - vanilla": med["plugin"][k] - med["vanilla"][k]}
-            for k in med["vanilla"] if k.endswith("_us")]
-    rows.append({"per step (median)": "output tok/s", "vanilla": med["vanilla"]["output_tok_s"],
-                 "plugin": med["plugin"]["output_tok_s"],
-                 "plugin - vanilla": med["plugin"]["output_tok_s"] - med["vanilla"]["output_tok_s"]})
-    print(f"\n{args.sessions} sessions within capacity (256 + 256 tokens), "
+    best = {name: {k: (max if k == "output_tok_s" else min)(
+                       r[k] for r in rows if r.get(k) is not None)
+                   for k in rows[0] if isinstance(rows[0][k], (int, float))}
+            for name, rows in runs.items()}
+    rows = [{"per step": k.removesuffix("_us") + " us", "vanilla": best["vanilla"][k],
+             "plugin": best["plugin"][k], "plugin - vanilla": best["plugin"][k] - best["vanilla"][k]}
+            for k in best["vanilla"] if k.endswith("_us")]
+    rows.append({"per step": "output tok/s", "vanilla": best["vanilla"]["output_tok_s"],
+                 "plugin": best["plugin"]["output_tok_s"],
+                 "plugin - vanilla": best["plugin"]["output_tok_s"] - best["vanilla"]["output_tok_s"]})
+    print(f"\n{args.sessions} sessions within capacity (256 + 256 tokens), best of "
           f"{args.rounds} rounds, thread CPU time per step:")
     print(table(rows, list(rows[0])))
-    p = med["plugin"]
-    print(f"plugin's own host time per full decode step, {args.sessions} streams through "
-          f"evictions (window {args.evict_window}): evicting steps "
-          f"{p.get('plugin_host_us_evicting') or 0:.0f} us, ordinary "
-          f"{p.get('plugin_host_us_ordinary') or 0:.0f} us")
-    save("host", {"args": vars(args), "runs": runs, "median": med})
+    p = best["plugin"]
+    print(f"the plugin's own code per full decode step of {args.sessions} streams (its "
+          f"trace, median): {p['plugin_host_us_within']:.0f} us within capacity; through "
+          f"evictions (window {args.evict_window}) "
+          f"{p.get('plugin_host_us_evicting') or 0:.0f} us in evicting steps, "
+          f"{p.get('plugin_host_us_ordinary') or 0:.0f} us in the others")
+    save("host", {"args": vars(args), "runs": runs, "best": best})
     return 0
 
 
