@@ -69,8 +69,9 @@ class SinkRunnerMixin:
         self.sink_kv_groups = 1
         # Position offset O of each input-batch row, copied to the device each step.
         self.sink_row_offsets = self._make_buffer(self.max_num_reqs, dtype=torch.int64)
-        # Streams whose offset O may be non-zero (a superset: ids of finished streams
-        # may linger); while empty, positions need no offset and the step skips that.
+        # Streams whose offset O may be non-zero, by id, not by row: a stream that is
+        # not scheduled for a while (or preempted) leaves the batch rows but keeps its
+        # offset. While empty, positions need no offset and the step skips that.
         self.sink_offset_ids: set[str] = set()
         # Cumulative counters over the worker's life (exposed by the sink worker's sink_stats).
         self.sink_counters = {"evictions": 0, "tokens_evicted": 0, "rebases": 0,
