@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from vllm_sink.rotary import rope_table, rotate, rotation_for_delta
+from vllm_sink.rotary import (Rotations, rope_table, rotate, rotate_full, rotation_for_delta,
+                              rotations_for_deltas)
 
 pytestmark = pytest.mark.cpu
 
@@ -54,3 +55,33 @@ def test_delta_beyond_table_refused():
     table = rope_table(torch.ones(2), 10)
     with pytest.raises(ValueError, match="row 10"):
         rotation_for_delta(table, -10)
+
+
+@pytest.mark.parametrize("is_neox", [True, False])
+@pytest.mark.parametrize("rotary_dim, head", [(64, 64), (32, 64)])  # full and partial
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_full_width_rotations_equal_the_pairwise_ones(is_neox, rotary_dim, head, dtype):
+    """The batched op's formula (Rotations + rotate_full) is the pairwise one, to the bit
+    (up to the sign of zero), for positive, negative and zero deltas."""
+    torch.manual_seed(1)
+    inv_freq = 1.0 / (10000 ** (torch.arange(0, rotary_dim, 2).float() / rotary_dim))
+    table = rope_table(inv_freq, 2048, mscale=1.3)
+    deltas = [0, 5, -5, 2047, -1999, 1]
+    k = torch.randn(3, len(deltas), 4, 2, head).to(dtype)          # [L, n, N, H, D]
+    rot = Rotations(table, head, is_neox)
+    m = torch.from_numpy(rot.multipliers(deltas)).view(len(deltas), 2, 1, 1, head)
+    got = rotate_full(k, m[:, 0], m[:, 1], rot.perm)
+    cos, sin = rotations_for_deltas(table, deltas)
+    want = rotate(k, cos[:, None, None, :], sin[:, None, None, :], is_neox)
+    assert got.dtype == dtype
+    assert torch.equal(got, want)          # == treats -0.0 and +0.0 as equal
+    assert torch.equal(got[..., rotary_dim:], k[..., rotary_dim:])
+    assert torch.equal(got[:, 0], k[:, 0])                            # delta 0: as is
+
+
+def test_full_width_rotations_refuse_rows_beyond_the_table():
+    rot = Rotations(rope_table(torch.ones(2), 10), 8, True)
+    with pytest.raises(ValueError, match="row 10"):
+        rot.multipliers([3, -10])
+    with pytest.raises(ValueError, match="exceeds head size"):
+        Rotations(rope_table(torch.ones(8), 10), 8, True)

@@ -32,7 +32,9 @@ from collections.abc import Sequence
 
 import torch
 
-from vllm_sink.rotary import rotate, rotations_for_deltas
+import numpy as np
+
+from vllm_sink.rotary import Rotations, rotate_full
 
 # Elements of float32 scratch one rotation batch may use (rebases of long windows are
 # done in chunks of blocks below this): 2**25 floats = 128 MiB.
@@ -70,7 +72,8 @@ class KeyCache:
         self.N, self.H, self.D = N, H, D
         self.device = self.layers[0].device
         self.dtype = self.layers[0].dtype
-        self.cos_sin = cos_sin_f32.to(torch.float32).cpu()  # [positions, rotary_dim]
+        self.rotations = Rotations(cos_sin_f32, D, is_neox)
+        self._perm = self.rotations.perm.to(self.device)
         self.is_neox = is_neox
         self.rel = rel.to(torch.long).cpu()
         self.num_blocks = self.layers[0].shape[0]
@@ -143,13 +146,20 @@ class KeyCache:
             self._rotate(blocks, deltas, source)
 
     def _rotate(self, blocks, deltas, source) -> None:
-        idx = to_device(blocks, self.device)
+        # One host-to-device copy carries the block ids and, when any delta is not 0,
+        # the rotation multipliers (``Rotations``): [n] int64 then [n, 2, D] float32.
+        n = len(blocks)
+        ids = np.asarray(blocks, dtype=np.int64)
+        rotating = any(deltas)
+        parts = [ids.view(np.uint8)]
+        if rotating:
+            parts.append(self.rotations.multipliers(deltas).reshape(-1).view(np.uint8))
+        packed = to_device(torch.from_numpy(np.concatenate(parts)), self.device)
+        idx = packed[:8 * n].view(torch.int64)
         keys = self.read(idx) if source is None else source
-        if any(deltas):
-            cos, sin = rotations_for_deltas(self.cos_sin, deltas)           # [n, R/2]
-            cos = to_device(cos, self.device)[None, :, None, None, :]
-            sin = to_device(sin, self.device)[None, :, None, None, :]
-            keys = rotate(keys, cos, sin, self.is_neox)
+        if rotating:
+            m = packed[8 * n:].view(torch.float32).view(n, 2, 1, 1, self.D)
+            keys = rotate_full(keys, m[:, 0], m[:, 1], self._perm)   # [L, n, N, H, D]
         self.write(idx, keys)
 
 

@@ -17,6 +17,7 @@ gptj pairs 2i with 2i + 1. Only the first ``rotary_dim`` dims rotate (partial ro
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 
@@ -58,6 +59,76 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, is_neox: bool)
         x1, x2 = xf[..., 0:rot:2], xf[..., 1:rot:2]
         out[..., 0:rot:2] = x1 * cos - x2 * sin
         out[..., 1:rot:2] = x2 * cos + x1 * sin
+    return out.to(x.dtype)
+
+
+class Rotations:
+    """Many rotations at once, as full-width multipliers for a whole batch of keys.
+
+    ``rotate`` above spells the pair arithmetic out; on a device that is a dozen small
+    launches per batch. Here the same float32 products are one gather and four
+    elementwise ops over the head dim D: with ``x[..., perm]`` the pair partner of each
+    dim (a swap within each rotary pair, the identity past ``rotary_dim``)::
+
+        out = x * c + x[..., perm] * s
+        c = cos(delta f) on both dims of a pair, 1 past rotary_dim
+        s = -sin(delta f) on the pair's first dim, +sin on its second, 0 past rotary_dim
+
+    which is ``x1 cos - x2 sin`` and ``x2 cos + x1 sin`` term for term (a - b is
+    a + (-b) exactly in IEEE arithmetic), so it matches ``rotate`` to the bit except
+    that a -0.0 in an untouched dim may come back as +0.0.
+
+    ``multipliers`` builds c and s for a list of deltas on the host, with numpy, from
+    the table normalised once (``rotations_for_deltas``' arithmetic): one array to ship.
+    """
+
+    def __init__(self, cos_sin_f32: torch.Tensor, head_size: int, is_neox: bool) -> None:
+        table = cos_sin_f32.to(torch.float32).cpu()
+        self.half = table.shape[-1] // 2
+        rot = 2 * self.half
+        if rot > head_size:
+            raise ValueError(f"rotary dim {rot} exceeds head size {head_size}")
+        scale = table[0, :self.half]                      # mscale (1 for plain RoPE)
+        self.cos = (table[:, :self.half] / scale).numpy()
+        self.sin = (table[:, self.half:] / scale).numpy()
+        self.D, self.is_neox = head_size, is_neox
+        if is_neox:                                       # pairs (i, i + R/2)
+            first = np.arange(self.half)
+            second = first + self.half
+        else:                                             # pairs (2i, 2i + 1)
+            first = np.arange(0, rot, 2)
+            second = first + 1
+        self.first, self.second = first, second
+        perm = np.arange(head_size)
+        perm[first], perm[second] = second, first
+        self.perm = torch.from_numpy(perm)
+
+    def multipliers(self, deltas) -> np.ndarray:
+        """``[n, 2, D]`` float32: c then s (see the class) for each delta."""
+        d = np.asarray(deltas, dtype=np.int64).reshape(-1)
+        rows = np.abs(d)
+        if d.size and int(rows.max()) >= self.cos.shape[0]:
+            bad = int(d[rows.argmax()])
+            raise ValueError(f"rotation by {bad} needs table row {abs(bad)}, table has "
+                             f"{self.cos.shape[0]} rows")
+        cos, sin = self.cos[rows], self.sin[rows]
+        sin = np.where((d < 0)[:, None], -sin, sin)
+        out = np.zeros((d.size, 2, self.D), dtype=np.float32)
+        out[:, 0, :] = 1.0
+        out[:, 0, self.first] = cos
+        out[:, 0, self.second] = cos
+        out[:, 1, self.first] = -sin
+        out[:, 1, self.second] = sin
+        return out
+
+
+def rotate_full(x: torch.Tensor, c: torch.Tensor, s: torch.Tensor,
+                perm: torch.Tensor) -> torch.Tensor:
+    """``Rotations``' formula: x ``[..., D]`` (any dtype), c and s broadcastable to it,
+    perm ``[D]`` long on x's device; float32 math, x's dtype out."""
+    xf = x.to(torch.float32)
+    out = xf * c
+    out += xf.index_select(-1, perm) * s
     return out.to(x.dtype)
 
 

@@ -69,34 +69,50 @@ class SinkRunnerMixin:
         self.sink_kv_groups = 1
         # Position offset O of each input-batch row, copied to the device each step.
         self.sink_row_offsets = self._make_buffer(self.max_num_reqs, dtype=torch.int64)
-        # Streams whose offset O may be non-zero, by id, not by row: a stream that is
+        # O of the streams whose offset is not 0, by id, not by row: a stream that is
         # not scheduled for a while (or preempted) leaves the batch rows but keeps its
         # offset. While empty, positions need no offset and the step skips that.
-        self.sink_offset_ids: set[str] = set()
+        self.sink_offsets: dict[str, int] = {}
         # Cumulative counters over the worker's life (exposed by the sink worker's sink_stats).
         self.sink_counters = {"evictions": 0, "tokens_evicted": 0, "rebases": 0,
                               "sink_rewrites": 0, "requests": 0, "kv_saves": 0,
                               "kv_restores": 0, "tokens_restored": 0}
         self.sink_board = None  # StatsBoard on rank 0, read by the frontend's /metrics
+        self._sink_board_last: tuple | None = None  # what was last written to the board
+        # Blocks of KV group 0 held by the streams in sink_requests (the sum of their
+        # rows' lengths), kept in step where rows grow or go (start, append, resume,
+        # restore; save, finish) so the per-step board needs no walk over the streams.
+        self.sink_blocks_held = 0
         # Per step (bounded): [start ns, requests scheduled, tokens scheduled, evictions,
-        # rebases, plugin host ns], read and cleared by the benchmarks through the
-        # worker's sink_trace(): step periods of evicting vs ordinary steps, and the
-        # plugin's share of each, without a round trip per step.
+        # rebases, plugin host ns, of which: key ops ns], read and cleared by the
+        # benchmarks through the worker's sink_trace(): step periods of evicting vs
+        # ordinary steps, and the plugin's share of each, without a round trip per step.
         self.sink_trace = collections.deque(maxlen=1 << 16)
+        self._sink_keys_ns = 0   # this step's time in _sink_fix_keys
 
     def _sink_board_values(self) -> dict[str, int]:
-        """What rank 0 publishes every step (one pass over the streams)."""
-        blocks = sum(len(rs.rows[0]) for rs in self.sink_requests.values() if rs.rows)
+        """What rank 0 publishes (no walk over the streams)."""
         return {**self.sink_counters, "active_requests": len(self.sink_requests),
-                "kv_blocks_reserved": blocks * self.sink_kv_groups}
+                "kv_blocks_reserved": self.sink_blocks_held * self.sink_kv_groups}
 
     def sink_stats(self) -> dict[str, int]:
+        """Counters for tests and tools; checks the kept block count against the rows."""
+        held = sum(len(rs.rows[0]) for rs in self.sink_requests.values() if rs.rows)
+        if held != self.sink_blocks_held:
+            raise RuntimeError(f"vllm_sink: block count kept as {self.sink_blocks_held}, "
+                               f"the streams' rows hold {held}; this is a bug")
         return {**self._sink_board_values(), "parked_sessions": len(self.sink_parked),
                 "max_offset": max((r.stream.offset for r in self.sink_requests.values()),
                                   default=0)}
 
     def _sink_publish(self) -> None:
-        if self.sink_board is not None:
+        """Write the board when a value changed (most decode steps change nothing)."""
+        if self.sink_board is None:
+            return
+        key = (len(self.sink_requests), self.sink_blocks_held,
+               *self.sink_counters.values())
+        if key != self._sink_board_last:
+            self._sink_board_last = key
             self.sink_board.write(self._sink_board_values())
 
     # ---- startup -------------------------------------------------------------------
@@ -180,6 +196,8 @@ class SinkRunnerMixin:
                 self._sink_restore(req_id, rs, new_blocks[i])
             elif new_blocks[i] is not None:
                 rs.append_blocks(new_blocks[i])
+                if new_blocks[i]:
+                    self.sink_blocks_held += len(new_blocks[i][0])
             st = rs.stream
             counts[i] = start - st.evicted                # absolute -> virtual
             # The virtual output count: async scheduling re-reads a re-added row's
@@ -196,13 +214,15 @@ class SinkRunnerMixin:
         result = super()._update_states(output)
         t2 = time.perf_counter_ns()
         before = self.sink_counters["evictions"], self.sink_counters["rebases"]
+        self._sink_keys_ns = 0
         self._sink_after_update(busy)
         self._sink_publish()
         self.sink_trace.append([t0, len(scheduler_output.num_scheduled_tokens),
                                 scheduler_output.total_num_scheduled_tokens,
                                 self.sink_counters["evictions"] - before[0],
                                 self.sink_counters["rebases"] - before[1],
-                                (t1 - t0) + (time.perf_counter_ns() - t2)])
+                                (t1 - t0) + (time.perf_counter_ns() - t2),
+                                self._sink_keys_ns])
         return result
 
     def _sink_finish(self, scheduler_output) -> set[str]:
@@ -216,8 +236,10 @@ class SinkRunnerMixin:
             else:
                 parks[req_id] = key
         for req_id in finished:
-            self.sink_offset_ids.discard(req_id)
+            self.sink_offsets.pop(req_id, None)
             rs = self.sink_requests.pop(req_id, None)
+            if rs is not None and rs.rows:
+                self.sink_blocks_held -= len(rs.rows[0])
             if rs is not None and req_id in parks:
                 rs.prompt = None
                 self.sink_parked[parks[req_id]] = rs
@@ -242,13 +264,16 @@ class SinkRunnerMixin:
                 raise RuntimeError(f"sink worker has no parked state for session {resume!r}")
             self.sink_requests[nr.req_id] = rs
             if rs.stream.offset:
-                self.sink_offset_ids.add(nr.req_id)
-            return resume_session(rs, nr, n)
+                self.sink_offsets[nr.req_id] = rs.stream.offset
+            resumed = resume_session(rs, nr, n)
+            self.sink_blocks_held += len(rs.rows[0]) if rs.rows else 0
+            return resumed
         if nr.num_computed_tokens:
             raise RuntimeError("sink mode requests start with no computed tokens")
         visible = min(len(nr.prompt_token_ids), n + 1)
-        self.sink_requests[nr.req_id] = RequestSink.start(layout, nr.prompt_token_ids,
-                                                          visible, nr.block_ids)
+        rs = self.sink_requests[nr.req_id] = RequestSink.start(layout, nr.prompt_token_ids,
+                                                               visible, nr.block_ids)
+        self.sink_blocks_held += len(rs.rows[0]) if rs.rows else 0
         mask = nr.prompt_is_token_ids
         return dataclasses.replace(
             nr, prompt_token_ids=list(nr.prompt_token_ids[:visible]),
@@ -268,6 +293,7 @@ class SinkRunnerMixin:
             cached = rs.stream.virtual(rs.step_start + rs.step_tokens)
             rs.saved_blocks = cdiv(cached, rs.layout.block_size)
             rs.saved = self.sink_keys.save([BlockSpan(rs.rows, 0, rs.saved_blocks)])
+            self.sink_blocks_held -= len(rs.rows[0]) if rs.rows else 0
             rs.rows = tuple([] for _ in rs.rows)
             self.sink_counters["kv_saves"] += 1
 
@@ -280,6 +306,7 @@ class SinkRunnerMixin:
             raise RuntimeError(f"stream {req_id} resumed with {[len(g) for g in rows]} "
                                f"blocks, {rs.saved_blocks} needed for its cache")
         rs.rows = rows
+        self.sink_blocks_held += len(rows[0]) if rows else 0
         self.sink_keys.restore([BlockSpan(rows, 0, rs.saved_blocks)], rs.saved)
         rs.saved = None
         self.sink_counters["kv_restores"] += 1
@@ -299,9 +326,9 @@ class SinkRunnerMixin:
                 self.sink_counters["evictions"] += 1
                 self.sink_counters["tokens_evicted"] += plan.evict_tokens
                 if plan.offset:
-                    self.sink_offset_ids.add(req_id)
+                    self.sink_offsets[req_id] = plan.offset
                 else:
-                    self.sink_offset_ids.discard(req_id)
+                    self.sink_offsets.pop(req_id, None)
                 if plan.first_eviction and sb:
                     snap.append(rs)
                 if plan.rebase_by:
@@ -316,7 +343,9 @@ class SinkRunnerMixin:
             if rs.prompt is not None:
                 show_prompt(self, req_id, rs, min(rs.prompt_len, rs.step_start + n + 1))
         if snap or rebase or sinks:
+            t = time.perf_counter_ns()
             self._sink_fix_keys(snap, rebase, rebase_by, sinks, offsets)
+            self._sink_keys_ns = time.perf_counter_ns() - t
         if refresh:
             self.input_batch.refresh_metadata()
         elif evicted_any and not self.input_batch.no_penalties:
@@ -355,23 +384,23 @@ class SinkRunnerMixin:
         num_reqs = ib.num_reqs
         if self.device.type == "cpu":
             self._sink_remember_rng()
-        if not self.sink_offset_ids:
+        if not self.sink_offsets:
             # Every O is 0: positions are the virtual ones vLLM computed, all below
             # span <= position_limit (SinkLayout's invariant).
             return
         offsets = self.sink_row_offsets.np[:num_reqs]
-        streams = self.sink_requests
-        offsets[:] = [streams[r].stream.offset if r in streams else -1 for r in ib.req_ids]
+        get = self.sink_offsets.get
+        offsets[:] = [get(r, 0) for r in ib.req_ids]     # dense rows and O = 0: 0
         # The contract: positions fed to a stream stay below the position limit. The
         # largest position of row i is computed_i + scheduled_i - 1 + O_i (host counts);
-        # dense rows (marked -1) are bounded by vLLM like any request.
+        # rows with O = 0 need no check (virtual positions < span, dense rows are
+        # bounded by vLLM like any request).
         last = ib.num_computed_tokens_cpu[:num_reqs] + num_scheduled_tokens[:num_reqs] \
             - 1 + offsets
         limit = self.sink.layout.position_limit
-        if num_reqs and int(np.where(offsets >= 0, last, 0).max()) >= limit:
+        if num_reqs and int(np.where(offsets > 0, last, 0).max()) >= limit:
             raise RuntimeError("vllm_sink: a position reached the position limit "
                                f"{limit}; this is a bug")
-        np.maximum(offsets, 0, out=offsets)
         if offsets.any():
             # positions[t] += O[row of t], on the device, in vLLM's persistent buffer
             # (slot mappings were computed from the virtual positions just before).

@@ -61,7 +61,7 @@ class SinkWorkerMixin:
     def sink_trace(self) -> list[list[int]]:
         """The runner's per-step records since the last call (then cleared): [start of
         the step (perf_counter ns), requests and tokens scheduled, evictions, rebases,
-        host ns spent in the plugin's own code]."""
+        host ns spent in the plugin's own code, of which in the batched key ops]."""
         trace = list(self.model_runner.sink_trace)
         self.model_runner.sink_trace.clear()
         return trace

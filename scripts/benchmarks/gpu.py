@@ -142,7 +142,8 @@ def steps_of(trace) -> list[dict]:
     """The worker's step records as dicts; ``ms`` is the step's period (start to the
     next step's start: the whole engine step, scheduler and IPC included)."""
     return [{"ms": (b[0] - a[0]) / 1e6, "reqs": a[1], "tokens": a[2], "evictions": a[3],
-             "rebases": a[4], "host_ms": a[5] / 1e6} for a, b in zip(trace, trace[1:])]
+             "rebases": a[4], "host_ms": a[5] / 1e6, "keys_ms": a[6] / 1e6}
+            for a, b in zip(trace, trace[1:])]
 
 
 def throughput(llm, rng, sessions, prompt_len=256, decode=256, window=None):
@@ -175,7 +176,14 @@ def fixup_steps(llm, rng, batch, window=None, decode=160):
     evicting = [t["ms"] for t in dec if t["evictions"]]
     step_ms = statistics.median([t["ms"] for t in dec])
     host_ms = statistics.mean([t["host_ms"] for t in dec])
+    ev = [t for t in dec if t["evictions"]]
     return {"batch": batch, "held": held,
+            "evictions_per_evicting_step": (statistics.mean([t["evictions"] for t in ev])
+                                            if ev else 0),
+            "host_ms_evicting": statistics.mean([t["host_ms"] for t in ev]) if ev else None,
+            "host_ms_ordinary": (statistics.mean([t["host_ms"] for t in dec if not t["evictions"]])
+                                 if len(ev) < len(dec) else None),
+            "keys_ms_evicting": statistics.mean([t["keys_ms"] for t in ev]) if ev else None,
             "ordinary_steps": len(ordinary), "evicting_steps": len(evicting),
             "ordinary_ms": statistics.median(ordinary) if ordinary else None,
             "evicting_ms": statistics.median(evicting) if evicting else None,

@@ -21,13 +21,21 @@ tokens/s, as ``timeit`` does): interference from the rest of a shared machine on
 ever adds time, and it can hit one process of a round and not the other.
 
     scripts/bench host                    # 256 sessions, 3 rounds (~8 min on 2 cores)
+    scripts/bench host --profile 30       # where the plugin's host time goes: the
+                                          # evicting workload alone, under cProfile
+
+On a CUDA machine the same script times the CUDA runner (``--block-size 16``, vLLM's
+CUDA default): the tiny forward leaves the step to the host, launches included.
 """
 
 from __future__ import annotations
 
 import argparse
+import cProfile
+import io
 import json
 import os
+import pstats
 import random
 import statistics
 import subprocess
@@ -67,7 +75,8 @@ def side(args) -> dict:
 
     plugin = args.side == "plugin"
     kw = dict(load_format="dummy", skip_tokenizer_init=True, seed=0,
-              max_num_seqs=args.sessions, kv_cache_memory_bytes=2 << 30, block_size=32,
+              max_num_seqs=args.sessions, kv_cache_memory_bytes=2 << 30,
+              block_size=args.block_size,
               enforce_eager=True, dtype="bfloat16")
     if plugin:
         kw["additional_config"] = {"sink": {"sink_tokens": 4, "window_tokens": 2048}}
@@ -94,6 +103,8 @@ def side(args) -> dict:
         return [t for t in trace if t[1] == t[2] == args.sessions]
 
     generate(16, 16)                                                   # warm-up
+    if args.profile:
+        return profile(llm, generate, args)
     for v in spent.values():
         v.clear()
     if plugin:
@@ -115,14 +126,60 @@ def side(args) -> dict:
     return out
 
 
+def profile(llm, generate, args) -> dict:
+    """The evicting workload with the runner's two hooks under cProfile: the top
+    functions by cumulative time, and the worker's own per-step figures."""
+    runner = llm.llm_engine.engine_core.engine_core.model_executor.driver_worker \
+        .worker.model_runner
+    prof = cProfile.Profile()
+    cls = type(runner)
+    for name in ("_update_states", "_prepare_inputs"):
+        orig = getattr(cls, name)
+
+        def wrapper(self, *a, _orig=orig, **k):
+            prof.enable()
+            try:
+                return _orig(self, *a, **k)
+            finally:
+                prof.disable()
+
+        setattr(cls, name, wrapper)
+    llm.collective_rpc("sink_trace")
+    generate(args.evict_window - 48, 160, window=args.evict_window)
+    trace = [t for t in llm.collective_rpc("sink_trace")[0]
+             if t[1] == t[2] == args.sessions]
+    evicting = [t for t in trace if t[3]]
+    out = {"decode_steps": len(trace), "evicting_steps": len(evicting),
+           "evictions_per_evicting_step": statistics.mean(t[3] for t in evicting)
+           if evicting else 0,
+           "plugin_host_us_evicting": statistics.mean(t[5] for t in evicting) / 1e3
+           if evicting else None,
+           "keys_us_evicting": statistics.mean(t[6] for t in evicting) / 1e3
+           if evicting else None,
+           "plugin_host_us_ordinary": statistics.mean(t[5] for t in trace if not t[3]) / 1e3
+           if len(evicting) < len(trace) else None}
+    text = io.StringIO()
+    pstats.Stats(prof, stream=text).sort_stats("cumulative").print_stats(args.profile)
+    print(text.getvalue())
+    print("RESULT " + json.dumps(out), flush=True)
+    return out
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--sessions", type=int, default=256)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--evict-window", type=int, default=256)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--block-size", type=int, default=32,
+                    help="KV block size (the CPU backend needs a multiple of 32)")
+    ap.add_argument("--profile", type=int, default=0, metavar="N",
+                    help="plugin only, the evicting workload under cProfile: print the "
+                         "top N functions (in-process, one run)")
     ap.add_argument("--side", choices=["vanilla", "plugin"], help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.profile:
+        args.side = "plugin"
     if args.side:
         side(args)
         return 0
@@ -130,7 +187,8 @@ def main() -> int:
     for r in range(args.rounds):
         for name in runs:                       # alternate, each in a fresh process
             cmd = [sys.executable, __file__, "--side", name, "--sessions", str(args.sessions),
-                   "--evict-window", str(args.evict_window), "--seed", str(r)]
+                   "--evict-window", str(args.evict_window), "--seed", str(r),
+                   "--block-size", str(args.block_size)]
             res = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
             lines = [x for x in res.stdout.splitlines() if x.startswith("RESULT ")]
             if res.returncode or not lines:
