@@ -17,17 +17,25 @@ def test_verified_backends_run(monkeypatch):
 
 
 def test_unverified_backend_refused_unless_named(monkeypatch):
+    # The mechanism, on a backend put in the unverified list for the test (none is now).
+    monkeypatch.setitem(backends.UNVERIFIED, "cuda", ("NEW_ATTN",))
     monkeypatch.delenv(backends.ENV, raising=False)
-    why = backends.refusal("FLASHINFER", "cuda")
+    why = backends.refusal("NEW_ATTN", "cuda")
     assert why is not None and "not verified" in why and backends.ENV in why
-    assert "FLASH_ATTN" in why and "TRITON_ATTN" in why
-    monkeypatch.setenv(backends.ENV, "triton_attn, flashinfer")
+    assert "FLASH_ATTN" in why and "TRITON_ATTN" in why and "FLASHINFER" in why
+    monkeypatch.setenv(backends.ENV, "triton_attn, new_attn")
+    assert backends.refusal("NEW_ATTN", "cuda") is None
+    assert "NEW_ATTN" in backends.allowed("cuda")
+    assert backends.refusal("NEW_ATTN", "cpu") is not None       # not a CPU backend
+
+
+def test_flashinfer_is_verified_on_cuda_only(monkeypatch):
+    monkeypatch.delenv(backends.ENV, raising=False)
     assert backends.refusal("FLASHINFER", "cuda") is None
-    assert "FLASHINFER" in backends.allowed("cuda")
-    assert backends.refusal("FLASHINFER", "cpu") is not None     # not a CPU backend
+    assert backends.refusal("FLASHINFER", "cpu") is not None
 
 
 def test_unknown_backend_refused_even_when_named(monkeypatch):
     monkeypatch.setenv(backends.ENV, "FLEX_ATTENTION")
     why = backends.refusal("FLEX_ATTENTION", "cuda")
-    assert why is not None and "verified on FLASH_ATTN, TRITON_ATTN" in why
+    assert why is not None and "verified on FLASH_ATTN, TRITON_ATTN, FLASHINFER" in why

@@ -93,16 +93,32 @@ def greedy_in_fresh_engine(model: str, sink: dict, prompts, max_tokens: int, **e
 def check_against_reference(ref, prompt, toks, lps, prefill_steps, min_agree_after_evict=300):
     """Compare one request against the ``StreamingReference`` ``ref`` (core oracle
     tolerances: mean |diff| <= 0.01, max <= 0.1; greedy agreement after the first
-    eviction); return (mean, max, agreement)."""
+    eviction); return (mean, max, agreement).
+
+    Greedy agreement: on the CPU the engine and the reference run the same float32
+    kernels, so the free-running greedy continuations agree token by token (at least
+    ``min_agree_after_evict`` tokens past the first eviction). On a GPU the engine's
+    float32 kernels differ from the CPU reference's in the last bits, and a free-running
+    comparison breaks at the first near-tie however exact the cache is; there the
+    reference's top-1 on the engine's own tokens (teacher-forced) must agree on >= 98%
+    of them, as in tests/e2e/test_cuda.py; the agreement returned is that count."""
     import torch
 
+    steps = prefill_steps if isinstance(prefill_steps, list) else [len(prompt)]
+    if torch.cuda.is_available():
+        ref_lp, top1 = ref.stream().score(list(prompt) + list(toks), steps + [1] * len(toks))
+        ref_lp, top1 = ref_lp[len(prompt):], top1[len(prompt):]
+        agree = int((top1 == torch.tensor(toks)).sum())
+        diff = (lps - ref_lp).abs()
+        assert diff.mean() <= 0.01 and diff.max() <= 0.1, (float(diff.mean()), float(diff.max()))
+        assert agree >= 0.98 * len(toks), (agree, len(toks))
+        return float(diff.mean()), float(diff.max()), agree
     greedy, greedy_lp = ref.stream().greedy(prompt, len(toks), prefill_steps)
     agree = next((i for i, (a, b) in enumerate(zip(toks, greedy)) if a != b), len(toks))
     if agree == len(toks):
         ref_lp = torch.tensor(greedy_lp)
     else:
         stream = ref.stream()
-        steps = (prefill_steps if isinstance(prefill_steps, list) else [len(prompt)])
         ref_lp = stream.teacher_force(list(prompt) + toks, steps + [1] * len(toks))[len(prompt):]
     diff = (lps - ref_lp).abs()
     first_evict = max(0, ref.layout.capacity - len(prompt))   # tokens before eviction

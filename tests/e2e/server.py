@@ -34,6 +34,9 @@ class Server:
         cli = [found] if found else [sys.executable, "-m", "vllm.entrypoints.cli.main"]
         cmd = [*cli, "serve", model, "--host", "127.0.0.1", "--port", str(self.port),
                "--served-model-name", "smol", "--enforce-eager", *args]
+        block = os.environ.get("VLLM_SINK_TEST_BLOCK_SIZE")   # as make_llm: the CPU
+        if block and "--block-size" not in args:              # layouts, on another device
+            cmd += ["--block-size", block]
         if sink is not None:
             cmd += ["--additional-config", json.dumps({"sink": sink})]
         self.log_path = log_path or os.path.join(tempfile.gettempdir(),

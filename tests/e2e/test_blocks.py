@@ -52,7 +52,11 @@ def test_blocks_grow_to_capacity_then_stay_flat(engine):
     assert lengths == {f"long{i}": 400 for i in range(3)}
     # On demand: one block per ~30-token prompt at first, never more than C/B each ...
     assert all(running <= blocks <= 4 * running for running, blocks in history if running)
-    assert any(blocks == running for running, blocks in history[:5] if running)
+    # (With async scheduling, vLLM's CUDA default, the scheduler may already have
+    # scheduled the next step when the metrics are read: the 32-token prompt's stream
+    # then holds the second block its first decoded token needs.)
+    ahead = int(engine.vllm_config.scheduler_config.async_scheduling)
+    assert any(blocks <= running + ahead for running, blocks in history[:5] if running)
     # ... and exactly C/B per stream from then on, through ~270 tokens of evictions.
     full = [blocks for running, blocks in history[110:] if running == 3]
     assert len(full) > 250 and set(full) == {12}
