@@ -79,7 +79,7 @@ class Rotations:
     that a -0.0 in an untouched dim may come back as +0.0.
 
     ``multipliers`` builds c and s for a list of deltas on the host, with numpy, from
-    the table normalised once (``rotations_for_deltas``' arithmetic): one array to ship.
+    the rows it needs (``rotations_for_deltas``' arithmetic): one array to ship.
     """
 
     def __init__(self, cos_sin_f32: torch.Tensor, head_size: int, is_neox: bool) -> None:
@@ -88,9 +88,8 @@ class Rotations:
         rot = 2 * self.half
         if rot > head_size:
             raise ValueError(f"rotary dim {rot} exceeds head size {head_size}")
-        scale = table[0, :self.half]                      # mscale (1 for plain RoPE)
-        self.cos = (table[:, :self.half] / scale).numpy()
-        self.sin = (table[:, self.half:] / scale).numpy()
+        self.table = table.numpy()                        # shares the tensor's memory
+        self.scale = self.table[0, :self.half].copy()     # mscale (1 for plain RoPE)
         self.D, self.is_neox = head_size, is_neox
         if is_neox:                                       # pairs (i, i + R/2)
             first = np.arange(self.half)
@@ -107,11 +106,13 @@ class Rotations:
         """``[n, 2, D]`` float32: c then s (see the class) for each delta."""
         d = np.asarray(deltas, dtype=np.int64).reshape(-1)
         rows = np.abs(d)
-        if d.size and int(rows.max()) >= self.cos.shape[0]:
+        if d.size and int(rows.max()) >= self.table.shape[0]:
             bad = int(d[rows.argmax()])
             raise ValueError(f"rotation by {bad} needs table row {abs(bad)}, table has "
-                             f"{self.cos.shape[0]} rows")
-        cos, sin = self.cos[rows], self.sin[rows]
+                             f"{self.table.shape[0]} rows")
+        picked = self.table[rows]                         # [n, R]: cos | sin
+        cos = picked[:, :self.half] / self.scale
+        sin = picked[:, self.half:] / self.scale
         sin = np.where((d < 0)[:, None], -sin, sin)
         out = np.zeros((d.size, 2, self.D), dtype=np.float32)
         out[:, 0, :] = 1.0

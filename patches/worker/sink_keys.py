@@ -88,13 +88,20 @@ class SinkKeys:
         return ids, counts
 
     def snapshot(self, spans: Sequence[BlockSpan]) -> list[list[torch.Tensor]]:
-        """A copy of the keys of each span (per cache ``[L, n, N, H, D]``), one read."""
+        """A copy of the keys of each span (per cache ``[L, n, N, H, D]``), one read.
+
+        Each span's copy is its own contiguous tensor: a slice of the batch read would
+        keep the whole batch alive as long as any of its streams lives, and ``move``
+        concatenates the snapshots of a step, which on CUDA is one kernel only when
+        every input is contiguous (else one copy per input)."""
         out: list[list[torch.Tensor]] = [[] for _ in spans]
         for g, cache in self.caches:
             ids, counts = self._kernel_blocks(g, spans)
             keys = cache.read(to_device(ids, cache.device))
-            for i, part in enumerate(torch.split(keys, counts, dim=1)):
-                out[i].append(part)
+            parts = torch.split(keys, counts, dim=1)
+            for i, part in enumerate(parts):
+                out[i].append(part if len(parts) == 1
+                              else part.clone(memory_format=torch.contiguous_format))
         return out
 
     def move(self, spans: Sequence[BlockSpan], deltas: Sequence[int],
