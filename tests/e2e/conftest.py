@@ -21,8 +21,18 @@ def make_llm(model: str, sink: dict | None = None, **kw):
     if os.environ.get("VLLM_SINK_TEST_BLOCK_SIZE"):   # the CPU layouts, on another device
         kw.setdefault("block_size", int(os.environ["VLLM_SINK_TEST_BLOCK_SIZE"]))
     kw.setdefault("seed", 0)
+    for k, v in _gpu_share().items():
+        kw.setdefault(k, v)
     extra = {"sink": sink} if sink is not None else {}
     return LLM(model, additional_config=extra, **kw)
+
+
+def _gpu_share() -> dict:
+    """Engine settings that let several test engines share one GPU (gpu-verify runs the
+    e2e files side by side): vLLM refuses to start when less memory is free than its
+    gpu_memory_utilization share, and the pool here is fixed (KV_BYTES) anyway."""
+    util = os.environ.get("VLLM_SINK_TEST_GPU_MEMORY_UTILIZATION")
+    return {"gpu_memory_utilization": float(util)} if util else {}
 
 
 def shutdown(llm) -> None:
@@ -54,7 +64,7 @@ def generate_in_subprocess(model: str, prompts: list[list[int]], max_tokens: int
     script = os.path.join(os.path.dirname(__file__), "_generate.py")
     args = json.dumps({"model": model, "prompts": prompts, "max_tokens": max_tokens,
                        "engine": {"kv_cache_memory_bytes": KV_BYTES, "enforce_eager": True,
-                                  "seed": 0, **engine_kw}})
+                                  "seed": 0, **_gpu_share(), **engine_kw}})
     out = subprocess.run([sys.executable, script, args], env={**os.environ, **env},
                          capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]

@@ -22,6 +22,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def _cuda() -> bool:
+    try:
+        import torch
+    except ImportError:
+        return False
+    return torch.cuda.is_available()
+
+
 class Server:
     def __init__(self, model: str, sink: dict | None, *args: str, env: dict | None = None,
                  kv_gib: int = 1, log_path: str | None = None) -> None:
@@ -37,6 +45,13 @@ class Server:
         block = os.environ.get("VLLM_SINK_TEST_BLOCK_SIZE")   # as make_llm: the CPU
         if block and "--block-size" not in args:              # layouts, on another device
             cmd += ["--block-size", block]
+        if _cuda() and "--kv-cache-memory-bytes" not in args:
+            # The same pool as on the CPU (there VLLM_CPU_KVCACHE_SPACE below sets it),
+            # not vLLM's default of most of the GPU's memory.
+            cmd += ["--kv-cache-memory-bytes", str(kv_gib * 2**30)]
+        util = os.environ.get("VLLM_SINK_TEST_GPU_MEMORY_UTILIZATION")
+        if util and "--gpu-memory-utilization" not in args:   # several engines on one GPU
+            cmd += ["--gpu-memory-utilization", util]
         if sink is not None:
             cmd += ["--additional-config", json.dumps({"sink": sink})]
         self.log_path = log_path or os.path.join(tempfile.gettempdir(),
