@@ -187,7 +187,16 @@ def fixup_steps(llm, rng, batch, window=None, decode=160):
             "ordinary_steps": len(ordinary), "evicting_steps": len(evicting),
             "ordinary_ms": statistics.median(ordinary) if ordinary else None,
             "evicting_ms": statistics.median(evicting) if evicting else None,
-            "step_ms": step_ms, "host_ms_per_step": host_ms, "host_share": host_ms / step_ms}
+            "step_ms": step_ms, "host_ms_per_step": host_ms, "host_share": host_ms / step_ms,
+            # medians beside the means (a few slow steps, e.g. an allocator's first
+            # request of a size, weigh on a mean of ~10-60 evicting steps), and the steps
+            # themselves: [period ms, evictions, plugin host ms, of which key op ms]
+            "host_ms_evicting_median": (statistics.median([t["host_ms"] for t in ev])
+                                        if ev else None),
+            "keys_ms_evicting_median": (statistics.median([t["keys_ms"] for t in ev])
+                                        if ev else None),
+            "steps": [[round(t["ms"], 3), t["evictions"], round(t["host_ms"], 3),
+                       round(t["keys_ms"], 3)] for t in dec]}
 
 
 def checkpoint(args, res: dict) -> None:
@@ -257,7 +266,8 @@ def plugin(args) -> dict:
         checkpoint(args, res)
     for b in args.batches:
         res["fixup"].append(fixup_steps(llm, rng, b))
-        print("plugin fixup", res["fixup"][-1], flush=True)
+        print("plugin fixup", {k: v for k, v in res["fixup"][-1].items() if k != "steps"},
+              flush=True)
         checkpoint(args, res)
     for w in args.windows:
         row = run_single(llm, tokens(rng, 2 * w + 500), 128, w)
@@ -305,7 +315,7 @@ def report(args) -> int:
     fix = plg.get("fixup", [])
     if fix:
         print("\neviction fix-up and per-step host bookkeeping (decode steps)")
-        print(table(fix, list(dict.fromkeys(k for r in fix for k in r))))
+        print(table(fix, [k for k in dict.fromkeys(k for r in fix for k in r) if k != "steps"]))
     payload = {"benchmark": "gpu", "date": time.strftime("%Y-%m-%d %H:%M:%S"),
                "hardware": hardware(),
                "shape": "Llama-3.1-8B (dummy weights), bf16", "graphs": args.graphs,

@@ -22,6 +22,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+CLI_MODULES = {"vllm": "vllm.entrypoints.cli.main", "vllm-sink": "vllm_sink.cli"}
+
+
+def cli(name: str) -> list[str]:
+    """The command of console script ``name``: the interpreter's own (its venv), else the
+    PATH's, else the same CLI through this interpreter (an install into a --target
+    directory, as on the lent GPU machine, has no scripts)."""
+    own = Path(sys.executable).with_name(name)
+    found = str(own) if own.exists() else shutil.which(name)
+    return [found] if found else [sys.executable, "-m", CLI_MODULES[name]]
+
+
 def _cuda() -> bool:
     try:
         import torch
@@ -36,11 +48,7 @@ class Server:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.model = model
-        # The venv's `vllm`, else the PATH's, else the same CLI through this interpreter.
-        vllm = Path(sys.executable).with_name("vllm")
-        found = str(vllm) if vllm.exists() else shutil.which("vllm")
-        cli = [found] if found else [sys.executable, "-m", "vllm.entrypoints.cli.main"]
-        cmd = [*cli, "serve", model, "--host", "127.0.0.1", "--port", str(self.port),
+        cmd = [*cli("vllm"), "serve", model, "--host", "127.0.0.1", "--port", str(self.port),
                "--served-model-name", "smol", "--enforce-eager", *args]
         block = os.environ.get("VLLM_SINK_TEST_BLOCK_SIZE")   # as make_llm: the CPU
         if block and "--block-size" not in args:              # layouts, on another device
@@ -54,7 +62,10 @@ class Server:
             cmd += ["--gpu-memory-utilization", util]
         if sink is not None:
             cmd += ["--additional-config", json.dumps({"sink": sink})]
-        self.log_path = log_path or os.path.join(tempfile.gettempdir(),
+        # VLLM_SINK_TEST_LOG_DIR keeps the server logs (gpu-verify: with its results)
+        log_dir = os.environ.get("VLLM_SINK_TEST_LOG_DIR") or tempfile.gettempdir()
+        os.makedirs(log_dir, exist_ok=True)
+        self.log_path = log_path or os.path.join(log_dir,
                                                  f"vllm_sink_test_server_{self.port}.log")
         self.log = open(self.log_path, "w")
         full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "VLLM_CPU_KVCACHE_SPACE": str(kv_gib),

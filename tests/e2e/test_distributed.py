@@ -101,6 +101,7 @@ def _import_ray():
     return pytest.importorskip("ray", reason='Ray Data test: pip install "ray[data]"')
 
 
+@pytest.mark.slow   # ~90 s on 2 cores (Ray's start); `scripts/test --all` runs it
 def test_ray_data_batch_example(tmp_path):
     _import_ray()
     script = Path(__file__).resolve().parents[2] / "examples" / "ray_batch.py"

@@ -78,6 +78,9 @@ def test_rebase_and_streamed_prompt_match_reference(default_model_dir, reference
     assert (got - want).abs().max() <= 0.1 and (got - want).abs().mean() <= 0.01
 
 
+# slow: the default run checks a window-only stream against its reference in
+# test_mixed.py (in a mixed batch); this one, alone and with a longer prompt, in --all.
+@pytest.mark.slow
 def test_window_only_matches_reference(default_model_dir, reference_model, kjv):
     sink = {"sink_tokens": 0, "window_tokens": 128}
     prompts = [kjv[500:520], kjv[600:690]]

@@ -6,15 +6,13 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import threading
 import time
-from pathlib import Path
 
 import pytest
 import requests
 
-from tests.e2e.server import Server
+from tests.e2e.server import Server, cli
 
 pytestmark = pytest.mark.e2e
 
@@ -163,17 +161,17 @@ def test_no_new_endpoints(servers):
 
 
 def test_soak_command_short(servers, tmp_path):
-    """The CI-sized soak: 8 sessions, 100 s, back-to-back 300-token requests."""
+    """The CI-sized soak: 8 sessions, 60 s, back-to-back 300-token requests."""
     sink, _ = servers
     out = tmp_path / "soak.json"
-    cmd = [str(Path(sys.executable).with_name("vllm-sink")), "soak", "--url", sink.url,
-           "--sessions", "8", "--duration", "100", "--warmup", "40", "--interval", "2",
+    cmd = [*cli("vllm-sink"), "soak", "--url", sink.url,
+           "--sessions", "8", "--duration", "60", "--warmup", "25", "--interval", "1",
            "--request-tokens", "300", "--quiet", "--json", str(out)]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=400)
     print(done.stdout)
     verdict = json.loads(out.read_text())["verdict"]
     assert done.returncode == 0 and verdict["passed"], done.stdout + done.stderr[-2000:]
-    # ~50 samples at 2 s; a loaded 2-core CI box scrapes more slowly: 20 still shows drift
+    # ~60 samples at 1 s; a loaded 2-core CI box scrapes more slowly: 20 still shows drift
     assert verdict["samples"] >= 20 and verdict["drift_samples"] == 0
 
 

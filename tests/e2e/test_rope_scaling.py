@@ -34,7 +34,10 @@ VARIANTS = {
 }
 
 
-@pytest.mark.parametrize("kind", list(VARIANTS))
+# linear scaling (a table with every frequency divided by one factor) runs with --all;
+# llama3 and YaRN (per-frequency factors, YaRN's attention scaling) in the default run.
+@pytest.mark.parametrize("kind", [pytest.param(k, marks=pytest.mark.slow) if k == "linear"
+                                  else k for k in VARIANTS])
 def test_rope_scaling_matches_reference(kind, default_model_dir, kjv):
     from transformers import AutoModelForCausalLM
 

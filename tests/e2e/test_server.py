@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from tests.e2e.server import Server
+from tests.e2e.server import Server, cli
 
 pytestmark = pytest.mark.e2e
 
@@ -121,7 +121,7 @@ def test_requests_sse_and_disconnect_frees_blocks(server):
 
 def test_loadtest_64_sessions(server, tmp_path):
     out = tmp_path / "load.json"
-    cmd = [str(Path(sys.executable).with_name("vllm-sink")), "loadtest", "--url", server.url,
+    cmd = [*cli("vllm-sink"), "loadtest", "--url", server.url,
            "--sessions", "64", "--duration", "25", "--mode", "generate", "--quiet",
            "--metrics-interval", "0.5", "--json", str(out)]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
@@ -141,7 +141,7 @@ def test_loadtest_64_sessions(server, tmp_path):
 def test_loadtest_mixes_dense_and_streams(server, tmp_path):
     """--dense-fraction: short plain-dense requests beside endless streams, one batch."""
     out = tmp_path / "mixed.json"
-    cmd = [str(Path(sys.executable).with_name("vllm-sink")), "loadtest", "--url", server.url,
+    cmd = [*cli("vllm-sink"), "loadtest", "--url", server.url,
            "--sessions", "10", "--dense-fraction", "0.8", "--dense-tokens", "16",
            "--duration", "15", "--quiet", "--metrics-interval", "0.5", "--json", str(out)]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
@@ -162,7 +162,7 @@ def test_loadtest_mixes_dense_and_streams(server, tmp_path):
 
 def test_vllm_bench_serve_interop(server, tmp_path):
     """vLLM's own benchmark client runs against the sink server without errors."""
-    cmd = [str(Path(sys.executable).with_name("vllm")), "bench", "serve",
+    cmd = [*cli("vllm"), "bench", "serve",
            "--backend", "vllm", "--base-url", server.url, "--model", "smol",
            "--tokenizer", server.model, "--dataset-name", "random",
            "--random-input-len", "64", "--random-output-len", str(2 * CONTEXT),
