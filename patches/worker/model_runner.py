@@ -84,9 +84,11 @@ class SinkRunnerMixin:
         # restore; save, finish) so the per-step board needs no walk over the streams.
         self.sink_blocks_held = 0
         # Per step (bounded): [start ns, requests scheduled, tokens scheduled, evictions,
-        # rebases, plugin host ns, of which: key ops ns], read and cleared by the
-        # benchmarks through the worker's sink_trace(): step periods of evicting vs
-        # ordinary steps, and the plugin's share of each, without a round trip per step.
+        # rebases, plugin host ns, of which: key ops ns, plugin thread CPU ns], read and
+        # cleared by the benchmarks through the worker's sink_trace(): step periods of
+        # evicting vs ordinary steps, and the plugin's share of each, without a round
+        # trip per step. Host ns is wall time: with the GIL released by every torch call,
+        # it includes time other threads of the process held it; CPU ns does not.
         self.sink_trace = collections.deque(maxlen=1 << 16)
         self._sink_keys_ns = 0   # this step's time in _sink_fix_keys
 
@@ -166,7 +168,7 @@ class SinkRunnerMixin:
 
     # ---- per step: before vLLM updates its batch ------------------------------------
     def _update_states(self, scheduler_output):
-        t0 = time.perf_counter_ns()
+        t0, c0 = time.perf_counter_ns(), time.thread_time_ns()
         finished = self._sink_finish(scheduler_output)
         self._sink_save_preempted(scheduler_output, finished)
         new_reqs = [self._sink_new_request(nr, scheduler_output)
@@ -210,9 +212,9 @@ class SinkRunnerMixin:
             scheduler_output, scheduled_new_reqs=new_reqs, finished_req_ids=finished,
             scheduled_cached_reqs=dataclasses.replace(cached, num_computed_tokens=counts,
                                                       num_output_tokens=outputs))
-        t1 = time.perf_counter_ns()
+        t1, c1 = time.perf_counter_ns(), time.thread_time_ns()
         result = super()._update_states(output)
-        t2 = time.perf_counter_ns()
+        t2, c2 = time.perf_counter_ns(), time.thread_time_ns()
         before = self.sink_counters["evictions"], self.sink_counters["rebases"]
         self._sink_keys_ns = 0
         self._sink_after_update(busy)
@@ -222,7 +224,8 @@ class SinkRunnerMixin:
                                 self.sink_counters["evictions"] - before[0],
                                 self.sink_counters["rebases"] - before[1],
                                 (t1 - t0) + (time.perf_counter_ns() - t2),
-                                self._sink_keys_ns])
+                                self._sink_keys_ns,
+                                (c1 - c0) + (time.thread_time_ns() - c2)])
         return result
 
     def _sink_finish(self, scheduler_output) -> set[str]:
@@ -373,10 +376,12 @@ class SinkRunnerMixin:
     # ---- positions ----------------------------------------------------------------------
     def _prepare_inputs(self, scheduler_output, num_scheduled_tokens: np.ndarray, *args, **kwargs):
         result = super()._prepare_inputs(scheduler_output, num_scheduled_tokens, *args, **kwargs)
-        t0 = time.perf_counter_ns()
+        t0, c0 = time.perf_counter_ns(), time.thread_time_ns()
         self._sink_offset_positions(num_scheduled_tokens)
         if self.sink_trace:  # this step's record (_update_states ran first)
-            self.sink_trace[-1][5] += time.perf_counter_ns() - t0
+            record = self.sink_trace[-1]
+            record[5] += time.perf_counter_ns() - t0
+            record[7] += time.thread_time_ns() - c0
         return result
 
     def _sink_offset_positions(self, num_scheduled_tokens: np.ndarray) -> None:

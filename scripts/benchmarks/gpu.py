@@ -142,7 +142,8 @@ def steps_of(trace) -> list[dict]:
     """The worker's step records as dicts; ``ms`` is the step's period (start to the
     next step's start: the whole engine step, scheduler and IPC included)."""
     return [{"ms": (b[0] - a[0]) / 1e6, "reqs": a[1], "tokens": a[2], "evictions": a[3],
-             "rebases": a[4], "host_ms": a[5] / 1e6, "keys_ms": a[6] / 1e6}
+             "rebases": a[4], "host_ms": a[5] / 1e6, "keys_ms": a[6] / 1e6,
+             "cpu_ms": a[7] / 1e6 if len(a) > 7 else None}
             for a, b in zip(trace, trace[1:])]
 
 
@@ -176,6 +177,8 @@ def fixup_steps(llm, rng, batch, window=None, decode=160):
     evicting = [t["ms"] for t in dec if t["evictions"]]
     step_ms = statistics.median([t["ms"] for t in dec])
     host_ms = statistics.mean([t["host_ms"] for t in dec])
+    cpu_ms = (statistics.mean([t["cpu_ms"] for t in dec])
+              if all(t["cpu_ms"] is not None for t in dec) else None)
     ev = [t for t in dec if t["evictions"]]
     return {"batch": batch, "held": held,
             "evictions_per_evicting_step": (statistics.mean([t["evictions"] for t in ev])
@@ -188,15 +191,18 @@ def fixup_steps(llm, rng, batch, window=None, decode=160):
             "ordinary_ms": statistics.median(ordinary) if ordinary else None,
             "evicting_ms": statistics.median(evicting) if evicting else None,
             "step_ms": step_ms, "host_ms_per_step": host_ms, "host_share": host_ms / step_ms,
+            # the plugin's thread CPU time (its wall time less waits for the GIL)
+            "cpu_ms_per_step": cpu_ms, "cpu_share": cpu_ms / step_ms if cpu_ms else None,
             # medians beside the means (a few slow steps, e.g. an allocator's first
             # request of a size, weigh on a mean of ~10-60 evicting steps), and the steps
-            # themselves: [period ms, evictions, plugin host ms, of which key op ms]
+            # themselves: [period ms, evictions, plugin host ms, of which key op ms,
+            # plugin CPU ms]
             "host_ms_evicting_median": (statistics.median([t["host_ms"] for t in ev])
                                         if ev else None),
             "keys_ms_evicting_median": (statistics.median([t["keys_ms"] for t in ev])
                                         if ev else None),
             "steps": [[round(t["ms"], 3), t["evictions"], round(t["host_ms"], 3),
-                       round(t["keys_ms"], 3)] for t in dec]}
+                       round(t["keys_ms"], 3), round(t["cpu_ms"] or 0, 3)] for t in dec]}
 
 
 def checkpoint(args, res: dict) -> None:

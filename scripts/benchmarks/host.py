@@ -121,6 +121,8 @@ def side(args) -> dict:
                           ("ordinary", [t for t in decode if not t[3]])):
             out[f"plugin_host_us_{key}"] = (statistics.median(t[5] for t in rows) / 1e3
                                            if rows else None)
+            out[f"plugin_cpu_us_{key}"] = (statistics.median(t[7] for t in rows) / 1e3
+                                          if rows else None)
             out[f"{key}_steps"] = len(rows)
     print("RESULT " + json.dumps(out), flush=True)
     return out

@@ -64,6 +64,29 @@ def test_blocks_grow_to_capacity_then_stay_flat(engine):
     assert _blocks_used(engine) == 0
 
 
+def test_step_trace_counts_the_evictions(engine):
+    """The worker's step trace (what the benchmarks read through sink_trace): one record
+    per step, its evictions adding up to the worker's counter, the plugin's wall time
+    covering its key-op time."""
+    from vllm import SamplingParams
+
+    engine.collective_rpc("sink_trace")                   # read and clear: a fresh trace
+    before = engine.collective_rpc("sink_stats")[0]
+    engine.add_request("traced", {"prompt_token_ids": list(range(300, 320))},
+                       SamplingParams(max_tokens=300, ignore_eos=True))
+    steps = 0
+    while engine.has_unfinished_requests():
+        engine.step()
+        steps += 1
+    trace = engine.collective_rpc("sink_trace")[0]
+    after = engine.collective_rpc("sink_stats")[0]
+    assert sum(r[3] for r in trace) == after["evictions"] - before["evictions"] > 0
+    assert 0 < len(trace) <= steps + 1
+    assert all(len(r) == 8 and r[5] >= r[6] >= 0 and r[7] >= 0 for r in trace)
+    assert sum(r[7] for r in trace) > 0                  # the plugin's thread CPU time
+    assert [r[0] for r in trace] == sorted(r[0] for r in trace)
+
+
 def test_abort_returns_blocks(engine):
     from vllm import SamplingParams
 
