@@ -114,7 +114,8 @@ class KeyCache:
 
     def write(self, blocks: torch.Tensor, keys: torch.Tensor) -> None:
         """Store ``keys [L, n, N, H, D]`` into ``blocks``."""
-        keys = keys.to(self.dtype)
+        if keys.dtype != self.dtype:  # (each torch call costs host time: skip a no-op)
+            keys = keys.to(self.dtype)
         if self.stack is not None:
             self.stack[:, blocks] = keys
         elif self.views:
@@ -158,8 +159,8 @@ class KeyCache:
         idx = packed[:8 * n].view(torch.int64)
         keys = self.read(idx) if source is None else source
         if rotating:
-            m = packed[8 * n:].view(torch.float32).view(n, 2, 1, 1, self.D)
-            keys = rotate_full(keys, m[:, 0], m[:, 1], self._perm)   # [L, n, N, H, D]
+            c, s = packed[8 * n:].view(torch.float32).view(n, 2, 1, 1, self.D).unbind(1)
+            keys = rotate_full(keys, c, s, self._perm)                # [L, n, N, H, D]
         self.write(idx, keys)
 
 

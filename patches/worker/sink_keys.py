@@ -112,8 +112,9 @@ class SinkKeys:
             ids, counts = self._kernel_blocks(g, spans)
             per_block = [d for d, n in zip(deltas, counts) for _ in range(n)]
             source = None
-            if sources is not None:
-                source = torch.cat([s[c] for s in sources], dim=1)
+            if sources is not None:   # one span (most steps at batch 1): no copy
+                parts = [s[c] for s in sources]
+                source = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
             cache.rotate(ids, per_block, source)
 
     def save(self, spans: Sequence[BlockSpan]) -> list[torch.Tensor]:
