@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import time
 
 from common import RESULTS, save, table
 
@@ -25,13 +26,19 @@ def run(sessions_on: bool, args) -> dict:
 
     sink = {"sink_tokens": 4, "window_tokens": args.window, "sessions": sessions_on}
     server = Server(default_model(), sink)
+    t = time.monotonic()
     try:
         server.wait_ready()
+        # progress lines: a run under a time limit shows where it stood (log: server.log_path)
+        print(f"[sessions] resume {'on' if sessions_on else 'off'}: server ready in "
+              f"{time.monotonic() - t:.0f} s ({server.log_path})", flush=True)
         cfg = LoadConfig(url=server.url, sessions=args.sessions, duration=None,
                          tokens=args.turns * args.turn_tokens, mode="chat",
                          turn_tokens=args.turn_tokens, max_turns=args.turns,
                          session_ids=True, quiet=True, timeout=1800)
         summary = asyncio.run(LoadTest(cfg).run())
+        print(f"[sessions] resume {'on' if sessions_on else 'off'}: chats done in "
+              f"{time.monotonic() - t:.0f} s", flush=True)
         metrics = server.metrics()
     finally:
         server.stop()
