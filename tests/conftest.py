@@ -12,7 +12,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
 def pytest_collection_modifyitems(config, items):
-    """Every test must carry exactly one tier marker: the default run stays honest."""
+    """Every test must carry a tier marker (slow ones carry slow beside their own
+    tier, e.g. e2e): the default run stays honest."""
     tiers = {"cpu", "e2e", "gpu", "slow"}
     cuda = _cuda_available()
     if cuda:
