@@ -59,10 +59,13 @@ def engine_factory():
 
 
 def generate_in_subprocess(model: str, prompts: list[list[int]], max_tokens: int,
-                           env: dict[str, str], **engine_kw) -> list[list[int]]:
-    """Greedy generations from a fresh Python process (e.g. with plugins disabled)."""
+                           env: dict[str, str], top_logprobs: int | None = None,
+                           **engine_kw) -> list:
+    """Greedy generations from a fresh Python process (e.g. with plugins disabled): the
+    token ids per prompt, or with ``top_logprobs`` what ``greedy_top`` returns."""
     script = os.path.join(os.path.dirname(__file__), "_generate.py")
     args = json.dumps({"model": model, "prompts": prompts, "max_tokens": max_tokens,
+                       "top_logprobs": top_logprobs,
                        "engine": {"kv_cache_memory_bytes": KV_BYTES, "enforce_eager": True,
                                   "seed": 0, **_gpu_share(), **engine_kw}})
     out = subprocess.run([sys.executable, script, args], env={**os.environ, **env},
@@ -70,7 +73,53 @@ def generate_in_subprocess(model: str, prompts: list[list[int]], max_tokens: int
     assert out.returncode == 0, out.stderr[-3000:]
     lines = [x for x in out.stdout.splitlines() if x.startswith("RESULT ")]
     assert lines, out.stdout[-2000:] + out.stderr[-2000:]
-    return json.loads(lines[-1][len("RESULT "):])
+    result = json.loads(lines[-1][len("RESULT "):])
+    if top_logprobs is None:
+        return result
+    return [(toks, [{int(t): lp for t, lp in top.items()} for top in tops])
+            for toks, tops in result]
+
+
+def greedy_top(llm, prompts, max_tokens: int, k: int = 5):
+    """Greedy generations (ignore EOS): per prompt (token ids, per token the top-``k``
+    log-probs as {token id: log-prob}, the sampled token always among them)."""
+    from vllm import SamplingParams
+
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts],
+                        SamplingParams(temperature=0, max_tokens=max_tokens, logprobs=k,
+                                       ignore_eos=True), use_tqdm=False)
+    return [(list(o.outputs[0].token_ids),
+             [{t: lp.logprob for t, lp in step.items()} for step in o.outputs[0].logprobs])
+            for o in outs]
+
+
+def assert_greedy_close(a, b, names=("a", "b"), tie=0.25, prefix_tol=0.1) -> int:
+    """Two engines' greedy runs (``greedy_top`` results for the same prompts) are the
+    same computation: token for token equal, or equal up to a near-tie and not compared
+    after it (vLLM's own check_logprobs_close rule, with the tie bounded). Kernels that
+    reduce in another order (thread counts, batch shapes) move log-probs in their last
+    bits, and greedy decoding amplifies a flipped near-tie into a different continuation
+    however exact everything else is. At the first differing token i: each engine's
+    token is in the other's top-k, and each engine ranks the two within ``tie`` nats;
+    before i, the sampled tokens' log-probs agree within ``prefix_tol``. Returns how
+    many prompts diverged (at a near-tie)."""
+    diverged = 0
+    for n, ((ta, la), (tb, lb)) in enumerate(zip(a, b, strict=True)):
+        assert len(ta) == len(tb), (n, len(ta), len(tb))
+        i = next((j for j, (x, y) in enumerate(zip(ta, tb)) if x != y), len(ta))
+        for j in range(i):
+            gap = abs(la[j][ta[j]] - lb[j][tb[j]])
+            assert gap <= prefix_tol, (f"prompt {n} token {j}: log-prob {la[j][ta[j]]:.4f} "
+                                       f"({names[0]}) vs {lb[j][tb[j]]:.4f} ({names[1]})")
+        if i == len(ta):
+            continue
+        diverged += 1
+        x, y = ta[i], tb[i]
+        where = f"prompt {n} token {i}: {names[0]} {x}, {names[1]} {y}"
+        assert x in lb[i] and y in la[i], f"{where}: not in each other's top-k ({la[i]}; {lb[i]})"
+        assert la[i][x] - la[i][y] <= tie and lb[i][y] - lb[i][x] <= tie, \
+            f"{where}: not a near-tie ({la[i]}; {lb[i]})"
+    return diverged
 
 
 def greedy_with_logprobs(llm, prompts, max_tokens):

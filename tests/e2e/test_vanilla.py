@@ -3,7 +3,7 @@ within capacity equal to vanilla vLLM."""
 
 import pytest
 
-from tests.e2e.conftest import generate_in_subprocess
+from tests.e2e.conftest import assert_greedy_close, generate_in_subprocess, greedy_top
 
 pytestmark = pytest.mark.e2e
 
@@ -20,15 +20,6 @@ def vanilla(default_model_dir):
     shutdown(llm)
 
 
-def _greedy(llm, prompts, n):
-    from vllm import SamplingParams
-
-    outs = llm.generate([{"prompt_token_ids": p} for p in prompts],
-                        SamplingParams(temperature=0, max_tokens=n, ignore_eos=True),
-                        use_tqdm=False)
-    return [list(o.outputs[0].token_ids) for o in outs]
-
-
 def test_default_model_says_paris(vanilla):
     from vllm import SamplingParams
 
@@ -38,22 +29,25 @@ def test_default_model_says_paris(vanilla):
 
 
 def test_plugin_inert_without_sink_section(vanilla, default_model_dir):
-    """Same outputs with the plugin loaded (no sink section) as with it disabled."""
+    """Same outputs with the plugin loaded (no sink section) as with it disabled (two
+    engines: equal up to a near-tie, see assert_greedy_close)."""
     tok = vanilla.get_tokenizer()
     prompts = [tok.encode(p) for p in PROMPTS]
-    with_plugin = _greedy(vanilla, prompts, 48)
+    with_plugin = greedy_top(vanilla, prompts, 48)
     without = generate_in_subprocess(default_model_dir, prompts, 48,
-                                     {"VLLM_PLUGINS": "no_such_plugin"}, block_size=32)
-    assert with_plugin == without
+                                     {"VLLM_PLUGINS": "no_such_plugin"}, top_logprobs=5,
+                                     block_size=32)
+    assert_greedy_close(with_plugin, without, ("plugin loaded", "plugins disabled"))
     assert vanilla.llm_engine.vllm_config.model_config.max_model_len == 8192
 
 
 def test_within_capacity_equals_vanilla(vanilla, default_model_dir, engine_factory):
-    """No eviction (prompt + output <= C): token-for-token identical to vanilla vLLM."""
+    """No eviction (prompt + output <= C): the same computation as vanilla vLLM, token
+    for token (up to a near-tie between two engines, see assert_greedy_close)."""
     tok = vanilla.get_tokenizer()
     prompts = [tok.encode(p) for p in PROMPTS]
-    expected = _greedy(vanilla, prompts, 80)
+    expected = greedy_top(vanilla, prompts, 80)
     sink = engine_factory(default_model_dir, {"sink_tokens": 4, "window_tokens": 224})
-    assert _greedy(sink, prompts, 80) == expected
+    assert_greedy_close(greedy_top(sink, prompts, 80), expected, ("sink", "vanilla"))
     stats = sink.collective_rpc("sink_stats")[0]
     assert stats["evictions"] == 0 and stats["requests"] == len(PROMPTS)
