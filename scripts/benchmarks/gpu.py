@@ -143,7 +143,7 @@ def steps_of(trace) -> list[dict]:
     next step's start: the whole engine step, scheduler and IPC included)."""
     return [{"ms": (b[0] - a[0]) / 1e6, "reqs": a[1], "tokens": a[2], "evictions": a[3],
              "rebases": a[4], "host_ms": a[5] / 1e6, "keys_ms": a[6] / 1e6,
-             "cpu_ms": a[7] / 1e6 if len(a) > 7 else None}
+             "cpu_ms": a[7] / 1e6}
             for a, b in zip(trace, trace[1:])]
 
 
@@ -177,8 +177,7 @@ def fixup_steps(llm, rng, batch, window=None, decode=160):
     evicting = [t["ms"] for t in dec if t["evictions"]]
     step_ms = statistics.median([t["ms"] for t in dec])
     host_ms = statistics.mean([t["host_ms"] for t in dec])
-    cpu_ms = (statistics.mean([t["cpu_ms"] for t in dec])
-              if all(t["cpu_ms"] is not None for t in dec) else None)
+    cpu_ms = statistics.mean([t["cpu_ms"] for t in dec])
     ev = [t for t in dec if t["evictions"]]
     return {"batch": batch, "held": held,
             "evictions_per_evicting_step": (statistics.mean([t["evictions"] for t in ev])
@@ -192,7 +191,7 @@ def fixup_steps(llm, rng, batch, window=None, decode=160):
             "evicting_ms": statistics.median(evicting) if evicting else None,
             "step_ms": step_ms, "host_ms_per_step": host_ms, "host_share": host_ms / step_ms,
             # the plugin's thread CPU time (its wall time less waits for the GIL)
-            "cpu_ms_per_step": cpu_ms, "cpu_share": cpu_ms / step_ms if cpu_ms else None,
+            "cpu_ms_per_step": cpu_ms, "cpu_share": cpu_ms / step_ms,
             # medians beside the means (a few slow steps, e.g. an allocator's first
             # request of a size, weigh on a mean of ~10-60 evicting steps), and the steps
             # themselves: [period ms, evictions, plugin host ms, of which key op ms,
@@ -202,7 +201,7 @@ def fixup_steps(llm, rng, batch, window=None, decode=160):
             "keys_ms_evicting_median": (statistics.median([t["keys_ms"] for t in ev])
                                         if ev else None),
             "steps": [[round(t["ms"], 3), t["evictions"], round(t["host_ms"], 3),
-                       round(t["keys_ms"], 3), round(t["cpu_ms"] or 0, 3)] for t in dec]}
+                       round(t["keys_ms"], 3), round(t["cpu_ms"], 3)] for t in dec]}
 
 
 def checkpoint(args, res: dict) -> None:
