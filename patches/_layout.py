@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from vllm_sink.config import SinkConfig
-from vllm_sink.requests import EngineSink
+from vllm_sink.core.config import SinkConfig
+from vllm_sink.core.requests import EngineSink
 
 
 def sink_section(vllm_config) -> dict | None:

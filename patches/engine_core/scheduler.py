@@ -10,7 +10,7 @@ afterwards checks that every KV-cache group really is a sink group: the plugin n
 runs half-applied. Scheduling is vLLM's; these overrides, each delegating, add what
 streams need:
 
-``add_request``          which layout the request has (``vllm_sink.requests``; dense
+``add_request``          which layout the request has (``vllm_sink.core.requests``; dense
                          requests get none), strips client-supplied private arguments;
                          streams are never hashed for prefix caching; a dense request
                          is bounded by the model's context like vanilla vLLM
@@ -43,14 +43,14 @@ from collections import Counter
 from vllm.v1.core.sched.async_scheduler import AsyncScheduler
 from vllm.v1.core.sched.scheduler import Scheduler
 
-from vllm_sink.config import SinkConfigError
+from vllm_sink.core.config import SinkConfigError
 from vllm_sink.patches import _directives
 from vllm_sink.patches._layout import engine_sink
 from vllm_sink.patches.engine_core.kv_policy import (SinkAttentionSpec, SinkRingManager,
                                                      register_kv_policy)
 from vllm_sink.patches.engine_core.sessions import SessionStore
-from vllm_sink.policy import max_step_tokens
-from vllm_sink.stats_board import SESSION_FIELDS, StatsBoard, board_path
+from vllm_sink.core.policy import max_step_tokens
+from vllm_sink.core.stats_board import SESSION_FIELDS, StatsBoard, board_path
 
 logger = logging.getLogger("vllm.vllm_sink")
 

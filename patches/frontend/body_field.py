@@ -12,7 +12,7 @@ Installed only when a sink engine is configured in this process.
 from __future__ import annotations
 
 from vllm_sink.patches._patching import Patch
-from vllm_sink.requests import FIELD
+from vllm_sink.core.requests import FIELD
 
 
 def _wrap(original):

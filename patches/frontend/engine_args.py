@@ -28,8 +28,8 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from vllm_sink import backends
-from vllm_sink.config import RESOLVED, SinkConfig, SinkConfigError, SinkLayout
+from vllm_sink.core import backends
+from vllm_sink.core.config import RESOLVED, SinkConfig, SinkConfigError, SinkLayout
 from vllm_sink.patches._patching import Patch
 
 logger = logging.getLogger("vllm.vllm_sink")
@@ -45,7 +45,7 @@ WORKER_CLS = {"cpu": "vllm_sink.patches.worker.cpu_worker.SinkCPUWorker",
 SCHEDULER_CLS = {False: "vllm_sink.patches.engine_core.scheduler.SinkScheduler",
                  True: "vllm_sink.patches.engine_core.scheduler.SinkAsyncScheduler"}
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
-# Attention backends a user may pick (--attention-backend): vllm_sink.backends;
+# Attention backends a user may pick (--attention-backend): vllm_sink.core.backends;
 # patches/worker/sink_keys.py checks the one vLLM actually selected per layer.
 V2_RUNNER_ENV = "VLLM_USE_V2_MODEL_RUNNER"
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import threading
 
-from vllm_sink.stats_board import SESSION_FIELDS, StatsBoard, board_path
+from vllm_sink.core.stats_board import SESSION_FIELDS, StatsBoard, board_path
 
 _GAUGES = {
     "active_requests": "Sink requests currently holding a KV block set",

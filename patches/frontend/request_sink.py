@@ -4,7 +4,7 @@ Target: ``vllm.v1.engine.input_processor:InputProcessor.process_inputs`` (the on
 ``LLM.generate`` and the OpenAI server both turn a prompt and its sampling parameters
 into an engine request). Wrap and delegate, then:
 
-* resolve the request's ``"sink"`` field (``vllm_sink.requests``): a bad field, or one
+* resolve the request's ``"sink"`` field (``vllm_sink.core.requests``): a bad field, or one
   asking for more KV than the engine allows, is a ``VLLMValidationError`` naming it
   (HTTP 400 on the server);
 * a dense request gets vanilla vLLM's context bound, which sink mode lifted engine-wide
@@ -19,7 +19,7 @@ Installed only when a sink engine is configured in this process.
 
 from __future__ import annotations
 
-from vllm_sink.config import SinkConfigError
+from vllm_sink.core.config import SinkConfigError
 from vllm_sink.patches._layout import engine_sink
 from vllm_sink.patches._patching import Patch
 

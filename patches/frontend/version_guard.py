@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from packaging.specifiers import SpecifierSet
 
-from vllm_sink.config import SinkConfigError
+from vllm_sink.core.config import SinkConfigError
 from vllm_sink.patches._patching import VERIFIED_VLLM, Patch, vllm_version
 
 

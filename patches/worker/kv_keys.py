@@ -7,7 +7,7 @@ Rather than hard-coding any of it, ``probe_key_layout`` writes keys whose values
 their (token, head, dim) index through the layer's own ``impl.do_kv_cache_update`` into
 a 2-block scratch tensor with the layer tensor's exact strides, and reads back where
 each landed. The result is ``rel``: the storage offset of every key element relative to
-its block's first element (``vllm_sink.key_cache`` addresses keys with it). Anything
+its block's first element (``vllm_sink.core.key_cache`` addresses keys with it). Anything
 that is not an exact bijection onto one block is refused (fail closed).
 
 Encoding: index i of the key element is written as its base-16 digits, one pass per

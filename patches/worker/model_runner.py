@@ -22,7 +22,7 @@ runner methods, each wrapping and delegating to vLLM's own:
 Nothing here waits for the device: every host-to-device copy is pinned and
 non-blocking, and the position-limit check runs on host-side counts.
 
-Dense requests (no ``"sink"`` layout, ``vllm_sink.requests``) pass through untouched.
+Dense requests (no ``"sink"`` layout, ``vllm_sink.core.requests``) pass through untouched.
 Invariants between steps, per stream (virtual = absolute - E for window tokens):
 * ``req_state`` and the input-batch row hold the virtual sequence: cached tokens
   (<= span = C - 1 + K), then at most one not-yet-computed token (the sampled one, or
@@ -31,7 +31,7 @@ Invariants between steps, per stream (virtual = absolute - E for window tokens):
   stream or prompt;
 * the block-table row is ``RequestSink.rows`` (virtual order, ``request_state``);
   stock kernels attend it as an ordinary dense sequence of length <= span;
-* every cached key sits at position ``virtual index + O`` (see vllm_sink.policy).
+* every cached key sits at position ``virtual index + O`` (see vllm_sink.core.policy).
 """
 
 from __future__ import annotations
@@ -44,15 +44,15 @@ import time
 import numpy as np
 import torch
 
-from vllm_sink.config import SinkConfigError
+from vllm_sink.core.config import SinkConfigError
 from vllm_sink.patches import _directives
 from vllm_sink.patches.engine_core.kv_policy import SinkAttentionSpec
 from vllm_sink.patches.worker.request_state import (RequestSink, evict, resume_session,
                                                     show_prompt)
 from vllm_sink.patches.worker.rope_layers import find_layer_rotaries
 from vllm_sink.patches.worker.sink_keys import BlockSpan, SinkKeys
-from vllm_sink.policy import cdiv
-from vllm_sink.requests import EngineSink
+from vllm_sink.core.policy import cdiv
+from vllm_sink.core.requests import EngineSink
 
 logger = logging.getLogger("vllm.vllm_sink")
 

@@ -19,8 +19,8 @@ import dataclasses
 
 import torch
 
-from vllm_sink.config import SinkLayout
-from vllm_sink.policy import SinkStream, StepPlan
+from vllm_sink.core.config import SinkLayout
+from vllm_sink.core.policy import SinkStream, StepPlan
 
 
 @dataclasses.dataclass

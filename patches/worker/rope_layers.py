@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from vllm_sink.config import SinkConfigError
+from vllm_sink.core.config import SinkConfigError
 
 # class name -> why it is supported (frequencies fixed; table = _compute_cos_sin_cache)
 SUPPORTED_ROTARY = {

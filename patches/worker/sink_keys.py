@@ -1,6 +1,6 @@
 """Worker: the sink keys' fix-ups of one step, batched over layers and requests.
 
-Built once from the KV cache vLLM allocated: one ``vllm_sink.key_cache.KeyCache`` per
+Built once from the KV cache vLLM allocated: one ``vllm_sink.core.key_cache.KeyCache`` per
 (KV-cache group, rotary table) holds the keys of those layers, its in-block layout
 probed through the backend (``kv_keys``). A step's edits arrive as lists over the
 requests that need them and each becomes one batched op per cache (usually one cache
@@ -18,8 +18,8 @@ from dataclasses import dataclass
 
 import torch
 
-from vllm_sink import backends
-from vllm_sink.key_cache import BlockStack, KeyCache, to_device
+from vllm_sink.core import backends
+from vllm_sink.core.key_cache import BlockStack, KeyCache, to_device
 from vllm_sink.patches.worker.kv_keys import probe_key_layout
 
 
@@ -42,7 +42,7 @@ class SinkKeys:
 
     @classmethod
     def build(cls, kv_cache_config, forward_context: dict, rotaries: dict) -> SinkKeys:
-        from vllm_sink.config import SinkConfigError
+        from vllm_sink.core.config import SinkConfigError
 
         caches, factors, stacks = [], [], []
         for g, group in enumerate(kv_cache_config.kv_cache_groups):

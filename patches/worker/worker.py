@@ -18,7 +18,7 @@ from __future__ import annotations
 import copy
 
 from vllm_sink.patches._layout import engine_sink
-from vllm_sink.stats_board import StatsBoard, board_path
+from vllm_sink.core.stats_board import StatsBoard, board_path
 
 
 class SinkWorkerMixin:

@@ -32,7 +32,7 @@ def main() -> int:
 
     from tests.e2e.server import Server
     from vllm_sink import default_model
-    from vllm_sink.loadtest import LoadConfig, LoadTest
+    from vllm_sink.tools.loadtest import LoadConfig, LoadTest
 
     server = Server(default_model(), {"sink_tokens": 4, "window_tokens": args.window},
                     "--max-num-seqs", "256", kv_gib=args.kv_gib)

@@ -75,7 +75,7 @@ def main() -> int:
         args.window = 256 if mixed else 2048
 
     from vllm_sink import default_model
-    from vllm_sink.kjv import kjv_tokens
+    from vllm_sink.tools.kjv import kjv_tokens
 
     model = default_model()
     kjv = kjv_tokens(model)

@@ -56,7 +56,7 @@ def main() -> int:
     args = ap.parse_args()
 
     from vllm_sink import default_model
-    from vllm_sink.kjv import kjv_tokens
+    from vllm_sink.tools.kjv import kjv_tokens
 
     model = default_model()
     tokens = kjv_tokens(model)[args.offset:args.offset + args.tokens]

@@ -22,7 +22,7 @@ from common import RESULTS, save, table
 def run(sessions_on: bool, args) -> dict:
     from tests.e2e.server import Server
     from vllm_sink import default_model
-    from vllm_sink.loadtest import LoadConfig, LoadTest
+    from vllm_sink.tools.loadtest import LoadConfig, LoadTest
 
     sink = {"sink_tokens": 4, "window_tokens": args.window, "sessions": sessions_on}
     server = Server(default_model(), sink)

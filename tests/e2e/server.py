@@ -22,7 +22,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-CLI_MODULES = {"vllm": "vllm.entrypoints.cli.main", "vllm-sink": "vllm_sink.cli"}
+CLI_MODULES = {"vllm": "vllm.entrypoints.cli.main", "vllm-sink": "vllm_sink.tools.cli"}
 
 
 def cli(name: str) -> list[str]:
@@ -99,7 +99,7 @@ class Server:
         return "".join(open(self.log_path).readlines()[-n:])
 
     def metrics(self) -> dict[str, float]:
-        from vllm_sink.loadtest import parse_prometheus
+        from vllm_sink.tools.loadtest import parse_prometheus
 
         return parse_prometheus(requests.get(self.url + "/metrics", timeout=10).text)
 

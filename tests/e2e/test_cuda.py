@@ -201,8 +201,8 @@ def test_float32_graphs_vs_eager_and_reference(small_model, reference_model, pro
 def test_unverified_backends_are_refused(small_model, monkeypatch):
     """A backend the plugin was not verified on is refused by name at startup, even
     when named in the opt-in list (the opt-in covers only listed unverified ones)."""
-    from vllm_sink import backends
-    from vllm_sink.config import SinkConfigError
+    from vllm_sink.core import backends
+    from vllm_sink.core.config import SinkConfigError
 
     monkeypatch.setenv(backends.ENV, "FLEX_ATTENTION")
     with pytest.raises(SinkConfigError, match="FLEX_ATTENTION.*FLASH_ATTN, TRITON_ATTN"):

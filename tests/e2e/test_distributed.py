@@ -22,7 +22,7 @@ SINK = {"sink_tokens": 4, "window_tokens": 96}
 
 @pytest.fixture(scope="module")
 def padded(default_model_dir):
-    from vllm_sink.model import padded_heads_variant
+    from vllm_sink.tools.model import padded_heads_variant
 
     return padded_heads_variant(default_model_dir, 12, 4)
 

@@ -11,7 +11,7 @@ import torch
 
 from tests.e2e.conftest import (check_against_reference, greedy_in_fresh_engine,
                                 greedy_with_logprobs, make_llm, shutdown)
-from vllm_sink.policy import prefill_steps
+from vllm_sink.core.policy import prefill_steps
 from vllm_sink.reference import StreamingReference
 
 pytestmark = pytest.mark.e2e

@@ -25,7 +25,7 @@ BLOCK_BYTES = 2 * 30 * 3 * 32 * 64 * 2
 def test_resumed_conversation_equals_one_stream(default_model_dir):
     from vllm import SamplingParams
 
-    from vllm_sink.stats_board import SESSION_FIELDS, StatsBoard, board_path
+    from vllm_sink.core.stats_board import SESSION_FIELDS, StatsBoard, board_path
 
     llm = make_llm(default_model_dir, SINK, dtype="float32")
     try:

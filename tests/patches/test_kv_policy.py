@@ -18,7 +18,7 @@ from vllm.v1.kv_cache_interface import (FullAttentionSpec, KVCacheConfig,  # noq
                                         KVCacheGroupSpec)
 from vllm.v1.request import Request  # noqa: E402
 
-from vllm_sink.config import SinkLayout  # noqa: E402
+from vllm_sink.core.config import SinkLayout  # noqa: E402
 from vllm_sink.patches.engine_core.kv_policy import (SinkAttentionSpec,  # noqa: E402
                                                      SinkRingManager, register_kv_policy,
                                                      stream_blocks_needed)

@@ -1,10 +1,10 @@
-"""vllm_sink.config: keys, rounding to blocks, errors that name the key and the fix."""
+"""vllm_sink.core.config: keys, rounding to blocks, errors that name the key and the fix."""
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from vllm_sink.config import SinkConfig, SinkConfigError, SinkLayout
+from vllm_sink.core.config import SinkConfig, SinkConfigError, SinkLayout
 
 pytestmark = pytest.mark.cpu
 

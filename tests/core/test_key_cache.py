@@ -1,4 +1,4 @@
-"""vllm_sink.key_cache: batched key reads, writes and rotations over a stack of layers,
+"""vllm_sink.core.key_cache: batched key reads, writes and rotations over a stack of layers,
 against the one-layer-one-block reference, on every KV layout vLLM's backends use.
 
 Layouts are built the way vLLM 0.32 allocates them: one buffer for all layers, each
@@ -12,9 +12,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from vllm_sink.key_cache import KeyCache, fit_strides
-from vllm_sink.key_cache_ref import read_block, rotate_reference
-from vllm_sink.rotary import rope_table
+from vllm_sink.core.key_cache import KeyCache, fit_strides
+from vllm_sink.reference.key_cache import read_block, rotate_reference
+from vllm_sink.core.rotary import rope_table
 
 L, NB, N, H, D = 3, 6, 4, 2, 8
 
@@ -111,7 +111,7 @@ def test_rotate_matches_reference_cpu(kind, dtype, with_source):
 @pytest.mark.cpu
 def test_rotate_chunks_long_batches(monkeypatch):
     """A rebase of a long window is done in chunks; the result does not depend on it."""
-    import vllm_sink.key_cache as kc
+    import vllm_sink.core.key_cache as kc
 
     layers, rel = make_layout("NHD")
     twins = [t.clone() for t in layers]

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 
 import torch
 
-from vllm_sink.rotary import rotate, rotation_for_delta
+from vllm_sink.core.rotary import rotate, rotation_for_delta
 
 
 def _flat(kv: torch.Tensor, rel: torch.Tensor) -> torch.Tensor:

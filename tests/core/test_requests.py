@@ -1,10 +1,10 @@
-"""vllm_sink.requests: a request's own "sink" field against the engine's default and
+"""vllm_sink.core.requests: a request's own "sink" field against the engine's default and
 maximum; every refusal names the field and the limit."""
 
 import pytest
 
-from vllm_sink.config import SinkConfig, SinkConfigError
-from vllm_sink.requests import EngineSink
+from vllm_sink.core.config import SinkConfig, SinkConfigError
+from vllm_sink.core.requests import EngineSink
 
 pytestmark = pytest.mark.cpu
 

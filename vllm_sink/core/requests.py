@@ -28,7 +28,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from vllm_sink.config import (ENGINE, REQUEST_KEYS, RESOLVED, SinkConfig, SinkConfigError,
+from vllm_sink.core.config import (ENGINE, REQUEST_KEYS, RESOLVED, SinkConfig, SinkConfigError,
                               SinkLayout, parse_keys)
 
 FIELD = "sink"

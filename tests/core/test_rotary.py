@@ -1,9 +1,9 @@
-"""vllm_sink.rotary: moving post-RoPE keys equals rotating the raw key at the target."""
+"""vllm_sink.core.rotary: moving post-RoPE keys equals rotating the raw key at the target."""
 
 import pytest
 import torch
 
-from vllm_sink.rotary import (Rotations, rope_table, rotate, rotate_full, rotation_for_delta,
+from vllm_sink.core.rotary import (Rotations, rope_table, rotate, rotate_full, rotation_for_delta,
                               rotations_for_deltas)
 
 pytestmark = pytest.mark.cpu

@@ -1,9 +1,9 @@
-"""vllm_sink.backends: verified backends run, unverified ones only when named, others
+"""vllm_sink.core.backends: verified backends run, unverified ones only when named, others
 never; every refusal names what to use instead."""
 
 import pytest
 
-from vllm_sink import backends
+from vllm_sink.core import backends
 
 pytestmark = pytest.mark.cpu
 

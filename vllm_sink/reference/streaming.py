@@ -23,9 +23,9 @@ from collections.abc import Iterable, Sequence
 
 import torch
 
-from vllm_sink.config import SinkConfig, SinkLayout
-from vllm_sink.policy import eviction_for_step
-from vllm_sink.policy import prefill_steps as prefill_steps_for
+from vllm_sink.core.config import SinkConfig, SinkLayout
+from vllm_sink.core.policy import eviction_for_step
+from vllm_sink.core.policy import prefill_steps as prefill_steps_for
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:

@@ -23,7 +23,7 @@ import asyncio
 import json
 import sys
 
-from vllm_sink.loadtest import LoadConfig, LoadTest
+from vllm_sink.tools.loadtest import LoadConfig, LoadTest
 
 
 def analyse(summary: dict, warmup: float, max_growth: float) -> dict:

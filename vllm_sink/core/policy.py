@@ -51,7 +51,7 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
-from vllm_sink.config import SinkLayout
+from vllm_sink.core.config import SinkLayout
 
 
 def cdiv(a: int, b: int) -> int:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from vllm_sink.model import _locked, cache_dir
+from vllm_sink.tools.model import _locked, cache_dir
 
 _RANGE = "Gen1:1-Rev22:21"
 _REFERENCE = re.compile(r"^[0-9]?[A-Za-z]+[0-9]+:[0-9]+ ", re.MULTILINE)
@@ -50,7 +50,7 @@ def kjv_text() -> str:
 
 def kjv_tokens(model_dir: str | None = None, limit: int | None = None) -> list[int]:
     """The KJV text as token ids of ``model_dir``'s tokenizer (default model if None)."""
-    from vllm_sink.model import default_model
+    from vllm_sink.tools.model import default_model
 
     model_dir = model_dir or default_model()
     tok_file = Path(model_dir) / "tokenizer.json"

@@ -13,7 +13,7 @@ import sys
 
 
 def _cmd_model(args) -> int:
-    from vllm_sink.model import default_model, model_variant
+    from vllm_sink.tools.model import default_model, model_variant
 
     path = default_model()
     if args.set:
@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
                         "--set max_position_embeddings=512")
     p.set_defaults(func=_cmd_model)
 
-    from vllm_sink import loadtest
+    from vllm_sink.tools import loadtest
 
     p = sub.add_parser("loadtest", help="drive many concurrent endless sessions against "
                        "a server and report throughput, latency, KV blocks and memory")
@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     if argv is None:
         argv = sys.argv[1:]
     if argv[:1] == ["soak"]:
-        from vllm_sink import soak
+        from vllm_sink.tools import soak
 
         return soak.main(argv[1:])
     args = parser.parse_args(argv)

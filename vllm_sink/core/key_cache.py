@@ -21,7 +21,7 @@ picked once at construction:
 * tabled: any other layout, through ``rel`` as an index table, one layer at a time.
 
 ``KeyCache.rotate`` moves keys to new positions (RoPE rotations by per-block deltas,
-``vllm_sink.rotary``) for a whole batch of blocks and layers at once, in float32,
+``vllm_sink.core.rotary``) for a whole batch of blocks and layers at once, in float32,
 optionally from a ``source`` (the pristine sink snapshot) instead of the cache itself.
 ``key_cache_ref.rotate_reference`` is the one-layer, one-block-at-a-time reference.
 """
@@ -34,7 +34,7 @@ import torch
 
 import numpy as np
 
-from vllm_sink.rotary import Rotations, rotate_full
+from vllm_sink.core.rotary import Rotations, rotate_full
 
 # Elements of float32 scratch one rotation batch may use (rebases of long windows are
 # done in chunks of blocks below this): 2**25 floats = 128 MiB.

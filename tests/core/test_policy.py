@@ -1,12 +1,12 @@
-"""vllm_sink.policy: eviction rule, ring order, offsets, against hand-traced tables and
+"""vllm_sink.core.policy: eviction rule, ring order, offsets, against hand-traced tables and
 an independent naive model of the cache (logical blocks, a FIFO of free ring blocks)."""
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from vllm_sink.config import SinkLayout
-from vllm_sink.policy import (SinkStream, eviction_for_step, max_step_tokens, prefill_steps,
+from vllm_sink.core.config import SinkLayout
+from vllm_sink.core.policy import (SinkStream, eviction_for_step, max_step_tokens, prefill_steps,
                               ring_row)
 
 pytestmark = pytest.mark.cpu
@@ -74,7 +74,7 @@ def test_ring_row():
 
 
 class NaiveCache:
-    """Literal reading of the contract, sharing no arithmetic with vllm_sink.policy."""
+    """Literal reading of the contract, sharing no arithmetic with vllm_sink.core.policy."""
 
     def __init__(self, layout: SinkLayout):
         self.B, self.layout = layout.block_size, layout
