@@ -70,7 +70,8 @@ def test_session_keys_and_resolved_section_round_trip():
                                    "session_idle_timeout": 2})
     layout = cfg.resolve(32, 8192)
     again = SinkConfig.from_section(cfg.resolved_section(layout))
-    assert again == cfg.__class__(**{**cfg.__dict__, **layout.to_section()})
+    assert again == cfg.__class__(**{**cfg.__dict__, **layout.to_section(),
+                                     "max_request_sink_tokens": 32})
     assert (again.sessions, again.max_parked_sessions, again.session_idle_timeout) == \
         (False, 3, 2.0)
 
@@ -125,3 +126,24 @@ def test_parser_never_crashes_on_arbitrary_json(section):
         assert isinstance(config.resolve(32, 8192), SinkLayout)
     except SinkConfigError:
         pass
+
+
+def test_request_sink_limit_defaults_to_the_engine_sinks_and_rounds_up():
+    cfg = SinkConfig.from_section({"sink_tokens": 4, "window_tokens": 256})
+    layout = cfg.resolve(32, 8192)
+    assert cfg.request_sink_limit(layout) == 32                 # the engine's one block
+    more = SinkConfig.from_section({"sink_tokens": 4, "max_request_sink_tokens": 100})
+    assert more.request_sink_limit(more.resolve(32, 8192)) == 128
+    low = SinkConfig.from_section({"sink_tokens": 64, "max_request_sink_tokens": 8})
+    with pytest.raises(SinkConfigError, match="max_request_sink_tokens"):
+        low.request_sink_limit(low.resolve(32, 8192))
+
+
+def test_rotary_positions_leave_a_window_of_margin():
+    # Capacity at the position limit (the StreamingLLM paper's 4 + 4092 on 4096): the
+    # rotary range doubles what a stream holds, so rebases are >= span tokens apart.
+    tight = SinkConfig.from_section({"sink_tokens": 4, "window_tokens": 4092,
+                                     "prefill_chunk_tokens": 1}).resolve(4, 4096)
+    assert tight.span == 4096 and tight.rotary_positions == 2 * 4096
+    roomy = SinkConfig.from_section({"window_tokens": 2048}).resolve(32, 8192)
+    assert roomy.rotary_positions == 8192                      # the model's own table

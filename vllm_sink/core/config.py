@@ -8,8 +8,8 @@ Semantics (ARCHITECTURE.md), with B the KV block size in effect::
 
     S = ceil(sink_tokens / B) * B        sink tokens kept forever (0 = window-only)
     W = ceil(window_tokens / B) * B      most recent tokens kept
-    C = S + W                            the capacity: a step starts with <= C - 1 cached
-    K = prefill_chunk_tokens             most new tokens one step adds to a full cache
+    C = S + W                            the capacity: a chunk starts with <= C - 1 cached
+    K = prefill_chunk_tokens             most new tokens one chunk adds to a full cache
     span = C - 1 + K                     most tokens cached while a step runs
     blocks per request = ceil(span / B)  = C / B + ceil((K - 1) / B) headroom blocks
 
@@ -47,6 +47,11 @@ _KEYS: dict[str, tuple[type, Any, str]] = {
                                "(default: the model's context length)"),
     "sessions": (bool, 0, "park a finished request's KV under its session_id and resume "
                           "it on the next turn (default true)"),
+    "max_request_sink_tokens": (int, 0, "most sink tokens a request's own \"sink\" "
+                                        "field may ask for (default: the engine's "
+                                        "sink_tokens); each stream keeps a device copy "
+                                        "of its sink keys, reserved in vLLM's memory "
+                                        "profile for this many"),
     "max_parked_sessions": (int, 0, "parked sessions kept at most (default 256)"),
     "session_idle_timeout": (float, 0.001, "seconds a parked session may stay idle "
                                            "(default 600)"),
@@ -130,6 +135,7 @@ class SinkConfig:
     prefill_chunk_tokens: int | None = None
     default: str = "sink"
     position_limit: int | None = None
+    max_request_sink_tokens: int | None = None
     sessions: bool = True
     max_parked_sessions: int = 256
     session_idle_timeout: float = 600.0
@@ -142,8 +148,21 @@ class SinkConfig:
     def resolved_section(self, layout: SinkLayout) -> dict[str, Any]:
         """The section every process re-parses: geometry resolved, policies explicit."""
         return {**layout.to_section(), "default": self.default, "sessions": self.sessions,
+                "max_request_sink_tokens": self.request_sink_limit(layout),
                 "max_parked_sessions": self.max_parked_sessions,
                 "session_idle_timeout": self.session_idle_timeout}
+
+    def request_sink_limit(self, layout: SinkLayout) -> int:
+        """Most sink tokens (whole blocks) one request may ask for: the engine's own
+        sinks unless ``max_request_sink_tokens`` allows more."""
+        asked = self.max_request_sink_tokens
+        if asked is not None and asked < self.sink_tokens:
+            raise SinkConfigError(
+                f'{ENGINE}["max_request_sink_tokens"] = {asked} is below the engine\'s '
+                f'own sink_tokens = {self.sink_tokens}, which every request may use. '
+                "Raise it or remove it.")
+        B = layout.block_size
+        return max(layout.sink_tokens, math.ceil((asked or 0) / B) * B)
 
     def resolve(self, block_size: int, model_position_limit: int) -> SinkLayout:
         """Round to whole blocks of ``block_size`` and check against the model."""
@@ -236,6 +255,13 @@ class SinkLayout:
     def span(self) -> int:
         """Most tokens cached while a step runs: <= C - 1 before it, plus <= K new."""
         return self.capacity - 1 + self.chunk_tokens
+
+    @cached_property
+    def rotary_positions(self) -> int:
+        """Positions the worker's rotary tables cover (R, ``vllm_sink.core.policy``):
+        the position limit, or twice the most a stream of this many blocks caches if
+        that is more, so a window key is rebased at most once in its life."""
+        return max(self.position_limit, 2 * self.blocks_per_request * self.block_size)
 
     @cached_property
     def headroom_blocks(self) -> int:

@@ -46,6 +46,9 @@ class EngineSink:
 
     def __post_init__(self) -> None:
         self._cache: dict[str, SinkLayout | None] = {}
+        # Most sink tokens one request may hold (each stream keeps a device snapshot of
+        # its sink keys; the workers reserve memory for this many, sink_keys.py).
+        self.max_sink_tokens = self.config.request_sink_limit(self.layout)
 
     @classmethod
     def from_section(cls, section: Mapping, block_size: int) -> EngineSink:
@@ -104,6 +107,12 @@ class EngineSink:
                 layout = dataclasses.replace(asked, prefill_chunk_tokens=chunk).resolve(B, limit)
         except SinkConfigError as e:
             raise SinkConfigError(f"{WHERE} {json.dumps(value)}: {e}") from None
+        if layout.sink_tokens > self.max_sink_tokens:
+            raise SinkConfigError(
+                f"{WHERE} {json.dumps(value)} asks for {layout.sink_tokens} sink tokens "
+                f"(whole KV blocks of {B}); this engine allows at most "
+                f"{self.max_sink_tokens} per request ({ENGINE}[\"max_request_sink_tokens\"] "
+                "raises it). Ask for fewer sink_tokens.")
         if layout.blocks_per_request > self.layout.blocks_per_request:
             raise SinkConfigError(
                 f"{WHERE} {json.dumps(value)} needs {layout.blocks_per_request} KV blocks "
