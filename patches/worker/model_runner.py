@@ -46,6 +46,7 @@ import torch
 
 from vllm_sink.core.config import SinkConfigError
 from vllm_sink.core.key_cache import scratch_bytes
+from vllm_sink.core.trace import StepRecord
 from vllm_sink.patches import _directives
 from vllm_sink.patches.engine_core.kv_policy import SinkAttentionSpec
 from vllm_sink.patches.worker.request_state import (RequestSink, evict, resume_session,
@@ -84,13 +85,9 @@ class SinkRunnerMixin:
         # rows' lengths), kept in step where rows grow or go (start, append, resume,
         # restore; save, finish) so the per-step board needs no walk over the streams.
         self.sink_blocks_held = 0
-        # Per step (bounded): [start ns, requests scheduled, tokens scheduled, evictions,
-        # rebases, plugin host ns, of which: key ops ns, plugin thread CPU ns], read and
-        # cleared by the benchmarks through the worker's sink_trace(): step periods of
-        # evicting vs ordinary steps, and the plugin's share of each, without a round
-        # trip per step. Host ns is wall time: with the GIL released by every torch call,
-        # it includes time other threads of the process held it; CPU ns does not.
-        self.sink_trace = collections.deque(maxlen=1 << 16)
+        # One StepRecord per step (bounded), read and cleared by tools through the
+        # worker's sink_trace() (vllm_sink.core.trace).
+        self.sink_trace: collections.deque[StepRecord] = collections.deque(maxlen=1 << 16)
         self._sink_keys_ns = 0   # this step's time in _sink_fix_keys
 
     def _sink_board_values(self) -> dict[str, int]:
@@ -241,13 +238,13 @@ class SinkRunnerMixin:
         self._sink_keys_ns = 0
         self._sink_after_update(busy)
         self._sink_publish()
-        self.sink_trace.append([t0, len(scheduler_output.num_scheduled_tokens),
-                                scheduler_output.total_num_scheduled_tokens,
-                                self.sink_counters["evictions"] - before[0],
-                                self.sink_counters["rebases"] - before[1],
-                                (t1 - t0) + (time.perf_counter_ns() - t2),
-                                self._sink_keys_ns,
-                                (c1 - c0) + (time.thread_time_ns() - c2)])
+        self.sink_trace.append(StepRecord(
+            t0, len(scheduler_output.num_scheduled_tokens),
+            scheduler_output.total_num_scheduled_tokens,
+            self.sink_counters["evictions"] - before[0],
+            self.sink_counters["rebases"] - before[1],
+            (t1 - t0) + (time.perf_counter_ns() - t2), self._sink_keys_ns,
+            (c1 - c0) + (time.thread_time_ns() - c2)))
         return result
 
     def _sink_finish(self, scheduler_output) -> set[str]:
@@ -402,8 +399,8 @@ class SinkRunnerMixin:
         self._sink_offset_positions(num_scheduled_tokens)
         if self.sink_trace:  # this step's record (_update_states ran first)
             record = self.sink_trace[-1]
-            record[5] += time.perf_counter_ns() - t0
-            record[7] += time.thread_time_ns() - c0
+            record.host_ns += time.perf_counter_ns() - t0
+            record.cpu_ns += time.thread_time_ns() - c0
         return result
 
     def _sink_offset_positions(self, num_scheduled_tokens: np.ndarray) -> None:

@@ -20,7 +20,7 @@ import dataclasses
 import torch
 
 from vllm_sink.core.config import SinkLayout
-from vllm_sink.core.policy import SinkStream, StepPlan
+from vllm_sink.core.policy import SinkStream, StepPlan, rotate_row
 
 
 @dataclasses.dataclass
@@ -53,9 +53,8 @@ class RequestSink:
 
     def rotate(self, blocks: int) -> None:
         """e oldest ring blocks become the newest (their tokens were evicted)."""
-        sb = self.layout.sink_blocks
         for row in self.rows:
-            row[sb:] = row[sb + blocks:] + row[sb:sb + blocks]
+            rotate_row(row, self.layout.sink_blocks, blocks)
 
 
 def evict(runner, req_id: str, rs: RequestSink, plan: StepPlan) -> bool:

@@ -110,10 +110,9 @@ class SinkWorkerMixin:
                            self.cache_config.gpu_memory_utilization * total))
         return out
 
-    def sink_trace(self) -> list[list[int]]:
-        """The runner's per-step records since the last call (then cleared): [start of
-        the step (perf_counter ns), requests and tokens scheduled, evictions, rebases,
-        host ns spent in the plugin's own code, of which in the batched key ops]."""
+    def sink_trace(self) -> list:
+        """The runner's per-step records since the last call (then cleared):
+        ``vllm_sink.core.trace.StepRecord`` each."""
         trace = list(self.model_runner.sink_trace)
         self.model_runner.sink_trace.clear()
         return trace

@@ -7,7 +7,7 @@ from hypothesis import strategies as st
 
 from vllm_sink.core.config import SinkLayout
 from vllm_sink.core.policy import (SinkStream, eviction_for_step, max_cached_after,
-                                   max_step_tokens, prefill_steps, ring_row, starts_chunk)
+                                   max_step_tokens, prefill_steps, rotate_row, starts_chunk)
 
 pytestmark = pytest.mark.cpu
 
@@ -18,14 +18,14 @@ def test_hand_traced_decode_table():
     assert s.plan(0, 12).evict_tokens == 0          # fills the cache exactly
     # Step 1 (absolute 12 computed, L = 12): 12+1 > 12 -> evict one block (abs 4..7).
     p = s.plan(12, 1)
-    assert (p.evict_tokens, p.cached_after, p.offset, s.shift) == (4, 8, 4, 1)
-    assert p.first_eviction and p.sinks_move
+    assert (p.evict_tokens, p.cached_after, p.offset, p.evict_blocks) == (4, 8, 4, 1)
+    assert p.first_eviction
     # Next three decodes fit: L = 9, 10, 11.
     for a in (13, 14, 15):
         assert s.plan(a, 1).evict_tokens == 0
     # L = 12 again: evict abs 8..11; E = 8, O = 8, shift = 2.
     p = s.plan(16, 1)
-    assert (p.evict_tokens, p.cached_before, s.evicted, s.offset, s.shift) == (4, 12, 8, 8, 2)
+    assert (p.evict_tokens, p.cached_before, s.evicted, s.offset) == (4, 12, 8, 8)
     assert not p.first_eviction
 
 
@@ -90,10 +90,17 @@ def test_rebase_when_offset_would_pass_the_rotary_range():
     assert (p.rebase_by, p.offset, s.rebases) == (-16, 0, 1)
 
 
-def test_ring_row():
-    assert ring_row([7], [1, 2, 3], 0) == [7, 1, 2, 3]
-    assert ring_row([7], [1, 2, 3], 4) == [7, 2, 3, 1]
-    assert ring_row([], [5, 6], 1) == [6, 5]
+def test_rotate_row():
+    row = [7, 1, 2, 3]
+    rotate_row(row, 1, 0)
+    assert row == [7, 1, 2, 3]
+    rotate_row(row, 1, 1)
+    assert row == [7, 2, 3, 1]
+    rotate_row(row, 1, 2)
+    assert row == [7, 1, 2, 3]
+    no_sinks = [5, 6]
+    rotate_row(no_sinks, 0, 1)
+    assert no_sinks == [6, 5]
 
 
 class NaiveCache:
@@ -170,6 +177,8 @@ def run_requests(layout, requests, splits):
     SinkStream against NaiveCache on every step and returns the naive model."""
     naive, stream = NaiveCache(layout), SinkStream(layout)
     computed, chunk_no = 0, 0
+    sb = layout.sink_blocks   # the worker's row: sink blocks, then ring blocks in order
+    row = list(range(-sb, 0)) + list(range(layout.ring_blocks))
     for prompt_len, decode in requests:
         stream.begin_request(computed, computed + prompt_len)
         steps = []
@@ -182,10 +191,11 @@ def run_requests(layout, requests, splits):
         for n, chunk_start in steps:
             assert n <= max_step_tokens(layout, computed, stream.start, stream.prompt_end)
             quiet = stream.quiet(computed, n)     # the worker's per-step fast path
-            before = (stream.evicted, stream.offset, stream.shift)
+            before = (stream.evicted, stream.offset)
             plan = stream.plan(computed, n)
+            rotate_row(row, sb, plan.evict_blocks)
             if quiet:
-                assert (stream.evicted, stream.offset, stream.shift) == before
+                assert (stream.evicted, stream.offset) == before
                 assert plan.evict_tokens == 0 and plan.rebase_by == 0
             naive.step(n, chunk_start)
             computed += n
@@ -195,9 +205,6 @@ def run_requests(layout, requests, splits):
                                                    stream.prompt_end)
             assert stream.evicted == computed - len(cached)
             # Ring order: virtual block j holds the naive model's physical ring block.
-            row = ring_row(list(range(-layout.sink_blocks, 0)),
-                           list(range(layout.ring_blocks)), stream.shift)
-            sb = layout.sink_blocks
             assert [p for p, _ in naive.window] == row[sb:sb + len(naive.window)]
             # Every window token's virtual index is absolute - E.
             for v, a in enumerate(cached):

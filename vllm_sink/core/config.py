@@ -43,8 +43,9 @@ _KEYS: dict[str, tuple[type, Any, str]] = {
     "default": (str, ("sink", "dense"), "what a request without its own \"sink\" field "
                                          "is: an endless stream (\"sink\", default) or "
                                          "plain dense attention (\"dense\")"),
-    "position_limit": (int, 2, "largest position + 1 ever fed to the model "
-                               "(default: the model's context length)"),
+    "position_limit": (int, 2, "most positions a stream spans: C - 1 + "
+                               "prefill_chunk_tokens must fit (default: the model's "
+                               "context length)"),
     "sessions": (bool, 0, "park a finished request's KV under its session_id and resume "
                           "it on the next turn (default true)"),
     "max_request_sink_tokens": (int, 0, "most sink tokens a request's own \"sink\" "

@@ -29,12 +29,13 @@ Worked example, B = 4, S = 4, W = 8 (C = 12), one token per decode step:
   With K = 5 a prompt chunk of 5 tokens at L = 11 (nothing evicted: L + 1 <= C) runs
   with 16 = C - 1 + K tokens cached; the next step first evicts 2 blocks (L = 8).
 
-Ring order. The request owns ``sink_blocks + K`` physical blocks for its whole life
-(K = window blocks). Virtual block ``j >= sink_blocks`` lives in ring block
-``(shift + j - sink_blocks) % K`` where ``shift`` counts ring blocks rotated away by
-evictions. Evicting e whole blocks advances shift by e; every surviving token keeps its
-physical slot, because its virtual block index drops by exactly e. (After evicting a
-partial window the window is empty, so nothing is left to keep in place.)
+Ring order. A stream's block-table row lists its blocks in virtual order: the sink
+blocks, then the ring (window and headroom blocks), oldest first; blocks arrive on
+demand and are appended, up to ``blocks_per_request``. Evicting e whole blocks moves
+the e oldest ring blocks to the end of the row (``rotate_row``: they take the next
+tokens); every surviving token keeps its physical slot, because its virtual block
+index drops by exactly e. (After evicting a partial window the window is empty, so
+nothing is left to keep in place.)
 
 Prompt chunks. Once a cache is full, what a prompt token attends to depends on where
 the step it ran in started (the step's eviction happens before its first token). So
@@ -153,16 +154,16 @@ def prefill_steps(layout: SinkLayout, prompt_len: int, start: int = 0) -> list[i
     return steps
 
 
-def ring_row(sink_ids: list[int], ring_ids: list[int], shift: int) -> list[int]:
-    """Block-table row in virtual order: sinks, then the ring starting at ``shift``.
+def rotate_row(row: list[int], sink_blocks: int, blocks: int) -> None:
+    """Evict ``blocks`` ring blocks from a block-table row in virtual order, in place: the
+    oldest ``blocks`` blocks after the sinks become the newest (they take the next
+    tokens); every surviving token keeps its physical slot (its virtual block index
+    drops by exactly ``blocks``).
 
-    >>> ring_row([7], [1, 2, 3], shift=4)   # 4 % 3 = 1: ring block 2 is now the oldest
+    >>> row = [7, 1, 2, 3]; rotate_row(row, 1, 1); row   # ring block 1 was the oldest
     [7, 2, 3, 1]
     """
-    if not ring_ids:
-        return list(sink_ids)
-    k = shift % len(ring_ids)
-    return list(sink_ids) + list(ring_ids[k:]) + list(ring_ids[:k])
+    row[sink_blocks:] = row[sink_blocks + blocks:] + row[sink_blocks:sink_blocks + blocks]
 
 
 class StepPlan(NamedTuple):
@@ -180,20 +181,15 @@ class StepPlan(NamedTuple):
     def cached_after(self) -> int:
         return self.cached_before - self.evict_tokens
 
-    @property
-    def sinks_move(self) -> bool:
-        """Whether sink keys must be rewritten (from the snapshot, rotated by offset)."""
-        return self.evict_tokens > 0 or self.rebase_by != 0
-
 
 class SinkStream:
-    """The eviction state of one request: evicted count E, offset O, ring shift.
+    """The eviction state of one stream: evicted count E, offset O, its request's grid.
 
     Both the worker (to drive its caches) and tests/metrics (to mirror it) run it on
     the sequence of (absolute computed tokens, scheduled tokens) the scheduler emits.
     """
 
-    __slots__ = ("layout", "evicted", "offset", "shift", "evictions", "rebases",
+    __slots__ = ("layout", "evicted", "offset", "evictions", "rebases",
                  "evict_from", "fill_to", "start", "prompt_end")
 
     def __init__(self, layout: SinkLayout, prompt_end: int = 0) -> None:
@@ -203,7 +199,6 @@ class SinkStream:
         self.prompt_end = prompt_end
         self.evicted = 0    # E: window tokens evicted so far
         self.offset = 0     # O: added to virtual indices to form positions
-        self.shift = 0      # ring blocks rotated so far
         self.evictions = 0  # eviction events
         self.rebases = 0    # rebase events
         # The quiet-step bounds, absolute counts kept in step with E: a step adding n
@@ -242,7 +237,6 @@ class SinkStream:
             self.evict_from = self.evicted + self.layout.capacity
             self.fill_to = self.evicted + self.layout.span
             self.offset += t
-            self.shift += cdiv(t, self.layout.block_size)
             self.evictions += 1
             # Largest position fed this step is O + span - 1 at most (L - t + n <= span).
             if self.offset + self.layout.span > self.layout.rotary_positions:
