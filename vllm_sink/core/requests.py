@@ -87,13 +87,18 @@ class EngineSink:
                -(-values.get("window_tokens", self.layout.window_tokens) // B) * B,
                values.get("prefill_chunk_tokens"))
         layout = self._cache.get(key)
-        if layout is None:
-            layout = self._resolve(key, value)
-            self._cache[key] = layout
-            if len(self._cache) > MAX_CACHED:
-                self._cache.popitem(last=False)
-        else:
-            self._cache.move_to_end(key)
+        # Each OrderedDict call is atomic under the GIL, but the frontend may admit on
+        # several threads (vLLM's renderer pool): another may drop a key between two
+        # calls here, which only costs a recomputation.
+        try:
+            if layout is None:
+                layout = self._cache[key] = self._resolve(key, value)
+                if len(self._cache) > MAX_CACHED:
+                    self._cache.popitem(last=False)
+            else:
+                self._cache.move_to_end(key)
+        except KeyError:
+            pass
         return layout
 
     @staticmethod
