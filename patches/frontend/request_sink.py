@@ -13,6 +13,8 @@ into an engine request). Wrap and delegate, then:
   (HTTP 400 on the server);
 * a stream cannot be a streaming-input (``resumable``) request: the sink worker keeps
   no state between input chunks; refused here instead of raising in the worker;
+* ``extra_args`` keys vLLM reads as objects (``kv_transfer_params``,
+  ``ec_transfer_params``) must be objects (``vllm_xargs`` can send a list or string);
 * a dense request gets vanilla vLLM's context bound, which sink mode lifted engine-wide
   for the streams (and, since sink mode admits pools sized for streams, the pool's
   size when that is smaller): a prompt of that length or more is refused with vanilla's
@@ -55,6 +57,11 @@ def _check_request_id(request_id) -> None:
             "reserves for its own messages; use another id.", parameter="request_id")
 
 
+# extra_args keys vLLM itself reads as JSON objects: vLLM 0.32's output processor calls
+# .get on kv_transfer_params (any other type from vllm_xargs is an HTTP 500 there).
+_OBJECT_ARGS = ("kv_transfer_params", "ec_transfer_params")
+
+
 def _admit(vllm_config, sink, request) -> None:
     from vllm.exceptions import VLLMValidationError
 
@@ -62,6 +69,12 @@ def _admit(vllm_config, sink, request) -> None:
     params = request.sampling_params
     if params is None:
         return
+    for key in _OBJECT_ARGS:
+        value = (params.extra_args or {}).get(key)
+        if value is not None and not isinstance(value, dict):
+            raise VLLMValidationError(
+                f'extra_args["{key}"] (vllm_xargs) must be a JSON object, got '
+                f"{show(value)} ({type(value).__name__}).", parameter=key)
     try:
         layout = sink.layout_for(params.extra_args)
     except SinkConfigError as e:

@@ -65,14 +65,23 @@ def _counters(server) -> dict[str, float]:
 
 # ---- sessions bound to the caller ---------------------------------------------------
 
-def _chat(server, key, sid, state):
-    messages = state or [{"role": "user", "content": "Tell me about lighthouses."}]
-    body = {"model": "smol", "messages": messages, "max_tokens": 8, "temperature": 0,
-            "session_id": sid}
-    reply = _ok(_post(server, "/v1/chat/completions", body, key))
-    return messages + [{"role": "assistant",
-                        "content": reply["choices"][0]["message"]["content"]},
-                       {"role": "user", "content": "And then?"}]
+def _chat(stream):
+    def send(server, key, sid, state):
+        messages = state or [{"role": "user", "content": "Tell me about lighthouses."}]
+        body = {"model": "smol", "messages": messages, "max_tokens": 8, "temperature": 0,
+                "session_id": sid, "stream": stream}
+        r = _post(server, "/v1/chat/completions", body, key)
+        assert r.status_code == 200, r.text[:2000]
+        if stream:      # admitted while the response body streams
+            chunks = [json.loads(line[6:]) for line in r.text.splitlines()
+                      if line.startswith("data: {")]
+            content = "".join(c["choices"][0]["delta"].get("content") or ""
+                              for c in chunks if c["choices"])
+        else:
+            content = r.json()["choices"][0]["message"]["content"]
+        return messages + [{"role": "assistant", "content": content},
+                           {"role": "user", "content": "And then?"}]
+    return send
 
 
 def _responses(server, key, sid, state):
@@ -116,7 +125,8 @@ def _generate(how):
     return send
 
 
-ENDPOINTS = {"chat": _chat, "completions": _completion("body"),
+ENDPOINTS = {"chat": _chat(False), "chat-stream": _chat(True),
+             "completions": _completion("body"),
              "completions-vllm_xargs": _completion("vllm_xargs"), "responses": _responses,
              "generate-header": _generate("header"),
              "generate-extra_args": _generate("extra_args")}
@@ -209,11 +219,11 @@ def test_stats_boards_are_private(server):
 
 # Fixed examples in the default run (same requests every time); no shrinking (each
 # shrink step is another request to the server; the first failure is reported as is).
-FUZZ = settings(max_examples=40, deadline=None, derandomize=True, database=None,
+FUZZ = settings(max_examples=400, deadline=None, derandomize=True, database=None,
                 phases=[Phase.explicit, Phase.generate],
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
                                        HealthCheck.large_base_example])
-FUZZ_MANY = settings(FUZZ, max_examples=400, derandomize=False)
+FUZZ_MANY = settings(FUZZ, max_examples=5000, derandomize=False)
 CHAT = {"messages": [{"role": "user", "content": "Hi"}]}
 PROMPTS = {"/v1/completions": {"prompt": "Hi"}, "/v1/chat/completions": CHAT}
 paths = st.sampled_from(sorted(PROMPTS))
@@ -275,6 +285,7 @@ def test_fuzz_session_id_header(server, path, sid):
 
 @FUZZ
 @given(path=paths, xargs=_fuzz.xargs)
+@example(path="/v1/completions", xargs={"kv_transfer_params": ["x"]})   # was HTTP 500
 def test_fuzz_vllm_xargs(server, path, xargs):
     _fuzz_xargs(server, path, xargs)
 
