@@ -105,7 +105,7 @@ class SinkSchedulerMixin:
             return self.kv_cache_manager.create_kv_cache_blocks(blocks), length, 0
 
         self.kv_cache_manager.get_computed_blocks = get_computed_blocks
-        self.sink_board = StatsBoard(board_path(vllm_config.instance_id, "scheduler"),
+        self.sink_board = StatsBoard(board_path("scheduler"),
                                      create=True, fields=SESSION_FIELDS)
         self._sink_board_shape: tuple[int, int, int] | None = None
         self._sink_board_at = 0.0

@@ -49,7 +49,7 @@ class SinkWorkerMixin:
         runner.sink_init(self.sink)
         if self.rank == 0:  # counters for the frontend's /metrics (same host)
             layout = self.sink.layout
-            runner.sink_board = StatsBoard(board_path(self.vllm_config.instance_id),
+            runner.sink_board = StatsBoard(board_path("worker"),
                                            create=True)
             runner.sink_board.write({
                 "sink_tokens": layout.sink_tokens, "window_tokens": layout.window_tokens,

@@ -147,3 +147,31 @@ def test_rotary_positions_leave_a_window_of_margin():
     assert tight.span == 4096 and tight.rotary_positions == 2 * 4096
     roomy = SinkConfig.from_section({"window_tokens": 2048}).resolve(32, 8192)
     assert roomy.rotary_positions == 8192                      # the model's own table
+
+
+@pytest.mark.parametrize("section, key", [
+    ({"window_tokens": 10 ** 400}, "window_tokens"),
+    ({"window_tokens": 1e308}, "window_tokens"),
+    ({"sink_tokens": -10 ** 400}, "sink_tokens"),
+    ({"prefill_chunk_tokens": 2 ** 70}, "prefill_chunk_tokens"),
+    ({"session_idle_timeout": 1e308}, "session_idle_timeout"),
+    ({"window_tokens": [[[[[[[[[[[[[[[[1]]]]]]]]]]]]]]]]}, "window_tokens"),
+])
+def test_numbers_at_the_edges_are_refused_by_name(section, key):
+    """Out-of-range numbers are a SinkConfigError naming the key (never an
+    OverflowError while rounding to blocks), with a short message (no 400 digits)."""
+    with pytest.raises(SinkConfigError) as e:
+        SinkConfig.from_section(section).resolve(32, 8192)
+    assert key in str(e.value) and len(str(e.value)) < 600, str(e.value)
+
+
+def test_deeply_nested_values_give_a_short_error():
+    deep: list = []
+    for _ in range(100_000):
+        deep = [deep]
+    with pytest.raises(SinkConfigError) as e:
+        SinkConfig.from_section({"window_tokens": deep})
+    assert "window_tokens" in str(e.value) and len(str(e.value)) < 600
+    with pytest.raises(SinkConfigError) as e:
+        SinkConfig.from_section({f"key{i}": i for i in range(10_000)})
+    assert "Unknown key" in str(e.value) and len(str(e.value)) < 2000

@@ -21,6 +21,7 @@ S = 32 (one block), W = 2016 (63 blocks), C = 2048, K = 256 (the default), span 
 from __future__ import annotations
 
 import math
+import reprlib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import cached_property
@@ -67,23 +68,48 @@ class SinkConfigError(ValueError):
     """A ``"sink"`` section (or an engine setting next to it) that cannot be honoured."""
 
 
+# Every number a section or a request field may hold lies within +-MAX_NUMBER: far past
+# any token count or timeout, small enough that the block arithmetic stays exact.
+MAX_NUMBER = 2 ** 62
+_SHOW = reprlib.Repr()
+_SHOW.maxlevel, _SHOW.maxstring, _SHOW.maxother, _SHOW.maxlong = 3, 60, 60, 40
+_SHOW.maxdict = _SHOW.maxlist = _SHOW.maxtuple = 6
+
+
+def show(value: Any) -> str:
+    """A short, safe rendering of a client-supplied value for an error message: at most
+    a few nesting levels and dozens of characters, whatever its size or depth."""
+    if isinstance(value, int) and not isinstance(value, bool) and \
+            abs(value) >= 10 ** 40:
+        return f"{'-' if value < 0 else ''}<integer of {abs(value).bit_length()} bits>"
+    try:
+        return _SHOW.repr(value)
+    except (RecursionError, ValueError):
+        return f"<{type(value).__name__}>"
+
+
 def _as_type(where: str, key: str, kind: type, value: Any):
     name = f'{where}["{key}"]'
     if kind is bool:
         if isinstance(value, bool):
             return value
         raise SinkConfigError(f"{name} must be true or false, "
-                              f"got {value!r} ({type(value).__name__}).")
+                              f"got {show(value)} ({type(value).__name__}).")
     if kind is str:
         if isinstance(value, str):
             return value
-        raise SinkConfigError(f"{name} must be a string, got {value!r} "
+        raise SinkConfigError(f"{name} must be a string, got {show(value)} "
                               f"({type(value).__name__}).")
     # bool is an int subclass; "true" for a token count is always a mistake.
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise SinkConfigError(
             f"{name} must be a number, got "
-            f"{value!r} ({type(value).__name__}). Example: {_EXAMPLE}")
+            f"{show(value)} ({type(value).__name__}). Example: {_EXAMPLE}")
+    if value != value or value in (float("inf"), float("-inf")):
+        raise SinkConfigError(f"{name} must be finite, got {value!r}")
+    if abs(value) > MAX_NUMBER:
+        raise SinkConfigError(f"{name} = {show(value)} is out of range: at most "
+                              f"2**62 in magnitude.")
     if kind is int:
         if isinstance(value, float):
             if not value.is_integer():
@@ -91,8 +117,6 @@ def _as_type(where: str, key: str, kind: type, value: Any):
                                       f"integer, got {value!r}. Example: {_EXAMPLE}")
             value = int(value)
         return value
-    if value != value or value in (float("inf"), float("-inf")):
-        raise SinkConfigError(f"{name} must be finite, got {value!r}")
     return float(value)
 
 
@@ -101,13 +125,15 @@ def parse_keys(section: Any, keys, where: str = ENGINE) -> dict[str, Any]:
     if not isinstance(section, Mapping):
         raise SinkConfigError(
             f"{where} must be a JSON object, got "
-            f"{section!r} ({type(section).__name__}). Example: {_EXAMPLE}"
+            f"{show(section)} ({type(section).__name__}). Example: {_EXAMPLE}"
         )
-    unknown = sorted(str(k) for k in section if k not in keys and k != RESOLVED)
+    unknown = [k for k in section if k not in keys and k != RESOLVED]
     if unknown:
         valid = ", ".join(f"{k} ({_KEYS[k][2]})" for k in keys)
+        named = ", ".join(show(k) for k in unknown[:5])
+        more = f" and {len(unknown) - 5} more" if len(unknown) > 5 else ""
         raise SinkConfigError(
-            f'Unknown key(s) in {where}: {", ".join(unknown)}. Valid keys: {valid}.')
+            f"Unknown key(s) in {where}: {named}{more}. Valid keys: {valid}.")
     values: dict[str, Any] = {}
     for key in keys:
         kind, limit, meaning = _KEYS[key]
@@ -116,7 +142,7 @@ def parse_keys(section: Any, keys, where: str = ENGINE) -> dict[str, Any]:
             continue
         value = _as_type(where, key, kind, raw)
         if kind is str and value not in limit:
-            raise SinkConfigError(f'{where}["{key}"] = {value!r} must be one of '
+            raise SinkConfigError(f'{where}["{key}"] = {show(value)} must be one of '
                                   f"{', '.join(map(repr, limit))}: {meaning}.")
         if kind not in (bool, str) and value < limit:
             raise SinkConfigError(
