@@ -110,9 +110,9 @@ class SinkWorkerMixin:
                            self.cache_config.gpu_memory_utilization * total))
         return out
 
-    def sink_trace(self) -> list:
-        """The runner's per-step records since the last call (then cleared):
-        ``vllm_sink.core.trace.StepRecord`` each."""
-        trace = list(self.model_runner.sink_trace)
+    def sink_trace(self) -> list[dict]:
+        """The runner's per-step records since the last call (then cleared), as dicts:
+        ``vllm_sink.core.trace.records`` reads them back as ``StepRecord``s."""
+        trace = [r.to_dict() for r in self.model_runner.sink_trace]
         self.model_runner.sink_trace.clear()
         return trace

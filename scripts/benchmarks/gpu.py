@@ -32,6 +32,8 @@ import sys
 import time
 from pathlib import Path
 
+from vllm_sink.core.trace import records
+
 HERE = Path(__file__).resolve().parent
 SHAPE = HERE / "shapes" / "llama-3.1-8b"
 SIZES = [1, 2, 4, 8, 16, 32, 64, 128, 256]
@@ -141,6 +143,7 @@ def run_single(llm, prompt, decode, window=None, sink=False):
 def steps_of(trace) -> list[dict]:
     """The worker's step records as dicts; ``ms`` is the step's period (start to the
     next step's start: the whole engine step, scheduler and IPC included)."""
+    trace = records(trace)
     return [{"ms": (b.start_ns - a.start_ns) / 1e6, "reqs": a.requests, "tokens": a.tokens,
              "evictions": a.evictions, "rebases": a.rebases, "host_ms": a.host_ns / 1e6,
              "keys_ms": a.keys_ns / 1e6, "cpu_ms": a.cpu_ns / 1e6}

@@ -45,6 +45,8 @@ from pathlib import Path
 
 from common import save, table
 
+from vllm_sink.core.trace import records
+
 HERE = Path(__file__).resolve().parent
 SHAPE = HERE / "shapes" / "tiny-llama"
 TIMED = {"scheduler": ("schedule",),
@@ -99,7 +101,7 @@ def side(args) -> dict:
         return sum(len(o.outputs[0].token_ids) for o in outs) / (time.monotonic() - t)
 
     def decode_steps():   # the worker's trace: full decode steps since the last call
-        trace = llm.collective_rpc("sink_trace")[0]
+        trace = records(llm.collective_rpc("sink_trace")[0])
         return [t for t in trace if t.requests == t.tokens == args.sessions]
 
     generate(16, 16)                                                   # warm-up
@@ -148,7 +150,7 @@ def profile(llm, generate, args) -> dict:
         setattr(cls, name, wrapper)
     llm.collective_rpc("sink_trace")
     generate(args.evict_window - 48, 160, window=args.evict_window)
-    trace = [t for t in llm.collective_rpc("sink_trace")[0]
+    trace = [t for t in records(llm.collective_rpc("sink_trace")[0])
              if t.requests == t.tokens == args.sessions]
     evicting = [t for t in trace if t.evictions]
     out = {"decode_steps": len(trace), "evicting_steps": len(evicting),

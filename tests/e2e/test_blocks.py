@@ -78,7 +78,9 @@ def test_step_trace_counts_the_evictions(engine):
     while engine.has_unfinished_requests():
         engine.step()
         steps += 1
-    trace = engine.collective_rpc("sink_trace")[0]
+    from vllm_sink.core.trace import records
+
+    trace = records(engine.collective_rpc("sink_trace")[0])
     after = engine.collective_rpc("sink_stats")[0]
     assert sum(r.evictions for r in trace) == after["evictions"] - before["evictions"] > 0
     assert 0 < len(trace) <= steps + 1

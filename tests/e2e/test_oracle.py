@@ -96,7 +96,8 @@ def test_window_only_matches_reference(default_model_dir, reference_model, kjv):
 def test_several_sink_blocks_and_block_64_match_reference(default_model_dir,
                                                            reference_model, kjv):
     """Block size 64, sink_tokens 70 -> 2 sink blocks (128 tokens), window 100 -> 2 blocks
-    (128), C = 256, max_position_embeddings 320 so rebases run too."""
+    (128), C = 256, max_position_embeddings 320: the rotary range is then two rows of five
+    64-token blocks (640 positions), so the 200-token prompt's stream rebases too."""
     from vllm_sink import model_variant
 
     sink = {"sink_tokens": 70, "window_tokens": 100}
@@ -104,7 +105,7 @@ def test_several_sink_blocks_and_block_64_match_reference(default_model_dir,
     prompts = [kjv[40000:40030], kjv[41000:41200]]
     outs, stats = greedy_in_fresh_engine(small, sink, prompts, 500, dtype="float32",
                                          block_size=64)
-    assert stats["rebases"] >= 2, stats
+    assert stats["rebases"] >= 1, stats
     ref = StreamingReference(reference_model, block_size=64, position_limit=320, **sink)
     assert (ref.layout.sink_tokens, ref.layout.capacity) == (128, 256)
     for prompt, (toks, lps) in zip(prompts, outs):

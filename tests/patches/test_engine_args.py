@@ -32,7 +32,7 @@ def test_sink_mode_sets_what_it_needs(default_model_dir):
     assert cfg.additional_config["sink"] == {
         "sink_tokens": 32, "window_tokens": 128, "prefill_chunk_tokens": 128,
         "position_limit": 8192, "default": "sink", "sessions": True,
-        "max_parked_sessions": 256, "session_idle_timeout": 600.0,
+        "max_request_sink_tokens": 32, "max_parked_sessions": 256, "session_idle_timeout": 600.0,
         "_resolved": {"dense_max_model_len": 8192}}
 
 
