@@ -103,9 +103,12 @@ class SinkRunnerMixin:
         if held != self.sink_blocks_held:
             raise RuntimeError(f"vllm_sink: block count kept as {self.sink_blocks_held}, "
                                f"the streams' rows hold {held}; this is a bug")
+        saved = [rs.saved for rs in self.sink_requests.values() if rs.saved is not None]
         return {**self._sink_board_values(), "parked_sessions": len(self.sink_parked),
                 "max_offset": max((r.stream.offset for r in self.sink_requests.values()),
-                                  default=0)}
+                                  default=0),
+                "saved_streams": len(saved),
+                "saved_bytes": sum(SinkKeys.saved_bytes(s) for s in saved)}
 
     def _sink_publish(self) -> None:
         """Write the board when a value changed (most decode steps change nothing)."""
@@ -262,9 +265,12 @@ class SinkRunnerMixin:
         self.sink_counters["requests"] += 1
         resume = extra.get(_directives.RESUME_ARG)
         if resume is not None:
+            # The scheduler marks a request as a resume only while it holds its claim
+            # on the parked session, which nothing else drops (SessionStore).
             rs = self.sink_parked.pop(resume, None)
             if rs is None:
-                raise RuntimeError(f"sink worker has no parked state for session {resume!r}")
+                raise RuntimeError(f"vllm_sink: no parked state for session {resume!r} "
+                                   f"that request {nr.req_id} resumes; this is a bug")
             self.sink_requests[nr.req_id] = rs
             if rs.stream.offset:
                 self.sink_offsets[nr.req_id] = rs.stream.offset
@@ -285,7 +291,10 @@ class SinkRunnerMixin:
     # ---- preemption: save the cached KV, restore it on resume -----------------------
     def _sink_save_preempted(self, scheduler_output, finished: set[str]) -> None:
         """vLLM reuses a preempted request's blocks in this very step: copy a stream's
-        cached KV out now, before this step's forward writes into them."""
+        cached KV out now, before this step's forward writes into them (the copies are
+        queued on the device stream ahead of the forward). The scheduler admitted
+        every such save within its host budget; a stream it could not admit arrives
+        finished as well and is not saved (``_sink_finish`` dropped it)."""
         preempted = [r for r in (scheduler_output.preempted_req_ids or ())
                      if r in self.sink_requests and r not in finished]
         for req_id in preempted:
@@ -301,9 +310,9 @@ class SinkRunnerMixin:
             self.sink_counters["kv_saves"] += 1
 
     def _sink_restore(self, req_id: str, rs: RequestSink, new_block_ids) -> None:
-        if rs.saved is None:
-            raise RuntimeError(f"stream {req_id} resumed from preemption but its KV was "
-                               "not saved")
+        if rs.saved is None:   # the scheduler finishes streams whose KV was not saved
+            raise RuntimeError(f"vllm_sink: stream {req_id} resumed from preemption but "
+                               "its KV was not saved; this is a bug")
         rows = tuple(list(g) for g in new_block_ids)
         if any(len(g) < rs.saved_blocks for g in rows):
             raise RuntimeError(f"stream {req_id} resumed with {[len(g) for g in rows]} "

@@ -47,10 +47,20 @@ _KEYS: dict[str, tuple[type, Any, str]] = {
                                "(default: the model's context length)"),
     "sessions": (bool, 0, "park a finished request's KV under its session_id and resume "
                           "it on the next turn (default true)"),
-    "max_parked_sessions": (int, 0, "parked sessions kept at most (default 256)"),
+    "max_parked_sessions": (int, 0, "parked sessions kept at most (default 256, "
+                                    "at most 65536)"),
     "session_idle_timeout": (float, 0.001, "seconds a parked session may stay idle "
                                            "(default 600)"),
+    "max_saved_kv_gib": (float, 0.0, "GiB of host memory each worker may hold for the "
+                                     "KV of preempted streams (default: the size of "
+                                     "the KV pool, at most a quarter of the host's "
+                                     "memory per worker); a stream whose save does "
+                                     "not fit is finished with finish_reason "
+                                     "\"error\""),
 }
+# Upper bounds of keys that have one (a parked session costs host-side state in the
+# scheduler and every worker, and each holds at least one KV block).
+_MAXIMA: dict[str, int] = {"max_parked_sessions": 65536}
 # Keys a single request may set in its own "sink" field (the engine's are its maximum).
 REQUEST_KEYS = ("sink_tokens", "window_tokens", "prefill_chunk_tokens")
 # Written by the frontend into the resolved section, never by users.
@@ -117,6 +127,10 @@ def parse_keys(section: Any, keys, where: str = ENGINE) -> dict[str, Any]:
                 f'{where}["{key}"] = {value} is out of range: '
                 f"it is the number of {meaning} and must be >= {limit}."
             )
+        if key in _MAXIMA and value > _MAXIMA[key]:
+            raise SinkConfigError(
+                f'{where}["{key}"] = {value} is out of range: it is the number of '
+                f"{meaning} and must be <= {_MAXIMA[key]}. Lower it.")
         values[key] = value
     return values
 
@@ -133,6 +147,7 @@ class SinkConfig:
     sessions: bool = True
     max_parked_sessions: int = 256
     session_idle_timeout: float = 600.0
+    max_saved_kv_gib: float | None = None   # None: derived from the pool and the host
 
     @classmethod
     def from_section(cls, section: Any) -> SinkConfig:
@@ -141,9 +156,12 @@ class SinkConfig:
 
     def resolved_section(self, layout: SinkLayout) -> dict[str, Any]:
         """The section every process re-parses: geometry resolved, policies explicit."""
-        return {**layout.to_section(), "default": self.default, "sessions": self.sessions,
-                "max_parked_sessions": self.max_parked_sessions,
-                "session_idle_timeout": self.session_idle_timeout}
+        section = {**layout.to_section(), "default": self.default, "sessions": self.sessions,
+                   "max_parked_sessions": self.max_parked_sessions,
+                   "session_idle_timeout": self.session_idle_timeout}
+        if self.max_saved_kv_gib is not None:
+            section["max_saved_kv_gib"] = self.max_saved_kv_gib
+        return section
 
     def resolve(self, block_size: int, model_position_limit: int) -> SinkLayout:
         """Round to whole blocks of ``block_size`` and check against the model."""
