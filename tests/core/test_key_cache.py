@@ -140,3 +140,48 @@ def test_shared_layers_rotate_once():
 @pytest.mark.parametrize("with_source", [False, True])
 def test_rotate_matches_reference_cuda(kind, dtype, with_source):
     _check_rotate(kind, dtype, "cuda", with_source)
+
+
+def _check_save_restore(kind, device):
+    """BlockStack.save copies whole blocks out in chunks, restore writes them into other
+    blocks; on CUDA neither synchronizes (the copies are queued on the stream, so a
+    kernel queued after save that overwrites the blocks does not reach the copies) and
+    the host chunks are pinned."""
+    from vllm_sink.core.key_cache import BlockStack
+
+    layers, _ = make_layout(kind, torch.bfloat16, device)
+    stack = BlockStack(layers)
+    stack.chunk_blocks = 2                                   # three blocks: two chunks
+    src, dst = [4, 1, 5], [0, 2, 3]
+    want = torch.stack([kv[src] for kv in stack.layers]).clone()
+    reuse = torch.tensor(src, device=device)
+    cuda = device == "cuda"
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")             # any synchronization raises
+    try:
+        saved = stack.save(src)
+        for kv in stack.layers:                              # the blocks are reused
+            kv.index_fill_(0, reuse, -1.0)
+        stack.restore(dst, saved)
+    finally:
+        if cuda:
+            torch.cuda.set_sync_debug_mode(0)
+    assert [c.shape[1] for c in saved] == [2, 1]
+    assert all(c.device.type == "cpu" and c.is_pinned() == cuda for c in saved)
+    got = torch.stack([kv[dst] for kv in stack.layers])
+    assert torch.equal(got.cpu(), want.cpu())
+    with pytest.raises(ValueError):
+        stack.restore(dst[:2], saved)
+
+
+@pytest.mark.cpu
+@pytest.mark.parametrize("kind", LAYOUTS)
+def test_block_stack_save_restore_cpu(kind):
+    _check_save_restore(kind, "cpu")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kind", ["NHD", "block_outer", "separate"])
+def test_block_stack_save_restore_cuda(kind):
+    _check_save_restore(kind, "cuda")
