@@ -254,14 +254,14 @@ class SinkSchedulerMixin:
         are finished with an error (their history cannot be recomputed), those the
         reset itself preempts (``reset_running_requests``) included."""
         self.sink_sessions.drop_all("parked_reset")
-        self._sink_resetting = preempted = []
+        self._sink_resetting = lost = []
+        ok = False
         try:
             ok = super().reset_prefix_cache(reset_running_requests, reset_connector)
-        finally:
+        finally:   # (streams the reset preempted were not saved: lost even if it raised)
             self._sink_resetting = None
-        if ok or preempted:
-            lost = preempted + [self.requests[r] for r in self.sink_saved
-                                if r in self.requests]
+            if ok:
+                lost += [self.requests[r] for r in self.sink_saved if r in self.requests]
             self.sink_counts["streams_lost_reset"] += len(lost)
             self._sink_fail(lost)
         return ok
