@@ -50,6 +50,7 @@ from collections import Counter
 
 from vllm.v1.core.sched.async_scheduler import AsyncScheduler
 from vllm.v1.core.sched.scheduler import Scheduler
+from vllm.v1.request import RequestStatus
 
 from vllm_sink.core.config import SinkConfigError
 from vllm_sink.patches import _directives
@@ -132,16 +133,18 @@ class SinkSchedulerMixin:
 
         def allocate_slots(request, *args, **kwargs):
             # Parked sessions yield to requests, running and waiting alike: while the
-            # allocation fails, drop the least recently parked unclaimed session and
+            # allocation fails, drop the least recently parked unclaimed session (for a
+            # running request, then also sessions that waiting requests claimed) and
             # try again. Retrying is safe in vLLM 0.32: allocate_slots returns None
             # before it changes anything but (a) remove_skipped_blocks, which frees
             # blocks that fell out of an attention window (idempotent; a no-op for
             # full attention and streams) and (b) get_num_blocks_to_allocate, which
             # only computes (SinkRingManager keeps the answer, recomputed on retry).
-            # A resume's parked blocks are the claimant's and never dropped here.
+            # A waiting resume's own claimed blocks are never dropped here.
+            running = request.status == RequestStatus.RUNNING
             while True:
                 blocks = allocate(request, *args, **kwargs)
-                if blocks is not None or not sessions.make_room():
+                if blocks is not None or not sessions.make_room(claimed_too=running):
                     return blocks
 
         manager.get_computed_blocks = get_computed_blocks
@@ -224,8 +227,6 @@ class SinkSchedulerMixin:
         """Finish streams that cannot continue with FINISHED_ERROR, as vLLM finishes
         its own error requests; their final outputs go out with the next
         ``update_from_output``."""
-        from vllm.v1.request import RequestStatus
-
         if requests:
             self._sink_failed += self.finish_requests(
                 [r.request_id for r in requests], RequestStatus.FINISHED_ERROR)

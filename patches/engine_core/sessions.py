@@ -14,13 +14,15 @@ request is admitted; until then the claim holds, however often vLLM asks again. 
 claimed, a session is never dropped or replaced by another request: a request with the
 same key that finishes meanwhile frees its own blocks instead of parking them. A claim
 ends by adoption, by the claimant finishing (aborted while waiting: the session is
-parked again, its idle time restarting), or by a prefix-cache reset (the claimant then
-runs as a fresh stream). A request that misses never carries the resume argument.
+parked again, its idle time restarting), or by the session being dropped for a running
+request's room or by a prefix-cache reset (the claimant then runs as a fresh stream).
+A request that misses never carries the resume argument.
 
 Parked sessions are bounded and always yield to requests: least recently parked first,
 unclaimed ones are dropped whenever an allocation for a running or waiting request
-fails (``make_room``), when there are more than ``max_parked_sessions``, or after
-``session_idle_timeout`` seconds idle. Every step's bookkeeping is O(changes): the
+fails (``make_room``; for a running request claimed ones too, once no other is left),
+when there are more than ``max_parked_sessions``, or after ``session_idle_timeout``
+seconds idle. Every step's bookkeeping is O(changes): the
 unclaimed sessions are kept in parking order (idle times grow along it), claimed ones
 apart, and the parked block count is kept as a running total.
 
@@ -212,25 +214,36 @@ class SessionStore:
                 break
             self._drop(key, "parked_expired")
 
-    def make_room(self, reason: str = "parked_evictions") -> bool:
-        """Drop the least recently parked unclaimed session; False if there is none."""
-        if not self.parked:
-            return False
-        self._drop(next(iter(self.parked)), reason)
-        return True
+    def make_room(self, reason: str = "parked_evictions", claimed_too: bool = False) -> bool:
+        """Drop the least recently parked unclaimed session, else, with ``claimed_too``
+        (room for a running request: running requests win over waiting ones), the
+        oldest claim's session, its claimant then running as a fresh stream. False if
+        there is nothing to drop."""
+        if self.parked:
+            self._drop(next(iter(self.parked)), reason)
+            return True
+        if claimed_too and self.claims:
+            self._drop_claimed(next(iter(self.claims)), reason)
+            return True
+        return False
 
     def drop_all(self, reason: str) -> None:
         """Drop every session, claimed ones too (their claimants run as fresh
         streams): a prefix-cache reset, e.g. after a weight update."""
         for key in list(self.parked):
             self._drop(key, reason)
-        for rid, key in list(self.claims.items()):
-            request = self.sched.requests.get(rid)
-            if request is not None:
-                _set_resume(request, None)
-            self.parked[key] = self.claimed.pop(key)
-            self._drop(key, reason)
-        self.claims.clear()
+        for rid in list(self.claims):
+            self._drop_claimed(rid, reason)
+
+    def _drop_claimed(self, request_id: str, reason: str) -> None:
+        """Drop the session ``request_id`` claimed (it was not admitted yet: the
+        workers never saw it as a resume) and unmark the request."""
+        key = self.claims.pop(request_id)
+        request = self.sched.requests.get(request_id)
+        if request is not None:
+            _set_resume(request, None)
+        self.parked[key] = self.claimed.pop(key)
+        self._drop(key, reason)
 
     def _drop(self, key: str, reason: str | None) -> None:
         p = self.parked.pop(key)

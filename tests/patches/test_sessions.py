@@ -167,6 +167,23 @@ def test_room_is_made_oldest_first_and_the_count_is_kept():
     assert list(s.store.parked) == ["local:s1"] and not s.store.claimed
 
 
+def test_room_for_a_running_request_takes_claimed_sessions_last():
+    s = Scheduler(num_blocks=40)
+    for sid in ("x", "y"):
+        t = s.request(range(8), session=sid)
+        s.run(t, 8)
+        s.finish(t)
+    claimant = s.request(list(range(8)) + [3], session="x")
+    assert s.store.try_resume(claimant) is not None
+    assert s.store.make_room(claimed_too=True)             # the unclaimed "y" first
+    assert list(s.store.claimed) == ["local:x"] and not s.store.parked
+    assert not s.store.make_room()                         # for a waiting request: no
+    assert s.store.make_room(claimed_too=True)             # for a running one: the claim
+    assert not s.store.claimed and s.store.blocks_parked == 0 and s.free == 39
+    assert _directives.RESUME_ARG not in claimant.sampling_params.extra_args
+    assert s.store.try_resume(claimant) is None           # the claimant runs fresh
+
+
 def test_expiry_stops_at_the_first_fresh_session(monkeypatch):
     import vllm_sink.patches.engine_core.sessions as sessions
 
