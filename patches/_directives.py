@@ -12,6 +12,11 @@ vLLM sees the set:
 Resuming travels the other way round inside the request itself: the scheduler puts the
 session key in ``sampling_params.extra_args[RESUME_ARG]`` (after removing any
 client-supplied ``vllm_sink_*`` keys).
+
+Request ids starting with NUL are refused at admission (``frontend/request_sink.py``,
+``is_reserved_id``), so no client id can pose as a directive; ``split`` still reads only
+well-formed directives and hands anything else on as a request id (vLLM ignores the
+id of a request it does not hold), so nothing in the set can make a worker raise.
 """
 
 from __future__ import annotations
@@ -31,6 +36,27 @@ def drop(seq: int, key: str) -> str:
     return PREFIX + json.dumps(["drop", seq, None, key])
 
 
+def is_reserved_id(request_id: str) -> bool:
+    """Ids of this form are the scheduler's (directives), never a client's."""
+    return request_id.startswith("\x00")
+
+
+def _parse(item: str) -> tuple[int, str, str | None, str] | None:
+    """(seq, op, req_id, key) of a well-formed directive, else None."""
+    try:
+        entry = json.loads(item[len(PREFIX):])
+    except (ValueError, RecursionError):
+        return None
+    if not isinstance(entry, list) or len(entry) != 4:
+        return None
+    op, seq, req_id, key = entry
+    if type(seq) is not int or not isinstance(key, str):
+        return None
+    if (op, type(req_id)) not in (("park", str), ("drop", type(None))):
+        return None
+    return seq, op, req_id, key
+
+
 def split(finished) -> tuple[set[str], list[tuple[str, str | None, str]]]:
     """(real finished request ids, [(op, req_id, key)] in the order they were issued).
 
@@ -38,9 +64,10 @@ def split(finished) -> tuple[set[str], list[tuple[str, str | None, str]]]:
     the workers heard of either (both land in the same step's set)."""
     real, ops = set(), []
     for item in finished:
-        if not item.startswith(PREFIX):
+        parsed = _parse(item) if item.startswith(PREFIX) else None
+        if parsed is None:
             real.add(item)
-            continue
-        op, seq, req_id, key = json.loads(item[len(PREFIX):])
-        ops.append((seq, op, req_id, key))
-    return real, [(op, req_id, key) for _, op, req_id, key in sorted(ops)]
+        else:
+            ops.append(parsed)
+    ops.sort(key=lambda entry: entry[0])
+    return real, [(op, req_id, key) for _, op, req_id, key in ops]

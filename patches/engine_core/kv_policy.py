@@ -21,9 +21,9 @@ the pool's size (``frontend/request_sink.py``), so small pools serve streams as 
   (``patches/engine_core/scheduler.py``), so the resumed request needs as many blocks
   as it held when preempted (``restoring``).
 
-How many blocks a step of ``n`` new tokens needs, for a stream with ``a`` tokens so far
-(``policy``): the cache holds ``a`` tokens while nothing was evicted (``a < C``), else
-at most ``C - 1`` after the step's eviction; plus ``n``, at most ``span`` in all.
+How many blocks a step of ``n`` new tokens needs, for a stream with ``a`` tokens so far:
+``policy.max_cached_after`` bounds what its cache holds while the step runs, from the
+counts and the request's chunk grid (its first token and prompt end), at most ``span``.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ from vllm.v1.kv_cache_interface import FullAttentionSpec
 from vllm.v1.kv_cache_spec_registry import KVCacheSpecRegistry
 
 from vllm_sink.core.config import SinkLayout
-from vllm_sink.core.policy import cdiv
+from vllm_sink.core.policy import cdiv, max_cached_after
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -70,11 +70,14 @@ class SinkAttentionSpec(FullAttentionSpec):
         return cls(**values, stream_blocks=stream_blocks, dense_blocks=dense_blocks)
 
 
-def stream_blocks_needed(layout: SinkLayout, computed: int, new: int) -> int:
-    """Blocks a stream with ``computed`` tokens so far needs for a step of ``new``."""
-    cached = computed if computed < layout.capacity else layout.capacity - 1
-    return min(-(-min(cached + new, layout.span) // layout.block_size),   # cdiv
-               layout.blocks_per_request)
+def stream_blocks_needed(layout: SinkLayout, computed: int, new: int,
+                         grid: tuple[int, int] | None) -> int:
+    """Blocks a stream with ``computed`` tokens so far needs for a step of ``new``;
+    ``grid`` = (first token, prompt end) of its request (None: assume the most)."""
+    if grid is None:
+        return layout.blocks_per_request
+    cached = max_cached_after(layout, computed, new, *grid)
+    return min(cdiv(cached, layout.block_size), layout.blocks_per_request)
 
 
 class SinkRingManager(FullAttentionManager):
@@ -84,12 +87,14 @@ class SinkRingManager(FullAttentionManager):
         super().__init__(*args, **kwargs)
         # Shared with the sink scheduler (``bind``), which fills them:
         self.sink_layouts: dict[str, SinkLayout] = {}  # request id -> layout (streams)
+        self.sink_grids: dict[str, tuple[int, int]] = {}  # -> (first token, prompt end)
         self.restoring: dict[str, int] = {}  # preempted stream -> blocks it held
         self.on_adopt = None                # callback(request_id): session adopted
         self._need: dict[str, int] = {}     # blocks a stream needs, for allocate_new_blocks
 
-    def bind(self, sink_layouts: dict, restoring: dict, on_adopt) -> None:
+    def bind(self, sink_layouts: dict, restoring: dict, on_adopt, sink_grids: dict) -> None:
         self.sink_layouts, self.restoring, self.on_adopt = sink_layouts, restoring, on_adopt
+        self.sink_grids = sink_grids
 
     def get_num_blocks_to_allocate(self, request_id, num_tokens, new_computed_blocks,
                                    total_computed_tokens, *args, **kwargs) -> int:
@@ -104,7 +109,8 @@ class SinkRingManager(FullAttentionManager):
         need = held
         if held < layout.blocks_per_request:    # else: its whole set, recycled as a ring
             need = max(held, stream_blocks_needed(layout, total_computed_tokens,
-                                                  num_tokens - total_computed_tokens))
+                                                  num_tokens - total_computed_tokens,
+                                                  self.sink_grids.get(request_id)))
             if self.restoring:  # a preempted stream's cache comes back into as many blocks
                 need = max(need, self.restoring.get(request_id, 0))
         self._need[request_id] = need

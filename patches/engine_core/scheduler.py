@@ -14,10 +14,11 @@ streams need:
                          requests get none), strips client-supplied private arguments;
                          streams are never hashed for prefix caching; a dense request
                          is bounded by the model's context like vanilla vLLM
-``_update_after_schedule``  a stream adds at most ``policy.max_step_tokens`` tokens a
-                         step (the prefill chunk K once its cache is full): larger
-                         grants are trimmed before vLLM advances the request (vLLM's
-                         long-prefill threshold does not apply to a lone request)
+``_update_after_schedule``  a stream's step never crosses the end of the prompt chunk
+                         it is in (``policy.max_step_tokens``: chunks on a grid fixed by
+                         the request, so what each token attends to never depends on
+                         the engine's load): larger grants are trimmed before vLLM
+                         advances the request
 ``_preempt_request``     a preempted stream keeps its computed count: the workers save
                          its cached KV before the blocks are reused and restore it on
                          resume, so nothing is recomputed (vLLM would recompute the
@@ -89,6 +90,9 @@ class SinkSchedulerMixin:
                     f"mode resolved its layout for {B}; start vLLM with "
                     f"--block-size {g.kv_cache_spec.block_size}.")
         self.sink_layouts: dict = {}         # request id -> layout, for streams only
+        # Stream -> (its first token: 0, or a resumed session's length; prompt end):
+        # the request's chunk grid (vllm_sink.core.policy), set at admission.
+        self.sink_grids: dict[str, tuple[int, int]] = {}
         self.sink_restoring: dict[str, int] = {}   # preempted stream -> blocks it held
         self.sink_counts: Counter = Counter()
         self.sink_sessions = SessionStore(self, self.sink)
@@ -98,9 +102,10 @@ class SinkSchedulerMixin:
         self._sink_resetting: list | None = None   # streams a running reset preempted
         for manager in self._sink_managers:
             assert isinstance(manager, SinkRingManager)
-            manager.bind(self.sink_layouts, self.sink_restoring, self.sink_sessions.adopted)
+            manager.bind(self.sink_layouts, self.sink_restoring, self.sink_sessions.adopted,
+                         self.sink_grids)
         self._sink_wrap_kv_cache_manager()
-        self.sink_board = StatsBoard(board_path(vllm_config.instance_id, "scheduler"),
+        self.sink_board = StatsBoard(board_path("scheduler"),
                                      create=True, fields=SESSION_FIELDS)
         self._sink_board_shape: tuple[int, ...] | None = None
         self._sink_board_at = 0.0
@@ -127,8 +132,10 @@ class SinkSchedulerMixin:
                 return get_computed(request)      # dense: vLLM's prefix cache
             hit = sessions.try_resume(request)
             if hit is None:
+                self.sink_grids[request.request_id] = (0, request.num_prompt_tokens)
                 return empty, 0, 0
             blocks, length = hit
+            self.sink_grids[request.request_id] = (length, request.num_prompt_tokens)
             return manager.create_kv_cache_blocks(blocks), length, 0
 
         def allocate_slots(request, *args, **kwargs):
@@ -192,7 +199,9 @@ class SinkSchedulerMixin:
             layout = self.sink_layouts.get(req_id)
             if layout is None:
                 continue
-            cap = max_step_tokens(layout, self.requests[req_id].num_computed_tokens)
+            request = self.requests[req_id]
+            start, prompt_end = self.sink_grids.get(req_id, (0, request.num_prompt_tokens))
+            cap = max_step_tokens(layout, request.num_computed_tokens, start, prompt_end)
             if n > cap:
                 counts[req_id] = cap
                 trimmed += n - cap
@@ -276,6 +285,7 @@ class SinkSchedulerMixin:
     def _free_blocks(self, request) -> None:
         super()._free_blocks(request)
         self.sink_layouts.pop(request.request_id, None)
+        self.sink_grids.pop(request.request_id, None)
         self.sink_restoring.pop(request.request_id, None)
         if self.sink_saved.held:
             self.sink_saved.release(request.request_id)

@@ -26,8 +26,8 @@ seconds idle. Every step's bookkeeping is O(changes): the
 unclaimed sessions are kept in parking order (idle times grow along it), claimed ones
 apart, and the parked block count is kept as a running total.
 
-Session keys: ``request.session_id`` (set by the OpenAI server, namespaced by the
-frontend with the caller's credentials) or, offline, ``extra_args["session_id"]``.
+Session keys: ``request.session_id``, namespaced by the frontend with the caller's
+credentials whichever way the id arrived (``session_key``).
 """
 
 from __future__ import annotations
@@ -59,12 +59,10 @@ class Parked:
 
 
 def session_key(request) -> str | None:
-    if request.session_id:
-        return "s:" + request.session_id
-    params = request.sampling_params
-    extra = getattr(params, "extra_args", None) if params is not None else None
-    sid = extra.get("session_id") if isinstance(extra, dict) else None
-    return "local:" + sid if isinstance(sid, str) and sid else None
+    """The namespaced key ``<owner>:<id>``: the frontend's admission
+    (``patches/frontend/session_ids.py``) moved every way a session id arrives into
+    ``request.session_id`` and bound it to the caller."""
+    return request.session_id or None
 
 
 # Misses after which the parked KV is stale (the conversation moved on): dropped.

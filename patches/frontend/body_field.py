@@ -34,7 +34,26 @@ def _wrap(original):
     return to_sampling_params
 
 
-_TARGETS = ("vllm.entrypoints.openai.chat_completion.protocol:ChatCompletionRequest",
-            "vllm.entrypoints.openai.completion.protocol:CompletionRequest",
-            "vllm.entrypoints.openai.responses.protocol:ResponsesRequest")
-PATCHES = [Patch(f"{target}.to_sampling_params", _wrap) for target in _TARGETS]
+def _wrap_beam(original):
+    def to_beam_search_params(self, *args, **kwargs):
+        extra = getattr(self, "model_extra", None) or {}
+        if FIELD in extra or FIELD in (getattr(self, "vllm_xargs", None) or {}):
+            from vllm.exceptions import VLLMValidationError
+
+            raise VLLMValidationError(
+                'request field "sink" cannot be used with beam search (use_beam_search): '
+                "vLLM runs each beam step as new requests that do not carry it. Remove "
+                '"sink" (beam search then runs as this engine\'s default) or turn beam '
+                "search off.", parameter="sink")
+        return original(self, *args, **kwargs)
+
+    return to_beam_search_params
+
+
+_CHAT = "vllm.entrypoints.openai.chat_completion.protocol:ChatCompletionRequest"
+_COMPLETION = "vllm.entrypoints.openai.completion.protocol:CompletionRequest"
+_RESPONSES = "vllm.entrypoints.openai.responses.protocol:ResponsesRequest"
+PATCHES = [Patch(f"{target}.to_sampling_params", _wrap)
+           for target in (_CHAT, _COMPLETION, _RESPONSES)] + \
+          [Patch(f"{target}.to_beam_search_params", _wrap_beam)
+           for target in (_CHAT, _COMPLETION)]

@@ -277,15 +277,12 @@ def _create_sink_engine_config(original, args, section, call_args, call_kwargs):
         **vllm_config.additional_config,
         "sink": {**sink.resolved_section(layout),
                  RESOLVED: {"dense_max_model_len": dense_len}}}
-    from vllm_sink.patches.frontend import body_field, request_sink, session_ids
-    from vllm_sink.patches.frontend.metrics import watch_engine
+    from vllm_sink.patches.frontend import body_field, caller, metrics, request_sink
 
-    watch_engine(vllm_config)
-    request_sink.PATCH.apply()
-    for patch in body_field.PATCHES:
+    metrics.watch_engine(vllm_config, args)
+    for patch in [request_sink.PATCH, *metrics.PATCHES, *caller.PATCHES,
+                  *body_field.PATCHES]:
         patch.apply()
-    if sink.sessions:
-        session_ids.PATCH.apply()
     for name, old, new in changed:
         logger.info("vllm_sink: %s %r -> %r", name, old, new)
     logger.info("vllm_sink: sink mode on: requests are %s unless their \"sink\" field says "

@@ -4,9 +4,17 @@ Target: ``vllm.v1.engine.input_processor:InputProcessor.process_inputs`` (the on
 ``LLM.generate`` and the OpenAI server both turn a prompt and its sampling parameters
 into an engine request). Wrap and delegate, then:
 
+* a request id starting with NUL is refused before anything else: such ids are the
+  scheduler's directives to the workers (``_directives``);
+* its session id is bound to the caller (``session_ids.bind``: the one namespacing
+  path, whichever way the id arrived);
 * resolve the request's ``"sink"`` field (``vllm_sink.core.requests``): a bad field, or one
   asking for more KV than the engine allows, is a ``VLLMValidationError`` naming it
   (HTTP 400 on the server);
+* a stream cannot be a streaming-input (``resumable``) request: the sink worker keeps
+  no state between input chunks; refused here instead of raising in the worker;
+* ``extra_args`` keys vLLM reads as objects (``kv_transfer_params``,
+  ``ec_transfer_params``) must be objects (``vllm_xargs`` can send a list or string);
 * a dense request gets vanilla vLLM's context bound, which sink mode lifted engine-wide
   for the streams (and, since sink mode admits pools sized for streams, the pool's
   size when that is smaller): a prompt of that length or more is refused with vanilla's
@@ -19,30 +27,66 @@ Installed only when a sink engine is configured in this process.
 
 from __future__ import annotations
 
-from vllm_sink.core.config import SinkConfigError
+from vllm_sink.core.config import SinkConfigError, show
+from vllm_sink.patches import _directives
 from vllm_sink.patches._layout import engine_sink
 from vllm_sink.patches._patching import Patch
+from vllm_sink.patches.frontend import session_ids
 
 
 def _wrap(original):
     def process_inputs(self, *args, **kwargs):
-        request = original(self, *args, **kwargs)
         sink = _sink_of(self)
-        params = request.sampling_params
-        if sink is None or params is None:
-            return request
-        from vllm.exceptions import VLLMValidationError
-
-        try:
-            layout = sink.layout_for(params.extra_args)
-        except SinkConfigError as e:
-            raise VLLMValidationError(str(e), parameter="sink") from None
-        if layout is None:
-            _bound_dense(request, *dense_bound(self.vllm_config, sink),
-                         self.vllm_config.model_config.max_model_len)
+        if sink is not None:
+            _check_request_id(kwargs["request_id"] if "request_id" in kwargs
+                              else args[0] if args else None)
+        request = original(self, *args, **kwargs)
+        if sink is not None:
+            _admit(self.vllm_config, sink, request)
         return request
 
     return process_inputs
+
+
+def _check_request_id(request_id) -> None:
+    if isinstance(request_id, str) and _directives.is_reserved_id(request_id):
+        from vllm.exceptions import VLLMValidationError
+
+        raise VLLMValidationError(
+            f"request id {show(request_id)} starts with a NUL character, which vllm_sink "
+            "reserves for its own messages; use another id.", parameter="request_id")
+
+
+# extra_args keys vLLM itself reads as JSON objects: vLLM 0.32's output processor calls
+# .get on kv_transfer_params (any other type from vllm_xargs is an HTTP 500 there).
+_OBJECT_ARGS = ("kv_transfer_params", "ec_transfer_params")
+
+
+def _admit(vllm_config, sink, request) -> None:
+    from vllm.exceptions import VLLMValidationError
+
+    session_ids.bind(request)
+    params = request.sampling_params
+    if params is None:
+        return
+    for key in _OBJECT_ARGS:
+        value = (params.extra_args or {}).get(key)
+        if value is not None and not isinstance(value, dict):
+            raise VLLMValidationError(
+                f'extra_args["{key}"] (vllm_xargs) must be a JSON object, got '
+                f"{show(value)} ({type(value).__name__}).", parameter=key)
+    try:
+        layout = sink.layout_for(params.extra_args)
+    except SinkConfigError as e:
+        raise VLLMValidationError(str(e), parameter="sink") from None
+    if layout is None:
+        _bound_dense(request, *dense_bound(vllm_config, sink),
+                     vllm_config.model_config.max_model_len)
+    elif request.resumable:
+        raise VLLMValidationError(
+            "streaming-input (resumable) requests cannot be endless streams: the sink "
+            "worker keeps no state between input chunks. Send the whole prompt in one "
+            'request, or set the request field "sink": false.', parameter="sink")
 
 
 def _sink_of(processor):

@@ -10,8 +10,6 @@ release-independent place every engine passes through), delegates untouched with
 
 from __future__ import annotations
 
-from packaging.specifiers import SpecifierSet
-
 from vllm_sink.core.config import SinkConfigError
 from vllm_sink.patches._patching import VERIFIED_VLLM, Patch, vllm_version
 
@@ -32,6 +30,6 @@ def _wrap(original):
     return create_engine_config
 
 
-# Any release: this guard exists precisely for the releases the patches are not for.
-PATCH = Patch("vllm.engine.arg_utils:EngineArgs.create_engine_config", _wrap,
-              versions=SpecifierSet())
+# Any release (pre-releases and unparseable versions too): this guard exists precisely
+# for the releases the patches are not for.
+PATCH = Patch("vllm.engine.arg_utils:EngineArgs.create_engine_config", _wrap, versions=None)

@@ -45,6 +45,8 @@ import numpy as np
 import torch
 
 from vllm_sink.core.config import SinkConfigError
+from vllm_sink.core.key_cache import scratch_bytes
+from vllm_sink.core.trace import StepRecord
 from vllm_sink.patches import _directives
 from vllm_sink.patches.engine_core.kv_policy import SinkAttentionSpec
 from vllm_sink.patches.worker.request_state import (RequestSink, evict, resume_session,
@@ -83,13 +85,9 @@ class SinkRunnerMixin:
         # rows' lengths), kept in step where rows grow or go (start, append, resume,
         # restore; save, finish) so the per-step board needs no walk over the streams.
         self.sink_blocks_held = 0
-        # Per step (bounded): [start ns, requests scheduled, tokens scheduled, evictions,
-        # rebases, plugin host ns, of which: key ops ns, plugin thread CPU ns], read and
-        # cleared by the benchmarks through the worker's sink_trace(): step periods of
-        # evicting vs ordinary steps, and the plugin's share of each, without a round
-        # trip per step. Host ns is wall time: with the GIL released by every torch call,
-        # it includes time other threads of the process held it; CPU ns does not.
-        self.sink_trace = collections.deque(maxlen=1 << 16)
+        # One StepRecord per step (bounded), read and cleared by tools through the
+        # worker's sink_trace() (vllm_sink.core.trace).
+        self.sink_trace: collections.deque[StepRecord] = collections.deque(maxlen=1 << 16)
         self._sink_keys_ns = 0   # this step's time in _sink_fix_keys
 
     def _sink_board_values(self) -> dict[str, int]:
@@ -121,6 +119,27 @@ class SinkRunnerMixin:
             self.sink_board.write(self._sink_board_values())
 
     # ---- startup -------------------------------------------------------------------
+    def sink_memory_reserve(self) -> int:
+        """Device bytes the plugin may hold outside the KV pool: the pristine sink-key
+        snapshot of every stream the engine may hold at once (running, up to
+        max_num_seqs, and parked sessions) at the largest sink region a request may
+        ask for, plus one rotation chunk's scratch (``key_cache.scratch_bytes``).
+        Preempted streams keep theirs in host memory with their saved KV."""
+        specs = list(self.get_kv_cache_spec().values())
+        per_token = sum(s.num_kv_heads * s.head_size * s.dtype.itemsize for s in specs)
+        config = self.sink.config
+        streams = self.scheduler_config.max_num_seqs + (
+            config.max_parked_sessions if config.sessions else 0)
+        snapshots = streams * self.sink.max_sink_tokens * per_token
+        return snapshots + scratch_bytes(max(s.dtype.itemsize for s in specs))
+
+    def sink_snapshot_bytes(self) -> int:
+        """Bytes the sink-key snapshots of live and parked streams hold now."""
+        return sum(t.numel() * t.element_size()
+                   for group in (self.sink_requests, self.sink_parked)
+                   for rs in group.values() if rs.snapshot
+                   for t in rs.snapshot if t.device.type == self.device.type)
+
     def get_kv_cache_spec(self):
         from vllm.v1.kv_cache_interface import FullAttentionSpec
 
@@ -149,7 +168,7 @@ class SinkRunnerMixin:
                   self.compilation_config.static_forward_context.items()
                   if isinstance(m, Attention)}
         self.sink_rotaries = find_layer_rotaries(self.get_model(), layers,
-                                                 self.sink.layout.position_limit)
+                                                 self.sink.layout.rotary_positions)
 
     def initialize_kv_cache(self, kv_cache_config, *args, **kwargs) -> None:
         super().initialize_kv_cache(kv_cache_config, *args, **kwargs)
@@ -222,13 +241,13 @@ class SinkRunnerMixin:
         self._sink_keys_ns = 0
         self._sink_after_update(busy)
         self._sink_publish()
-        self.sink_trace.append([t0, len(scheduler_output.num_scheduled_tokens),
-                                scheduler_output.total_num_scheduled_tokens,
-                                self.sink_counters["evictions"] - before[0],
-                                self.sink_counters["rebases"] - before[1],
-                                (t1 - t0) + (time.perf_counter_ns() - t2),
-                                self._sink_keys_ns,
-                                (c1 - c0) + (time.thread_time_ns() - c2)])
+        self.sink_trace.append(StepRecord(
+            t0, len(scheduler_output.num_scheduled_tokens),
+            scheduler_output.total_num_scheduled_tokens,
+            self.sink_counters["evictions"] - before[0],
+            self.sink_counters["rebases"] - before[1],
+            (t1 - t0) + (time.perf_counter_ns() - t2), self._sink_keys_ns,
+            (c1 - c0) + (time.thread_time_ns() - c2)))
         return result
 
     def _sink_finish(self, scheduler_output) -> set[str]:
@@ -389,8 +408,8 @@ class SinkRunnerMixin:
         self._sink_offset_positions(num_scheduled_tokens)
         if self.sink_trace:  # this step's record (_update_states ran first)
             record = self.sink_trace[-1]
-            record[5] += time.perf_counter_ns() - t0
-            record[7] += time.thread_time_ns() - c0
+            record.host_ns += time.perf_counter_ns() - t0
+            record.cpu_ns += time.thread_time_ns() - c0
         return result
 
     def _sink_offset_positions(self, num_scheduled_tokens: np.ndarray) -> None:
@@ -405,15 +424,15 @@ class SinkRunnerMixin:
         offsets = self.sink_row_offsets.np[:num_reqs]
         get = self.sink_offsets.get
         offsets[:] = [get(r, 0) for r in ib.req_ids]     # dense rows and O = 0: 0
-        # The contract: positions fed to a stream stay below the position limit. The
-        # largest position of row i is computed_i + scheduled_i - 1 + O_i (host counts);
-        # rows with O = 0 need no check (virtual positions < span, dense rows are
-        # bounded by vLLM like any request).
+        # Positions fed to a stream stay within the rotary tables (R rows, extended in
+        # load_model when R passes the model's own). The largest position of row i is
+        # computed_i + scheduled_i - 1 + O_i (host counts); rows with O = 0 need no
+        # check (virtual positions < span, dense rows are bounded by vLLM).
         last = ib.num_computed_tokens_cpu[:num_reqs] + num_scheduled_tokens[:num_reqs] \
             - 1 + offsets
-        limit = self.sink.layout.position_limit
+        limit = self.sink.layout.rotary_positions
         if num_reqs and int(np.where(offsets > 0, last, 0).max()) >= limit:
-            raise RuntimeError("vllm_sink: a position reached the position limit "
+            raise RuntimeError("vllm_sink: a position reached the rotary range "
                                f"{limit}; this is a bug")
         if offsets.any():
             # positions[t] += O[row of t], on the device, in vLLM's persistent buffer

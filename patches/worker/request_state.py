@@ -20,7 +20,7 @@ import dataclasses
 import torch
 
 from vllm_sink.core.config import SinkLayout
-from vllm_sink.core.policy import SinkStream, StepPlan
+from vllm_sink.core.policy import SinkStream, StepPlan, rotate_row
 
 
 @dataclasses.dataclass
@@ -43,7 +43,8 @@ class RequestSink:
     @classmethod
     def start(cls, layout: SinkLayout, prompt: list[int], visible: int,
               block_ids) -> RequestSink:
-        return cls(layout, SinkStream(layout), prompt if visible < len(prompt) else None,
+        return cls(layout, SinkStream(layout, len(prompt)),
+                   prompt if visible < len(prompt) else None,
                    len(prompt), visible, tuple(list(g) for g in block_ids))
 
     def append_blocks(self, new_block_ids) -> None:
@@ -53,9 +54,8 @@ class RequestSink:
 
     def rotate(self, blocks: int) -> None:
         """e oldest ring blocks become the newest (their tokens were evicted)."""
-        sb = self.layout.sink_blocks
         for row in self.rows:
-            row[sb:] = row[sb + blocks:] + row[sb:sb + blocks]
+            rotate_row(row, self.layout.sink_blocks, blocks)
 
 
 def evict(runner, req_id: str, rs: RequestSink, plan: StepPlan) -> bool:
@@ -131,6 +131,7 @@ def resume_session(rs: RequestSink, nr, n: int):
     visible = min(len(P), A + n + 1)
     rs.prompt = P if visible < len(P) else None
     rs.prompt_len, rs.visible, rs.step_start = len(P), visible, A
+    rs.stream.begin_request(A, len(P))          # the new request's chunk grid
     return dataclasses.replace(nr, prompt_token_ids=cached + P[A:visible],
                                prompt_is_token_ids=None, num_computed_tokens=len(cached),
                                block_ids=tuple(list(r) for r in rs.rows))

@@ -87,8 +87,25 @@ class SinkKeys:
             counts.append(len(blocks) * r)
         return ids, counts
 
+    def _groups(self, g: int, cache: KeyCache, spans: Sequence[BlockSpan]):
+        """Consecutive runs of ``spans`` (index lists) of at most one rotation chunk of
+        kernel blocks each (a larger span forms a run alone): batches whose device
+        temporaries stay within ``key_cache.scratch_bytes``."""
+        limit, run, size = cache.blocks_per_chunk, [], 0
+        r = self.factors[g]
+        for i, s in enumerate(spans):
+            n = (s.last - s.first) * r
+            if run and size + n > limit:
+                yield run
+                run, size = [], 0
+            run.append(i)
+            size += n
+        if run:
+            yield run
+
     def snapshot(self, spans: Sequence[BlockSpan]) -> list[list[torch.Tensor]]:
-        """A copy of the keys of each span (per cache ``[L, n, N, H, D]``), one read.
+        """A copy of the keys of each span (per cache ``[L, n, N, H, D]``), one read per
+        batch of spans.
 
         Each span's copy is its own contiguous tensor: a slice of the batch read would
         keep the whole batch alive as long as any of its streams lives, and ``move``
@@ -96,26 +113,31 @@ class SinkKeys:
         every input is contiguous (else one copy per input)."""
         out: list[list[torch.Tensor]] = [[] for _ in spans]
         for g, cache in self.caches:
-            ids, counts = self._kernel_blocks(g, spans)
-            keys = cache.read(to_device(ids, cache.device))
-            parts = torch.split(keys, counts, dim=1)
-            for i, part in enumerate(parts):
-                out[i].append(part if len(parts) == 1
-                              else part.clone(memory_format=torch.contiguous_format))
+            for run in self._groups(g, cache, spans):
+                ids, counts = self._kernel_blocks(g, [spans[i] for i in run])
+                keys = cache.read(to_device(ids, cache.device))
+                parts = torch.split(keys, counts, dim=1)
+                for i, part in zip(run, parts):
+                    out[i].append(part if len(parts) == 1
+                                  else part.clone(memory_format=torch.contiguous_format))
         return out
 
     def move(self, spans: Sequence[BlockSpan], deltas: Sequence[int],
              sources: Sequence[list[torch.Tensor]] | None = None) -> None:
         """Rotate the keys of each span by its delta, in place, or rewrite them as the
-        span's ``sources`` (snapshots, as ``snapshot`` returned them) moved by it."""
+        span's ``sources`` (snapshots, as ``snapshot`` returned them) moved by it.
+        Snapshots are joined one rotation chunk at a time (``_groups``)."""
         for c, (g, cache) in enumerate(self.caches):
-            ids, counts = self._kernel_blocks(g, spans)
-            per_block = [d for d, n in zip(deltas, counts) for _ in range(n)]
-            source = None
-            if sources is not None:   # one span (most steps at batch 1): no copy
-                parts = [s[c] for s in sources]
-                source = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
-            cache.rotate(ids, per_block, source)
+            runs = [list(range(len(spans)))] if sources is None else \
+                self._groups(g, cache, spans)
+            for run in runs:
+                ids, counts = self._kernel_blocks(g, [spans[i] for i in run])
+                per_block = [deltas[i] for i, n in zip(run, counts) for _ in range(n)]
+                source = None
+                if sources is not None:   # one span (most steps at batch 1): no copy
+                    parts = [sources[i][c] for i in run]
+                    source = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+                cache.rotate(ids, per_block, source)
 
     def save(self, spans: Sequence[BlockSpan]) -> list[list[torch.Tensor]]:
         """Host copies of the whole KV blocks of ``spans`` (every layer), per group, in

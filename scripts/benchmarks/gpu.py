@@ -141,9 +141,9 @@ def run_single(llm, prompt, decode, window=None, sink=False):
 def steps_of(trace) -> list[dict]:
     """The worker's step records as dicts; ``ms`` is the step's period (start to the
     next step's start: the whole engine step, scheduler and IPC included)."""
-    return [{"ms": (b[0] - a[0]) / 1e6, "reqs": a[1], "tokens": a[2], "evictions": a[3],
-             "rebases": a[4], "host_ms": a[5] / 1e6, "keys_ms": a[6] / 1e6,
-             "cpu_ms": a[7] / 1e6}
+    return [{"ms": (b.start_ns - a.start_ns) / 1e6, "reqs": a.requests, "tokens": a.tokens,
+             "evictions": a.evictions, "rebases": a.rebases, "host_ms": a.host_ns / 1e6,
+             "keys_ms": a.keys_ns / 1e6, "cpu_ms": a.cpu_ns / 1e6}
             for a, b in zip(trace, trace[1:])]
 
 

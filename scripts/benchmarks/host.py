@@ -100,7 +100,7 @@ def side(args) -> dict:
 
     def decode_steps():   # the worker's trace: full decode steps since the last call
         trace = llm.collective_rpc("sink_trace")[0]
-        return [t for t in trace if t[1] == t[2] == args.sessions]
+        return [t for t in trace if t.requests == t.tokens == args.sessions]
 
     generate(16, 16)                                                   # warm-up
     if args.profile:
@@ -114,14 +114,14 @@ def side(args) -> dict:
            **{f"{n}_us": statistics.median(v) / 1e3 for n, v in spent.items()}}
     if plugin:
         # The plugin's own code per step, timed inside the worker (vllm_sink's trace).
-        out["plugin_host_us_within"] = statistics.median(t[5] for t in decode_steps()) / 1e3
+        out["plugin_host_us_within"] = statistics.median(t.host_ns for t in decode_steps()) / 1e3
         generate(args.evict_window - 48, 160, window=args.evict_window)
         decode = decode_steps()
-        for key, rows in (("evicting", [t for t in decode if t[3]]),
-                          ("ordinary", [t for t in decode if not t[3]])):
-            out[f"plugin_host_us_{key}"] = (statistics.median(t[5] for t in rows) / 1e3
+        for key, rows in (("evicting", [t for t in decode if t.evictions]),
+                          ("ordinary", [t for t in decode if not t.evictions])):
+            out[f"plugin_host_us_{key}"] = (statistics.median(t.host_ns for t in rows) / 1e3
                                            if rows else None)
-            out[f"plugin_cpu_us_{key}"] = (statistics.median(t[7] for t in rows) / 1e3
+            out[f"plugin_cpu_us_{key}"] = (statistics.median(t.cpu_ns for t in rows) / 1e3
                                           if rows else None)
             out[f"{key}_steps"] = len(rows)
     print("RESULT " + json.dumps(out), flush=True)
@@ -149,16 +149,17 @@ def profile(llm, generate, args) -> dict:
     llm.collective_rpc("sink_trace")
     generate(args.evict_window - 48, 160, window=args.evict_window)
     trace = [t for t in llm.collective_rpc("sink_trace")[0]
-             if t[1] == t[2] == args.sessions]
-    evicting = [t for t in trace if t[3]]
+             if t.requests == t.tokens == args.sessions]
+    evicting = [t for t in trace if t.evictions]
     out = {"decode_steps": len(trace), "evicting_steps": len(evicting),
-           "evictions_per_evicting_step": statistics.mean(t[3] for t in evicting)
+           "evictions_per_evicting_step": statistics.mean(t.evictions for t in evicting)
            if evicting else 0,
-           "plugin_host_us_evicting": statistics.mean(t[5] for t in evicting) / 1e3
+           "plugin_host_us_evicting": statistics.mean(t.host_ns for t in evicting) / 1e3
            if evicting else None,
-           "keys_us_evicting": statistics.mean(t[6] for t in evicting) / 1e3
+           "keys_us_evicting": statistics.mean(t.keys_ns for t in evicting) / 1e3
            if evicting else None,
-           "plugin_host_us_ordinary": statistics.mean(t[5] for t in trace if not t[3]) / 1e3
+           "plugin_host_us_ordinary": statistics.mean(t.host_ns for t in trace
+                                                      if not t.evictions) / 1e3
            if len(evicting) < len(trace) else None}
     text = io.StringIO()
     pstats.Stats(prof, stream=text).sort_stats("cumulative").print_stats(args.profile)

@@ -74,7 +74,8 @@ def test_session_keys_and_resolved_section_round_trip():
                                    "session_idle_timeout": 2})
     layout = cfg.resolve(32, 8192)
     again = SinkConfig.from_section(cfg.resolved_section(layout))
-    assert again == cfg.__class__(**{**cfg.__dict__, **layout.to_section()})
+    assert again == cfg.__class__(**{**cfg.__dict__, **layout.to_section(),
+                                     "max_request_sink_tokens": 32})
     assert (again.sessions, again.max_parked_sessions, again.session_idle_timeout) == \
         (False, 3, 2.0)
     assert again.max_saved_kv_gib is None and "max_saved_kv_gib" not in \
@@ -138,3 +139,52 @@ def test_parser_never_crashes_on_arbitrary_json(section):
         assert isinstance(config.resolve(32, 8192), SinkLayout)
     except SinkConfigError:
         pass
+
+
+def test_request_sink_limit_defaults_to_the_engine_sinks_and_rounds_up():
+    cfg = SinkConfig.from_section({"sink_tokens": 4, "window_tokens": 256})
+    layout = cfg.resolve(32, 8192)
+    assert cfg.request_sink_limit(layout) == 32                 # the engine's one block
+    more = SinkConfig.from_section({"sink_tokens": 4, "max_request_sink_tokens": 100})
+    assert more.request_sink_limit(more.resolve(32, 8192)) == 128
+    low = SinkConfig.from_section({"sink_tokens": 64, "max_request_sink_tokens": 8})
+    with pytest.raises(SinkConfigError, match="max_request_sink_tokens"):
+        low.request_sink_limit(low.resolve(32, 8192))
+
+
+def test_rotary_positions_leave_a_window_of_margin():
+    # Capacity at the position limit (the StreamingLLM paper's 4 + 4092 on 4096): the
+    # rotary range doubles what a stream holds, so rebases are >= span tokens apart.
+    tight = SinkConfig.from_section({"sink_tokens": 4, "window_tokens": 4092,
+                                     "prefill_chunk_tokens": 1}).resolve(4, 4096)
+    assert tight.span == 4096 and tight.rotary_positions == 2 * 4096
+    roomy = SinkConfig.from_section({"window_tokens": 2048}).resolve(32, 8192)
+    assert roomy.rotary_positions == 8192                      # the model's own table
+
+
+@pytest.mark.parametrize("section, key", [
+    ({"window_tokens": 10 ** 400}, "window_tokens"),
+    ({"window_tokens": 1e308}, "window_tokens"),
+    ({"sink_tokens": -10 ** 400}, "sink_tokens"),
+    ({"prefill_chunk_tokens": 2 ** 70}, "prefill_chunk_tokens"),
+    ({"session_idle_timeout": 1e308}, "session_idle_timeout"),
+    ({"window_tokens": [[[[[[[[[[[[[[[[1]]]]]]]]]]]]]]]]}, "window_tokens"),
+])
+def test_numbers_at_the_edges_are_refused_by_name(section, key):
+    """Out-of-range numbers are a SinkConfigError naming the key (never an
+    OverflowError while rounding to blocks), with a short message (no 400 digits)."""
+    with pytest.raises(SinkConfigError) as e:
+        SinkConfig.from_section(section).resolve(32, 8192)
+    assert key in str(e.value) and len(str(e.value)) < 600, str(e.value)
+
+
+def test_deeply_nested_values_give_a_short_error():
+    deep: list = []
+    for _ in range(100_000):
+        deep = [deep]
+    with pytest.raises(SinkConfigError) as e:
+        SinkConfig.from_section({"window_tokens": deep})
+    assert "window_tokens" in str(e.value) and len(str(e.value)) < 600
+    with pytest.raises(SinkConfigError) as e:
+        SinkConfig.from_section({f"key{i}": i for i in range(10_000)})
+    assert "Unknown key" in str(e.value) and len(str(e.value)) < 2000

@@ -109,16 +109,25 @@ def test_rotate_matches_reference_cpu(kind, dtype, with_source):
 
 
 @pytest.mark.cpu
-def test_rotate_chunks_long_batches(monkeypatch):
-    """A rebase of a long window is done in chunks; the result does not depend on it."""
+@pytest.mark.parametrize("with_source", [False, True])
+def test_rotate_chunks_long_batches(monkeypatch, with_source):
+    """A rebase of a long window, or many streams' sinks from their snapshots, is done in
+    chunks of blocks (bounded float32 scratch); the result does not depend on it."""
     import vllm_sink.core.key_cache as kc
 
     layers, rel = make_layout("NHD")
     twins = [t.clone() for t in layers]
     monkeypatch.setattr(kc, "MAX_SCRATCH_ELEMENTS", 2 * L * N * H * D)  # 2 blocks a chunk
-    blocks, deltas = list(range(NB)), [-3] * NB
-    KeyCache(layers, rel, N, H, D, _table(), True).rotate(blocks, deltas)
-    rotate_reference(twins, rel, N, H, D, _table(), True, blocks, deltas)
+    blocks, deltas = list(range(NB)), [(-3) * i + 5 for i in range(NB)]
+    source = torch.randn(L, NB, N, H, D) if with_source else None
+    cache = KeyCache(layers, rel, N, H, D, _table(), True)
+    assert cache.blocks_per_chunk == 2 < NB
+    calls = []
+    real = cache._rotate
+    monkeypatch.setattr(cache, "_rotate", lambda *a: (calls.append(len(a[0])), real(*a)))
+    cache.rotate(blocks, deltas, source)
+    assert max(calls) == 2 and sum(calls) == NB
+    rotate_reference(twins, rel, N, H, D, _table(), True, blocks, deltas, source)
     for a, b in zip(layers, twins):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
 

@@ -63,3 +63,46 @@ def test_bad_fields_name_the_field(value, words):
     assert 'request field "sink"' in str(e.value)
     for word in words:
         assert word in str(e.value), str(e.value)
+
+
+def test_layout_cache_keyed_by_values_and_bounded():
+    """The cache is keyed by the resolved numbers, not the client's spelling, and holds
+    at most a fixed number of layouts whatever clients send."""
+    eng = _engine()
+    want = eng.layout_for({"sink": {"window_tokens": 256}})
+    for i in range(10_000):     # 10,000 spellings of the same request field
+        spelling = ('{"window_tokens": 256' + " " * (i % 100) + ', "sink_tokens": 4'
+                    + " " * (i // 100) + "}")
+        assert eng.layout_for({"sink": spelling}) == want
+    assert len(eng._cache) <= 1
+    for chunk in range(1, 257):       # 768 distinct valid layouts
+        for window in (64, 512, 1000):
+            layout = eng.layout_for({"sink": {"window_tokens": window,
+                                              "prefill_chunk_tokens": chunk}})
+            assert (layout.window_tokens, layout.chunk_tokens) == (-(-window // 32) * 32, chunk)
+    assert len(eng._cache) <= 256
+    assert eng.layout_for({"sink": {"window_tokens": 256.0}}) == want
+
+
+@pytest.mark.parametrize("value", [
+    {"window_tokens": 10 ** 400},
+    {"window_tokens": 1e308},
+    "[" * 100_000 + "]" * 100_000,
+    '{"window_tokens": ' + "[" * 5000 + "]" * 5000 + "}",
+    "x" * 1_000_000,
+    {"window_tokens": "y" * 1_000_000},
+])
+def test_hostile_fields_are_short_errors(value):
+    with pytest.raises(SinkConfigError) as e:
+        _engine().layout_for({"sink": value})
+    assert 'request field "sink"' in str(e.value) and len(str(e.value)) < 800, str(e.value)[:2000]
+
+
+def test_deeply_nested_field_is_refused():
+    deep: list = []
+    for _ in range(100_000):
+        deep = [deep]
+    for value in (deep, {"window_tokens": deep}):
+        with pytest.raises(SinkConfigError) as e:
+            _engine().layout_for({"sink": value})
+        assert 'request field "sink"' in str(e.value) and len(str(e.value)) < 800

@@ -80,11 +80,11 @@ def test_step_trace_counts_the_evictions(engine):
         steps += 1
     trace = engine.collective_rpc("sink_trace")[0]
     after = engine.collective_rpc("sink_stats")[0]
-    assert sum(r[3] for r in trace) == after["evictions"] - before["evictions"] > 0
+    assert sum(r.evictions for r in trace) == after["evictions"] - before["evictions"] > 0
     assert 0 < len(trace) <= steps + 1
-    assert all(len(r) == 8 and r[5] >= r[6] >= 0 and r[7] >= 0 for r in trace)
-    assert sum(r[7] for r in trace) > 0                  # the plugin's thread CPU time
-    assert [r[0] for r in trace] == sorted(r[0] for r in trace)
+    assert all(r.host_ns >= r.keys_ns >= 0 and r.cpu_ns >= 0 for r in trace)
+    assert sum(r.cpu_ns for r in trace) > 0              # the plugin's thread CPU time
+    assert [r.start_ns for r in trace] == sorted(r.start_ns for r in trace)
 
 
 def test_abort_returns_blocks(engine):

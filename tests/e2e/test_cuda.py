@@ -198,6 +198,45 @@ def test_float32_graphs_vs_eager_and_reference(small_model, reference_model, pro
     assert all(same) and all(same_sync)
 
 
+def test_capacity_at_the_position_limit_bf16(default_model_dir, reference_model, kjv):
+    """The StreamingLLM paper's setting scaled down: capacity = the model's position
+    limit (16 sinks + 240 window on a 256-position copy, so K = 1), two streams of 20x
+    the capacity. Every eviction needs new positions; with the rotary range doubled
+    (``SinkLayout.rotary_positions``) the offset is rebased only every ~256 evicted
+    tokens, so a bf16 window key is rotated at most once in its life instead of up to
+    15 times. bf16 FLASH_ATTN with full decode graphs, within 1.5x vanilla's floor."""
+    from vllm_sink import model_variant
+
+    sink, limit, n = {"sink_tokens": 16, "window_tokens": 240}, 256, 20 * 256
+    model = model_variant(default_model_dir, max_position_embeddings=limit)
+    prompts = [kjv[5000:5030], kjv[6000:6050]]
+    outs, stats = greedy_in_fresh_engine(model, sink, prompts, n,
+                                         **{**MODES["graphs"], **POOL})
+    floor_outs = vanilla(model, [p[:30] for p in prompts], limit - 31, "graphs")
+    ref = StreamingReference(reference_model, block_size=B, position_limit=limit, **sink)
+    assert ref.layout.capacity == limit and ref.layout.rotary_positions == 2 * limit
+
+    def err(prompt, toks, lps):
+        lp_ref, top1 = ref.stream().score(list(prompt) + list(toks),
+                                          [len(prompt)] + [1] * len(toks))
+        diff = (lps - lp_ref[len(prompt):]).abs()
+        return float(diff.mean()), float((top1[len(prompt):] == torch.tensor(toks)).float().mean())
+
+    floor = max(err(p[:30], t, lp)[0] for p, (t, lp) in zip(prompts, floor_outs))
+    rows = [err(p, t, lp) for p, (t, lp) in zip(prompts, outs)]
+    mean = sum(r[0] for r in rows) / len(rows)
+    record("bf16 capacity = position limit", {
+        "capacity": limit, "tokens_per_stream": n, "noise_floor": floor,
+        "mean_abs_dlogp": mean, "top1_agreement_min": min(r[1] for r in rows),
+        "evictions": stats["evictions"], "rebases": stats["rebases"]})
+    assert all(len(t) == n for t, _ in outs)
+    # ~ (n + 30 - 256) / 16 = 306 evictions per stream, a rebase every 17 of them
+    # (when O passes 512 - 256); with the range at the limit, every one would rebase.
+    assert 2 * 12 <= stats["rebases"] <= 2 * 24, stats
+    assert mean <= 1.5 * floor, (mean, floor)
+    assert min(r[1] for r in rows) >= 0.98
+
+
 def test_unverified_backends_are_refused(small_model, monkeypatch):
     """A backend the plugin was not verified on is refused by name at startup, even
     when named in the opt-in list (the opt-in covers only listed unverified ones)."""

@@ -99,8 +99,9 @@ class Stepper:
         self.eng.step()                      # the drops reach the workers
         board, worker = self.board(), self.worker()
         from vllm_sink.core.stats_board import SESSION_FIELDS, StatsBoard, board_path
+        from vllm_sink.patches.frontend.metrics import stats_dir
 
-        path = board_path(self.eng.vllm_config.instance_id, "scheduler")
+        path = board_path("scheduler", stats_dir())
         assert StatsBoard(path, fields=SESSION_FIELDS).read() == board
         assert board["pool_blocks_in_use"] == 0 and board["parked_sessions"] == 0, board
         assert board["kv_saved_bytes"] == 0, board

@@ -26,12 +26,12 @@ def test_resumed_conversation_equals_one_stream(default_model_dir):
     from vllm import SamplingParams
 
     from vllm_sink.core.stats_board import SESSION_FIELDS, StatsBoard, board_path
+    from vllm_sink.patches.frontend.metrics import stats_dir
 
     llm = make_llm(default_model_dir, SINK, dtype="float32")
     try:
         tok = llm.get_tokenizer()
-        board = StatsBoard(board_path(llm.llm_engine.vllm_config.instance_id, "scheduler"),
-                           fields=SESSION_FIELDS)
+        board = StatsBoard(board_path("scheduler", stats_dir()), fields=SESSION_FIELDS)
 
         def turn(prompt, n):
             params = SamplingParams(temperature=0, max_tokens=n, logprobs=0,

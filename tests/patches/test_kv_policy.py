@@ -35,11 +35,11 @@ def _manager(num_blocks: int, caching: bool = False):
                            kv_cache_groups=[KVCacheGroupSpec(["layer.0"], spec)])
     mgr = KVCacheManager(config, max_model_len=1 << 30, scheduler_block_size=B,
                          hash_block_size=B, enable_caching=caching)
-    layouts, restoring = {}, {}
+    layouts, restoring, grids = {}, {}, {}
     single = mgr.coordinator.single_type_managers[0]
     assert isinstance(single, SinkRingManager)
-    single.bind(layouts, restoring, None)
-    return mgr, layouts, restoring
+    single.bind(layouts, restoring, None, grids)
+    return mgr, layouts, restoring, grids
 
 
 def _request(i: int, prompt: list[int], hasher=None) -> Request:
@@ -59,17 +59,25 @@ def test_spec_sizes_block_table_for_both_kinds():
 
 
 def test_blocks_needed_by_a_stream():
-    # Filling up: a + n tokens; once full: at most C - 1 + n; never past the block set.
-    assert [stream_blocks_needed(LAYOUT, a, n) for a, n in
-            [(0, 3), (0, 20), (8, 1), (15, 1), (16, 1), (1000, 1), (1000, 5), (1000, 50)]] \
-        == [1, 5, 3, 4, 4, 4, 5, 5]
+    # Reading a long prompt (grid from token 0): the first chunk fills to span = 20, so
+    # up to a + n tokens; later chunks start at 20 + 5j with <= C - 1 cached, a step
+    # inside one adds to what the chunk added; never past the block set.
+    prompt = (0, 10_000)
+    assert [stream_blocks_needed(LAYOUT, a, n, prompt) for a, n in
+            [(0, 3), (0, 20), (8, 1), (15, 1), (16, 1), (1000, 1), (1000, 5), (1002, 3),
+             (1000, 50)]] == [1, 5, 3, 4, 5, 4, 5, 5, 5]
+    # Decoding (a >= prompt end): each token is a chunk, <= C - 1 cached before it.
+    decode = (0, 3)
+    assert [stream_blocks_needed(LAYOUT, a, 1, decode) for a in (8, 15, 16, 1000)] == \
+        [3, 4, 4, 4]
+    assert stream_blocks_needed(LAYOUT, 8, 1, None) == 5      # grid unknown: the most
 
 
 def test_stream_grows_on_demand_then_never_allocates():
-    mgr, layouts, _ = _manager(num_blocks=1 + 12)
+    mgr, layouts, _, grids = _manager(num_blocks=1 + 12)
     free0 = mgr.block_pool.get_num_free_blocks()
     a = _request(0, list(range(3)))
-    layouts[a.request_id] = LAYOUT
+    layouts[a.request_id], grids[a.request_id] = LAYOUT, (0, 3)
     assert mgr.allocate_slots(a, 3) is not None and _held(mgr, a) == 1   # 3 tokens
     a.num_computed_tokens = 3
     grown = []
@@ -86,9 +94,9 @@ def test_stream_grows_on_demand_then_never_allocates():
 
 
 def test_preempted_stream_resumes_with_room_for_its_cache():
-    mgr, layouts, restoring = _manager(num_blocks=1 + 12)
+    mgr, layouts, restoring, grids = _manager(num_blocks=1 + 12)
     a = _request(0, list(range(40)))
-    layouts[a.request_id] = LAYOUT
+    layouts[a.request_id], grids[a.request_id] = LAYOUT, (0, 40)
     assert mgr.allocate_slots(a, 20) is not None and _held(mgr, a) == 5  # a full chunk
     a.num_computed_tokens = 20            # then preempted: freed, 5 blocks recorded
     mgr.free(a)
@@ -102,7 +110,7 @@ def test_preempted_stream_resumes_with_room_for_its_cache():
 def test_dense_requests_are_plain_full_attention_with_prefix_cache():
     init_none_hash(lambda x: repr(x).encode())
     hasher = get_request_block_hasher(B, lambda x: repr(x).encode())
-    mgr, layouts, _ = _manager(num_blocks=1 + 20, caching=True)
+    mgr, layouts, _, grids = _manager(num_blocks=1 + 20, caching=True)
     prompt = list(range(30))
     d = _request(0, prompt, hasher)
     assert mgr.allocate_slots(d, 30) is not None and _held(mgr, d) == 8   # cdiv(30, 4)
@@ -113,5 +121,5 @@ def test_dense_requests_are_plain_full_attention_with_prefix_cache():
     assert hit == 28
     # A stream with the same prompt is never hashed into (or served from) the cache.
     s = _request(2, prompt)
-    layouts[s.request_id] = LAYOUT
+    layouts[s.request_id], grids[s.request_id] = LAYOUT, (0, 30)
     assert mgr.allocate_slots(s, 20) is not None and _held(mgr, s) == 5

@@ -46,7 +46,8 @@ class Scheduler:
         self.requests: dict = {}
         self.finished_req_ids: set = set()
         single = self.kv_cache_manager.coordinator.single_type_managers[0]
-        single.bind(self.sink_layouts, {}, None)
+        self.grids: dict = {}
+        single.bind(self.sink_layouts, {}, None, self.grids)
         sink = SimpleNamespace(config=SinkConfig(**config), layout=LAYOUT)
         self.store = SessionStore(self, sink)
         single.on_adopt = self.store.adopted
@@ -58,9 +59,9 @@ class Scheduler:
 
     def request(self, prompt, session="S") -> Request:
         self._n += 1
-        req = Request(f"r{self._n}", list(prompt),
-                      SamplingParams(max_tokens=100, extra_args={"session_id": session}),
-                      None)
+        # (the frontend's admission puts the caller-bound id into request.session_id)
+        req = Request(f"r{self._n}", list(prompt), SamplingParams(max_tokens=100), None,
+                      session_id=f"owner:{session}")
         self.sink_layouts[req.request_id] = LAYOUT
         self.requests[req.request_id] = req
         return req
@@ -69,6 +70,7 @@ class Scheduler:
         """Admit ``req`` (resuming if it can) with room for ``computed`` tokens."""
         hit = self.store.try_resume(req)
         blocks, length = hit if hit is not None else ((), 0)
+        self.grids[req.request_id] = (length, req.num_prompt_tokens)   # as the scheduler
         new = self.kv_cache_manager.create_kv_cache_blocks(blocks) if hit else None
         got = self.kv_cache_manager.allocate_slots(req, computed - length,
                                                   num_new_computed_tokens=length,
@@ -101,13 +103,13 @@ def test_claimed_session_is_neither_replaced_nor_dropped():
     assert s.finish(t1)                                    # parked: 10 tokens, 3 blocks
     waiting = s.request(list(range(10)) + [50, 51])        # claims, not admitted yet
     assert s.store.try_resume(waiting) is not None
-    assert waiting.sampling_params.extra_args[_directives.RESUME_ARG] == "local:S"
+    assert waiting.sampling_params.extra_args[_directives.RESUME_ARG] == "owner:S"
     other = s.request(range(100, 107))                     # same id, misses: in use
     s.run(other, 7)
-    assert _directives.RESUME_ARG not in other.sampling_params.extra_args
+    assert _directives.RESUME_ARG not in (other.sampling_params.extra_args or {})
     free = s.free
     assert not s.finish(other)                             # not parked over the claim
-    assert s.free == free + 2 and "local:S" in s.store.claimed
+    assert s.free == free + 2 and "owner:S" in s.store.claimed
     assert not s.store.make_room()                         # a claim is not evictable
     s.run(waiting, 12)                                     # admitted: adopts the blocks
     assert not s.store.claimed and not s.store.parked and s.store.blocks_parked == 0
@@ -141,8 +143,8 @@ def test_reset_drops_claimed_sessions_and_unmarks_their_claimants():
     assert s.store.try_resume(claimant) is not None
     s.store.drop_all("parked_reset")
     assert s.free == 29 and len(s.store) == 0 and s.store.blocks_parked == 0
-    assert _directives.RESUME_ARG not in claimant.sampling_params.extra_args
-    assert sorted(k for op, _, k in s.directives() if op == "drop") == ["local:a", "local:b"]
+    assert _directives.RESUME_ARG not in (claimant.sampling_params.extra_args or {})
+    assert sorted(k for op, _, k in s.directives() if op == "drop") == ["owner:a", "owner:b"]
     assert s.store.try_resume(claimant) is None           # runs as a fresh stream
     assert s.store.counters["parked_reset"] == 2
 
@@ -154,17 +156,17 @@ def test_room_is_made_oldest_first_and_the_count_is_kept():
         t = s.request(range(4 * (i + 1)), session=f"s{i}")
         s.run(t, 4 * (i + 1))
         s.finish(t)
-        keys.append(f"local:s{i}")
+        keys.append(f"owner:s{i}")
         assert s.store.blocks_parked == _blocks_walked(s.store)
     assert list(s.store.parked) == keys[1:]
     claimant = s.request(list(range(8)) + [0], session="s1")
     assert s.store.try_resume(claimant) is not None        # s1 claimed: s2, s3 go first
     assert s.store.make_room() and s.store.make_room() and not s.store.make_room()
-    assert list(s.store.claimed) == ["local:s1"]
+    assert list(s.store.claimed) == ["owner:s1"]
     assert s.store.blocks_parked == _blocks_walked(s.store) == 2
     claimant.status = RequestStatus.FINISHED_ABORTED      # gave up while waiting
     assert not s.store.on_finish(claimant)
-    assert list(s.store.parked) == ["local:s1"] and not s.store.claimed
+    assert list(s.store.parked) == ["owner:s1"] and not s.store.claimed
 
 
 def test_room_for_a_running_request_takes_claimed_sessions_last():
@@ -176,11 +178,11 @@ def test_room_for_a_running_request_takes_claimed_sessions_last():
     claimant = s.request(list(range(8)) + [3], session="x")
     assert s.store.try_resume(claimant) is not None
     assert s.store.make_room(claimed_too=True)             # the unclaimed "y" first
-    assert list(s.store.claimed) == ["local:x"] and not s.store.parked
+    assert list(s.store.claimed) == ["owner:x"] and not s.store.parked
     assert not s.store.make_room()                         # for a waiting request: no
     assert s.store.make_room(claimed_too=True)             # for a running one: the claim
     assert not s.store.claimed and s.store.blocks_parked == 0 and s.free == 39
-    assert _directives.RESUME_ARG not in claimant.sampling_params.extra_args
+    assert _directives.RESUME_ARG not in (claimant.sampling_params.extra_args or {})
     assert s.store.try_resume(claimant) is None           # the claimant runs fresh
 
 
@@ -197,7 +199,7 @@ def test_expiry_stops_at_the_first_fresh_session(monkeypatch):
         now[0] += 4                                       # parked at 100, 104, 108
     now[0] = 115                                          # idle 15, 11, 7 s
     s.store.expire()
-    assert list(s.store.parked) == ["local:e2"]
+    assert list(s.store.parked) == ["owner:e2"]
     assert s.store.counters["parked_expired"] == 2 and s.free == 39 - 1
 
 

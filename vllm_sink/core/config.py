@@ -8,8 +8,8 @@ Semantics (ARCHITECTURE.md), with B the KV block size in effect::
 
     S = ceil(sink_tokens / B) * B        sink tokens kept forever (0 = window-only)
     W = ceil(window_tokens / B) * B      most recent tokens kept
-    C = S + W                            the capacity: a step starts with <= C - 1 cached
-    K = prefill_chunk_tokens             most new tokens one step adds to a full cache
+    C = S + W                            the capacity: a chunk starts with <= C - 1 cached
+    K = prefill_chunk_tokens             most new tokens one chunk adds to a full cache
     span = C - 1 + K                     most tokens cached while a step runs
     blocks per request = ceil(span / B)  = C / B + ceil((K - 1) / B) headroom blocks
 
@@ -21,6 +21,7 @@ S = 32 (one block), W = 2016 (63 blocks), C = 2048, K = 256 (the default), span 
 from __future__ import annotations
 
 import math
+import reprlib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import cached_property
@@ -43,10 +44,16 @@ _KEYS: dict[str, tuple[type, Any, str]] = {
     "default": (str, ("sink", "dense"), "what a request without its own \"sink\" field "
                                          "is: an endless stream (\"sink\", default) or "
                                          "plain dense attention (\"dense\")"),
-    "position_limit": (int, 2, "largest position + 1 ever fed to the model "
-                               "(default: the model's context length)"),
+    "position_limit": (int, 2, "most positions a stream spans: C - 1 + "
+                               "prefill_chunk_tokens must fit (default: the model's "
+                               "context length)"),
     "sessions": (bool, 0, "park a finished request's KV under its session_id and resume "
                           "it on the next turn (default true)"),
+    "max_request_sink_tokens": (int, 0, "most sink tokens a request's own \"sink\" "
+                                        "field may ask for (default: the engine's "
+                                        "sink_tokens); each stream keeps a device copy "
+                                        "of its sink keys, reserved in vLLM's memory "
+                                        "profile for this many"),
     "max_parked_sessions": (int, 0, "parked sessions kept at most (default 256, "
                                     "at most 65536)"),
     "session_idle_timeout": (float, 0.001, "seconds a parked session may stay idle "
@@ -71,23 +78,48 @@ class SinkConfigError(ValueError):
     """A ``"sink"`` section (or an engine setting next to it) that cannot be honoured."""
 
 
+# Every number a section or a request field may hold lies within +-MAX_NUMBER: far past
+# any token count or timeout, small enough that the block arithmetic stays exact.
+MAX_NUMBER = 2 ** 62
+_SHOW = reprlib.Repr()
+_SHOW.maxlevel, _SHOW.maxstring, _SHOW.maxother, _SHOW.maxlong = 3, 60, 60, 40
+_SHOW.maxdict = _SHOW.maxlist = _SHOW.maxtuple = 6
+
+
+def show(value: Any) -> str:
+    """A short, safe rendering of a client-supplied value for an error message: at most
+    a few nesting levels and dozens of characters, whatever its size or depth."""
+    if isinstance(value, int) and not isinstance(value, bool) and \
+            abs(value) >= 10 ** 40:
+        return f"{'-' if value < 0 else ''}<integer of {abs(value).bit_length()} bits>"
+    try:
+        return _SHOW.repr(value)
+    except (RecursionError, ValueError):
+        return f"<{type(value).__name__}>"
+
+
 def _as_type(where: str, key: str, kind: type, value: Any):
     name = f'{where}["{key}"]'
     if kind is bool:
         if isinstance(value, bool):
             return value
         raise SinkConfigError(f"{name} must be true or false, "
-                              f"got {value!r} ({type(value).__name__}).")
+                              f"got {show(value)} ({type(value).__name__}).")
     if kind is str:
         if isinstance(value, str):
             return value
-        raise SinkConfigError(f"{name} must be a string, got {value!r} "
+        raise SinkConfigError(f"{name} must be a string, got {show(value)} "
                               f"({type(value).__name__}).")
     # bool is an int subclass; "true" for a token count is always a mistake.
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise SinkConfigError(
             f"{name} must be a number, got "
-            f"{value!r} ({type(value).__name__}). Example: {_EXAMPLE}")
+            f"{show(value)} ({type(value).__name__}). Example: {_EXAMPLE}")
+    if value != value or value in (float("inf"), float("-inf")):
+        raise SinkConfigError(f"{name} must be finite, got {value!r}")
+    if abs(value) > MAX_NUMBER:
+        raise SinkConfigError(f"{name} = {show(value)} is out of range: at most "
+                              f"2**62 in magnitude.")
     if kind is int:
         if isinstance(value, float):
             if not value.is_integer():
@@ -95,8 +127,6 @@ def _as_type(where: str, key: str, kind: type, value: Any):
                                       f"integer, got {value!r}. Example: {_EXAMPLE}")
             value = int(value)
         return value
-    if value != value or value in (float("inf"), float("-inf")):
-        raise SinkConfigError(f"{name} must be finite, got {value!r}")
     return float(value)
 
 
@@ -105,13 +135,15 @@ def parse_keys(section: Any, keys, where: str = ENGINE) -> dict[str, Any]:
     if not isinstance(section, Mapping):
         raise SinkConfigError(
             f"{where} must be a JSON object, got "
-            f"{section!r} ({type(section).__name__}). Example: {_EXAMPLE}"
+            f"{show(section)} ({type(section).__name__}). Example: {_EXAMPLE}"
         )
-    unknown = sorted(str(k) for k in section if k not in keys and k != RESOLVED)
+    unknown = [k for k in section if k not in keys and k != RESOLVED]
     if unknown:
         valid = ", ".join(f"{k} ({_KEYS[k][2]})" for k in keys)
+        named = ", ".join(show(k) for k in unknown[:5])
+        more = f" and {len(unknown) - 5} more" if len(unknown) > 5 else ""
         raise SinkConfigError(
-            f'Unknown key(s) in {where}: {", ".join(unknown)}. Valid keys: {valid}.')
+            f"Unknown key(s) in {where}: {named}{more}. Valid keys: {valid}.")
     values: dict[str, Any] = {}
     for key in keys:
         kind, limit, meaning = _KEYS[key]
@@ -120,7 +152,7 @@ def parse_keys(section: Any, keys, where: str = ENGINE) -> dict[str, Any]:
             continue
         value = _as_type(where, key, kind, raw)
         if kind is str and value not in limit:
-            raise SinkConfigError(f'{where}["{key}"] = {value!r} must be one of '
+            raise SinkConfigError(f'{where}["{key}"] = {show(value)} must be one of '
                                   f"{', '.join(map(repr, limit))}: {meaning}.")
         if kind not in (bool, str) and value < limit:
             raise SinkConfigError(
@@ -144,6 +176,7 @@ class SinkConfig:
     prefill_chunk_tokens: int | None = None
     default: str = "sink"
     position_limit: int | None = None
+    max_request_sink_tokens: int | None = None
     sessions: bool = True
     max_parked_sessions: int = 256
     session_idle_timeout: float = 600.0
@@ -157,11 +190,24 @@ class SinkConfig:
     def resolved_section(self, layout: SinkLayout) -> dict[str, Any]:
         """The section every process re-parses: geometry resolved, policies explicit."""
         section = {**layout.to_section(), "default": self.default, "sessions": self.sessions,
+                   "max_request_sink_tokens": self.request_sink_limit(layout),
                    "max_parked_sessions": self.max_parked_sessions,
                    "session_idle_timeout": self.session_idle_timeout}
         if self.max_saved_kv_gib is not None:
             section["max_saved_kv_gib"] = self.max_saved_kv_gib
         return section
+
+    def request_sink_limit(self, layout: SinkLayout) -> int:
+        """Most sink tokens (whole blocks) one request may ask for: the engine's own
+        sinks unless ``max_request_sink_tokens`` allows more."""
+        asked = self.max_request_sink_tokens
+        if asked is not None and asked < self.sink_tokens:
+            raise SinkConfigError(
+                f'{ENGINE}["max_request_sink_tokens"] = {asked} is below the engine\'s '
+                f'own sink_tokens = {self.sink_tokens}, which every request may use. '
+                "Raise it or remove it.")
+        B = layout.block_size
+        return max(layout.sink_tokens, math.ceil((asked or 0) / B) * B)
 
     def resolve(self, block_size: int, model_position_limit: int) -> SinkLayout:
         """Round to whole blocks of ``block_size`` and check against the model."""
@@ -254,6 +300,13 @@ class SinkLayout:
     def span(self) -> int:
         """Most tokens cached while a step runs: <= C - 1 before it, plus <= K new."""
         return self.capacity - 1 + self.chunk_tokens
+
+    @cached_property
+    def rotary_positions(self) -> int:
+        """Positions the worker's rotary tables cover (R, ``vllm_sink.core.policy``):
+        the position limit, or twice the most a stream of this many blocks caches if
+        that is more, so a window key is rebased at most once in its life."""
+        return max(self.position_limit, 2 * self.blocks_per_request * self.block_size)
 
     @cached_property
     def headroom_blocks(self) -> int:

@@ -36,11 +36,19 @@ import numpy as np
 
 from vllm_sink.core.rotary import Rotations, rotate_full
 
-# Elements of float32 scratch one rotation batch may use (rebases of long windows are
-# done in chunks of blocks below this): 2**25 floats = 128 MiB.
+# Key elements one rotation batch may touch: larger batches (rebases of long windows,
+# many streams' sinks at once) go in chunks of blocks below this, so the float32
+# temporaries stay bounded: 2**25 elements, 128 MiB per float32 copy.
 MAX_SCRATCH_ELEMENTS = 1 << 25
 # Device scratch one chunk of a save or restore of whole KV blocks may use.
 MAX_COPY_BYTES = 64 << 20
+
+
+def scratch_bytes(dtype_size: int) -> int:
+    """Device memory one rotation chunk may take at its peak: the keys read or the
+    sources joined (dtype), their float32 copy, the product, the partner gather (each
+    float32) and the result cast back (dtype)."""
+    return MAX_SCRATCH_ELEMENTS * (2 * dtype_size + 3 * 4)
 
 
 def fit_strides(rel: torch.Tensor, N: int, H: int, D: int) -> tuple[int, int, int, int] | None:
@@ -133,20 +141,25 @@ class KeyCache:
         return blocks[:, None] * stride + self._rel_dev[None, :]
 
     # -- rotation ------------------------------------------------------------------------
+    @property
+    def block_elements(self) -> int:
+        """Key elements of one block in every layer."""
+        return self.num_layers * self.N * self.H * self.D
+
+    @property
+    def blocks_per_chunk(self) -> int:
+        """Blocks one rotation batch takes at most (``MAX_SCRATCH_ELEMENTS``)."""
+        return max(1, MAX_SCRATCH_ELEMENTS // self.block_elements)
+
     def rotate(self, blocks: Sequence[int], deltas: Sequence[int],
                source: torch.Tensor | None = None) -> None:
         """Rewrite each block ``blocks[i]`` as its keys (or ``source[:, i]``) moved by
-        ``deltas[i]`` positions, in every layer. A delta of 0 copies ``source`` as is."""
-        n = len(blocks)
-        if n == 0:
-            return
-        if source is None:  # in place: chunk so the float32 scratch stays bounded
-            per_block = self.num_layers * self.N * self.H * self.D
-            chunk = max(1, MAX_SCRATCH_ELEMENTS // per_block)
-            for i in range(0, n, chunk):
-                self._rotate(blocks[i:i + chunk], deltas[i:i + chunk], None)
-        else:
-            self._rotate(blocks, deltas, source)
+        ``deltas[i]`` positions, in every layer. A delta of 0 copies ``source`` as is.
+        Done in chunks of ``blocks_per_chunk`` so the float32 scratch stays bounded."""
+        n, chunk = len(blocks), self.blocks_per_chunk
+        for i in range(0, n, chunk):
+            part = None if source is None else source[:, i:i + chunk]
+            self._rotate(blocks[i:i + chunk], deltas[i:i + chunk], part)
 
     def _rotate(self, blocks, deltas, source) -> None:
         # One host-to-device copy carries the block ids and, when any delta is not 0,

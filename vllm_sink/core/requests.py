@@ -17,23 +17,29 @@ OpenAI server a top-level ``"sink"`` body field or ``vllm_xargs``)::
 
 Every process (frontend, scheduler, workers) resolves the same field the same way from
 the engine's resolved section and the KV block size; the frontend refuses a bad field
-with an error naming it, so the others only ever see valid ones.
+with an error naming it, so the others only ever see valid ones. Resolved layouts are
+cached by the field's parsed numbers (never by its spelling: every client-chosen
+spelling of one layout is one entry), at most ``MAX_CACHED`` of them, least recently
+used dropped first.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from vllm_sink.core.config import (ENGINE, REQUEST_KEYS, RESOLVED, SinkConfig, SinkConfigError,
-                              SinkLayout, parse_keys)
+                                   SinkLayout, parse_keys, show)
 
 FIELD = "sink"
 WHERE = 'request field "sink"'
 _DENSE, _STREAM = ("dense", False), ("sink", True)
+MAX_CACHED = 256          # resolved layouts kept per engine (each a few hundred bytes)
+MAX_TEXT = 4096           # longest JSON-string form of the field (a layout needs ~100)
 
 
 @dataclass
@@ -45,7 +51,11 @@ class EngineSink:
     dense_max_model_len: int      # context bound of dense requests (vanilla's max_model_len)
 
     def __post_init__(self) -> None:
-        self._cache: dict[str, SinkLayout | None] = {}
+        # (sinks, window rounded up to blocks, prefill_chunk_tokens or None) -> layout
+        self._cache: OrderedDict[tuple, SinkLayout] = OrderedDict()
+        # Most sink tokens one request may hold (each stream keeps a device snapshot of
+        # its sink keys; the workers reserve memory for this many, model_runner.py).
+        self.max_sink_tokens = self.config.request_sink_limit(self.layout)
 
     @classmethod
     def from_section(cls, section: Mapping, block_size: int) -> EngineSink:
@@ -64,23 +74,8 @@ class EngineSink:
         if not extra_args or FIELD not in extra_args:
             return None if self.default_is_dense else self.layout
         value = extra_args[FIELD]
-        key = json.dumps(value, sort_keys=True, default=str)
-        if key not in self._cache:
-            self._cache[key] = self._resolve(value)
-        return self._cache[key]
-
-    def _resolve(self, value: Any) -> SinkLayout | None:
         if isinstance(value, str):
-            text = value.strip()
-            if text in _DENSE or text in _STREAM:
-                value = text
-            else:
-                try:
-                    value = json.loads(text)
-                except json.JSONDecodeError:
-                    raise SinkConfigError(
-                        f'{WHERE} = {value!r}: use true, false, "sink", "dense" or a JSON '
-                        'object such as {"window_tokens": 1024}.') from None
+            value = self._parse_text(value)
         if value is None:
             return None if self.default_is_dense else self.layout
         if value in _DENSE:
@@ -90,23 +85,63 @@ class EngineSink:
         values = parse_keys(value, REQUEST_KEYS, WHERE)
         if not values:
             return self.layout
-        engine = self.config
-        asked = SinkConfig(sink_tokens=values.get("sink_tokens", engine.sink_tokens),
-                           window_tokens=values.get("window_tokens",
-                                                    self.layout.window_tokens),
-                           prefill_chunk_tokens=values.get("prefill_chunk_tokens"),
+        B = self.layout.block_size     # sinks and window count in whole blocks
+        key = (-(-values.get("sink_tokens", self.config.sink_tokens) // B) * B,
+               -(-values.get("window_tokens", self.layout.window_tokens) // B) * B,
+               values.get("prefill_chunk_tokens"))
+        layout = self._cache.get(key)
+        # Each OrderedDict call is atomic under the GIL, but the frontend may admit on
+        # several threads (vLLM's renderer pool): another may drop a key between two
+        # calls here, which only costs a recomputation.
+        try:
+            if layout is None:
+                layout = self._cache[key] = self._resolve(key, value)
+                if len(self._cache) > MAX_CACHED:
+                    self._cache.popitem(last=False)
+            else:
+                self._cache.move_to_end(key)
+        except KeyError:
+            pass
+        return layout
+
+    @staticmethod
+    def _parse_text(value: str) -> Any:
+        """The JSON-string form (vllm_xargs values are strings or numbers)."""
+        text = value.strip()
+        if text in _DENSE or text in _STREAM:
+            return text
+        try:
+            if len(text) > MAX_TEXT:
+                raise ValueError("too long")
+            return json.loads(text)
+        except (ValueError, RecursionError):   # JSONDecodeError is a ValueError
+            raise SinkConfigError(
+                f'{WHERE} = {show(value)}: use true, false, "sink", "dense" or a JSON '
+                f'object such as {{"window_tokens": 1024}} (at most {MAX_TEXT} '
+                "characters).") from None
+
+    def _resolve(self, key: tuple, value: Any) -> SinkLayout:
+        sink_tokens, window_tokens, chunk = key
+        asked = SinkConfig(sink_tokens=sink_tokens, window_tokens=window_tokens,
+                           prefill_chunk_tokens=chunk,
                            position_limit=self.layout.position_limit)
         B, limit = self.layout.block_size, self.layout.position_limit
         try:
             layout = asked.resolve(B, limit)
-            if "prefill_chunk_tokens" not in values:   # the engine's chunk, if it fits
+            if chunk is None:   # the engine's chunk, if it fits
                 chunk = min(layout.chunk_tokens, self.layout.chunk_tokens)
                 layout = dataclasses.replace(asked, prefill_chunk_tokens=chunk).resolve(B, limit)
         except SinkConfigError as e:
-            raise SinkConfigError(f"{WHERE} {json.dumps(value)}: {e}") from None
+            raise SinkConfigError(f"{WHERE} {show(value)}: {e}") from None
+        if layout.sink_tokens > self.max_sink_tokens:
+            raise SinkConfigError(
+                f"{WHERE} {show(value)} asks for {layout.sink_tokens} sink tokens "
+                f"(whole KV blocks of {B}); this engine allows at most "
+                f"{self.max_sink_tokens} per request ({ENGINE}[\"max_request_sink_tokens\"] "
+                "raises it). Ask for fewer sink_tokens.")
         if layout.blocks_per_request > self.layout.blocks_per_request:
             raise SinkConfigError(
-                f"{WHERE} {json.dumps(value)} needs {layout.blocks_per_request} KV blocks "
+                f"{WHERE} {show(value)} needs {layout.blocks_per_request} KV blocks "
                 f"per request ({layout.describe()}); this engine allows at most "
                 f"{self.layout.blocks_per_request} (its {ENGINE}: {self.layout.describe()}). "
                 "Ask for a smaller window_tokens / sink_tokens / prefill_chunk_tokens, or "

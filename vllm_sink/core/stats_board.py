@@ -2,17 +2,30 @@
 
 vLLM has no channel for plugin-defined engine statistics, and the evictions happen in
 the worker process while ``/metrics`` is served by the API server. The worker (rank 0)
-keeps its counters in a small memory-mapped file (``/dev/shm`` where available) named
-after the engine's ``instance_id``; the frontend's Prometheus collector reads it at
-scrape time. Fixed layout: one int64 per field, in ``FIELDS`` order. No vLLM imports.
+and the scheduler keep their counters in small memory-mapped files; the frontend's
+Prometheus collector reads them at scrape time. Fixed layout: one int64 per field, in
+``FIELDS`` order. No vLLM imports.
+
+Where: one private directory per engine (``make_private_dir``: ``mkdtemp``, mode 0700,
+under ``/dev/shm`` where available), made by the frontend and named to the processes it
+starts in the environment variable ``STATS_DIR_ENV`` (the engine config is not the
+place: vLLM hashes ``additional_config`` into its compile-cache key, and a fresh path
+per start would miss that cache every time). Boards are created exclusively
+(``O_EXCL``, ``O_NOFOLLOW``, mode 0600) by their one writer; the frontend removes the
+directory when its engine goes away.
 """
 
 from __future__ import annotations
 
 import os
+import stat
 import tempfile
 
 import numpy as np
+
+# Not VLLM_-prefixed: vLLM warns about (or, with --fail-on-environ-validation, refuses)
+# environment variables of its prefix it does not know.
+STATS_DIR_ENV = "VLLMSINK_STATS_DIR"
 
 FIELDS = (
     "active_requests",      # sink requests the worker currently holds
@@ -66,11 +79,49 @@ SESSION_FIELDS = (
 )
 
 
-def board_path(instance_id: str, role: str = "worker") -> str:
+def make_private_dir() -> str:
+    """A new directory only this user can enter (``mkdtemp``: created here, mode 0700)."""
     root = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) \
         else tempfile.gettempdir()
-    safe = "".join(c for c in str(instance_id) if c.isalnum() or c in "-_") or "default"
-    return os.path.join(root, f"vllm_sink-{safe}-{role}.stats")
+    return tempfile.mkdtemp(prefix="vllm_sink-", dir=root)
+
+
+def check_private_dir(path: str) -> str:
+    """``path`` if it is a real directory of this user that no one else may enter."""
+    info = os.lstat(path)
+    if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid() or \
+            stat.S_IMODE(info.st_mode) & 0o077:
+        raise PermissionError(f"{STATS_DIR_ENV}={path} is not a private directory of "
+                              "this user (mode 0700, not a symlink)")
+    return path
+
+
+def stats_dir() -> str:
+    """This engine's directory, as its frontend named it; a new private one if no
+    frontend did (then no /metrics reads these boards)."""
+    path = os.environ.get(STATS_DIR_ENV)
+    if not path:
+        path = os.environ[STATS_DIR_ENV] = make_private_dir()
+    return check_private_dir(path)
+
+
+def board_path(role: str = "worker", directory: str | None = None) -> str:
+    return os.path.join(directory or stats_dir(), f"{role}.stats")
+
+
+def _create(path: str, size: int) -> None:
+    """A new regular file of ``size`` zero bytes, never an existing file or link: a
+    board left by an earlier engine core of the same frontend (a restart) is replaced."""
+    flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
+    try:
+        fd = os.open(path, flags, 0o600)
+    except FileExistsError:
+        os.unlink(path)
+        fd = os.open(path, flags, 0o600)
+    try:
+        os.write(fd, bytes(size))
+    finally:
+        os.close(fd)
 
 
 class StatsBoard:
@@ -80,7 +131,7 @@ class StatsBoard:
         self.fields = fields
         self._index = {name: i for i, name in enumerate(fields)}
         if create:
-            np.zeros(len(fields), dtype=np.int64).tofile(path)
+            _create(path, 8 * len(fields))
         self._array = np.memmap(path, dtype=np.int64, mode="r+" if create else "r",
                                 shape=(len(fields),))
 

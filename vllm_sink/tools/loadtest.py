@@ -16,6 +16,13 @@ time to first token, inter-token latency, aggregate tokens/s, errors by kind; sa
 the server's /metrics (``vllm_sink:kv_blocks_reserved``, active requests, KV usage)
 and, for a local server, the resident memory of its process tree, every
 ``--metrics-interval`` seconds. Prints a table; ``--json PATH`` writes everything.
+
+KV flatness: streams take blocks on demand, so the blocks in use grow until every
+stream's cache holds its capacity (prompt + generated tokens past ``vllm_sink:capacity``).
+With one endless request per stream (``--mode generate`` without ``--request-tokens``)
+the time every stream got there is the plateau; from then on, while all streams run, the
+blocks in use must not change ("KV blocks flat"). Runs that start a new request per turn
+have no single plateau and are not judged.
 """
 
 from __future__ import annotations
@@ -105,6 +112,26 @@ class TurnRecord:
     error: str | None = None
     detail: str | None = None          # first line of the error message
     stopped: bool = False              # closed by the run's end, not an error
+    reached: float | None = None       # s since the start when its cache held capacity
+
+
+def plateau_time(reached: list[float | None]) -> float | None:
+    """When every stream's cache held its capacity (None: some stream never did)."""
+    if not reached or any(r is None for r in reached):
+        return None
+    return max(reached)
+
+
+def judge_flat(samples: list[dict], streams: int,
+               plateau: float | None) -> tuple[bool | None, list[int]]:
+    """(flat, distinct block counts) over the samples scraped at or after the plateau
+    while all ``streams`` ran; flat is None when no such sample exists."""
+    if plateau is None or not streams:
+        return None, []
+    blocks = sorted({int(s["vllm_sink:kv_blocks_reserved"]) for s in samples
+                     if s["t"] >= plateau and s.get("vllm_sink:active_requests") == streams
+                     and "vllm_sink:kv_blocks_reserved" in s})
+    return (len(blocks) == 1 if blocks else None), blocks
 
 
 def _pct(values: list[float], q: float) -> float | None:
@@ -170,6 +197,7 @@ class LoadTest:
         self.deadline = math.inf
         self.session_tokens = [0] * config.sessions
         self.stop = asyncio.Event()
+        self.capacity: int | None = None   # the engine's vllm_sink:capacity, if served
 
     # ---- HTTP ------------------------------------------------------------------------
     def _headers(self) -> dict[str, str]:
@@ -229,6 +257,9 @@ class LoadTest:
                     text_parts.append(choice.get("text") or delta.get("content") or "")
                 self.session_tokens[rec.session] += n - rec.tokens
                 rec.tokens = n
+                if rec.reached is None and self.capacity and \
+                        rec.prompt_tokens + n > self.capacity:
+                    rec.reached = round(now - self.t0, 3)
                 if self._session_done(rec.session):
                     rec.stopped = True
                     break
@@ -308,6 +339,24 @@ class LoadTest:
             messages += [{"role": "assistant", "content": reply},
                          {"role": "user", "content": rng.choice(FOLLOW_UPS)}]
 
+    async def _capacity(self, http) -> int | None:
+        try:
+            async with http.get(self.cfg.url.rstrip("/") + "/metrics",
+                                headers=self._headers()) as r:
+                text = await r.text() if r.status == 200 else ""
+        except Exception:  # noqa: BLE001 - then flatness is not judged
+            return None
+        value = parse_prometheus(text).get("vllm_sink:capacity")
+        return int(value) if value else None
+
+    def _plateau(self) -> float | None:
+        """When every stream held its capacity, for runs of one request per stream."""
+        if self.cfg.mode != "generate" or self.cfg.request_tokens:
+            return None
+        first = {t.session: t for t in self.turns if t.kind == "sink" and t.turn == 0}
+        streams = [s for s in range(self.cfg.sessions) if not self.cfg.is_dense(s)]
+        return plateau_time([first[s].reached if s in first else None for s in streams])
+
     # ---- sampling and display ----------------------------------------------------------
     async def _sampler(self, http) -> None:
         parsed = urlparse(self.cfg.url)
@@ -363,6 +412,7 @@ class LoadTest:
         conn = aiohttp.TCPConnector(limit=self.cfg.sessions + 4)
         async with aiohttp.ClientSession(connector=conn) as http:
             model = await self._model(http)
+            self.capacity = await self._capacity(http)
             self.t0 = time.monotonic()
             if self.cfg.duration is not None:
                 self.deadline = self.t0 + self.cfg.duration
@@ -400,6 +450,8 @@ class LoadTest:
                 if streams and s.get("vllm_sink:active_requests") == streams]
         blocks_full = sorted({int(s["vllm_sink:kv_blocks_reserved"]) for s in full
                               if "vllm_sink:kv_blocks_reserved" in s})
+        plateau = self._plateau()
+        flat, blocks_plateau = judge_flat(self.samples, streams, plateau)
         # Streams take blocks as they grow, each at most blocks_per_request of them:
         # every sample must stay within active streams x that bound.
         bound = [(s["vllm_sink:kv_blocks_reserved"],
@@ -427,7 +479,9 @@ class LoadTest:
             "errors": dict(errors), "error_count": sum(errors.values()),
             "error_examples": {t.error: t.detail for t in self.turns if t.error},
             "kv_blocks_while_all_active": blocks_full,
-            "kv_blocks_flat": len(blocks_full) == 1 if blocks_full else None,
+            "kv_plateau_s": plateau,
+            "kv_blocks_at_plateau": blocks_plateau,
+            "kv_blocks_flat": flat,
             "kv_blocks_within_bound": all(b <= m for b, m in bound) if bound else None,
             "kv_blocks_after": (self.samples[-1].get("vllm_sink:kv_blocks_reserved")
                                 if self.samples else None),
@@ -465,6 +519,14 @@ def _turn_line(s: dict) -> str:
     return " ".join(f"{t}:{v}" for t, v in items)
 
 
+def _blocks_line(blocks: list[int]) -> str:
+    if not blocks:
+        return "-"
+    if len(blocks) <= 6:
+        return str(blocks)
+    return f"{len(blocks)} values, {blocks[0]}..{blocks[-1]}"
+
+
 def format_table(s: dict) -> str:
     rows = [
         ("sessions", s["sessions"]), ("requests", s["requests"]),
@@ -479,7 +541,10 @@ def format_table(s: dict) -> str:
            f"{v['sessions']} sessions, {v['requests']} requests: {v['tokens_per_s']} tok/s, "
            f"{v['ttft_ms_p50']}/{v['itl_ms_p50']}, {v['errors']} errors")
           for kind, v in (s.get("by_kind") or {}).items()],
-        ("KV blocks while all active", s["kv_blocks_while_all_active"] or "-"),
+        ("KV blocks while all active", _blocks_line(s["kv_blocks_while_all_active"])),
+        ("time to KV plateau (s)", "not reached" if s["kv_plateau_s"] is None
+         else s["kv_plateau_s"]),
+        ("KV blocks after plateau", _blocks_line(s["kv_blocks_at_plateau"])),
         ("KV blocks flat / within streams x max", f"{s['kv_blocks_flat']} / "
                                                    f"{s['kv_blocks_within_bound']}"),
         ("KV blocks after run", s["kv_blocks_after"]),

@@ -1,0 +1,61 @@
+"""vllm_sink.tools.loadtest: the KV-flatness judgement on synthetic samples. Streams take
+blocks on demand, so the pool grows until every stream holds its capacity: flatness is
+judged only from then on, and the time to that plateau is reported."""
+
+import pytest
+
+from vllm_sink.tools.loadtest import LoadConfig, LoadTest, TurnRecord, format_table
+
+pytestmark = pytest.mark.cpu
+
+STREAMS, PER_STREAM, CAPACITY = 256, 129, 4096
+
+
+def _run(blocks_at, reached_at, end=120, active_until=110, mode="generate"):
+    """A LoadTest holding a finished run of one endless request per stream: samples every
+    second, ``blocks_at(t)`` blocks in use, stream s at capacity at ``reached_at(s)``."""
+    lt = LoadTest(LoadConfig(sessions=STREAMS, duration=end, mode=mode, quiet=True))
+    lt.capacity = CAPACITY
+    for s in range(STREAMS):
+        rec = TurnRecord(s, 0, 0.0, tokens=4000, prompt_tokens=12, ttft=0.5)
+        rec.reached = reached_at(s)
+        lt.turns.append(rec)
+    lt.session_tokens = [4000] * STREAMS
+    # Half the streams end at active_until (their blocks go back with them).
+    lt.samples = [{"t": float(t), "vllm_sink:active_requests": STREAMS if t < active_until
+                   else STREAMS // 2, "vllm_sink:kv_blocks_reserved": blocks_at(t)
+                   if t < active_until else blocks_at(t) // 2,
+                   "vllm_sink:blocks_per_request": PER_STREAM + 8}
+                  for t in range(end + 1)]
+    return lt.summary("m", float(end))
+
+
+def test_growth_then_plateau_is_flat():
+    """The GPU run that printed "KV blocks flat: False": the pool grew for 37 s (blocks
+    on demand), then stayed at 33,024 blocks to the end."""
+    s = _run(lambda t: min(t, 37) * (STREAMS * PER_STREAM) // 37,
+             lambda stream: 20.0 + 17.0 * stream / (STREAMS - 1))
+    assert s["kv_plateau_s"] == 37.0
+    assert s["kv_blocks_at_plateau"] == [STREAMS * PER_STREAM]
+    assert s["kv_blocks_flat"] is True and s["kv_blocks_within_bound"] is True
+    table = format_table(s)
+    assert "37.0" in table and "True" in table
+
+
+def test_change_after_the_plateau_is_not_flat():
+    s = _run(lambda t: STREAMS * PER_STREAM + (t == 80), lambda stream: 10.0)
+    assert s["kv_plateau_s"] == 10.0 and s["kv_blocks_flat"] is False
+    assert s["kv_blocks_at_plateau"] == [STREAMS * PER_STREAM, STREAMS * PER_STREAM + 1]
+
+
+def test_a_stream_that_never_filled_leaves_flatness_unjudged():
+    s = _run(lambda t: min(t, 37) * 100, lambda stream: None if stream == 3 else 5.0)
+    assert s["kv_plateau_s"] is None and s["kv_blocks_flat"] is None
+    assert "not reached" in format_table(s)
+
+
+def test_runs_that_restart_streams_are_not_judged():
+    """Chat turns (or --request-tokens) start a new request per turn: the pool dips and
+    regrows between turns, so there is no single plateau to judge."""
+    s = _run(lambda t: 1000, lambda stream: 1.0, mode="chat")
+    assert s["kv_plateau_s"] is None and s["kv_blocks_flat"] is None
