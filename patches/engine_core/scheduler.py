@@ -22,10 +22,18 @@ streams need:
 ``_preempt_request``     a preempted stream keeps its computed count: the workers save
                          its cached KV before the blocks are reused and restore it on
                          resume, so nothing is recomputed (vLLM would recompute the
-                         whole history, possibly millions of tokens)
-``_free_request_blocks`` / ``_free_blocks`` / ``schedule`` / ``get_computed_blocks``
-                         persistent sessions (``SessionStore``): park instead of free,
-                         bounds on parked sessions, a resume is a prefix hit
+                         whole history, possibly millions of tokens); a save that does
+                         not fit the host budget (``SavedKV``) finishes the stream
+                         with finish_reason "error" at once
+``update_from_output``   emits the final output of the streams finished that way
+``reset_prefix_cache``   drops every parked session and finishes the preempted streams
+                         whose saved KV the reset invalidates (finish_reason "error":
+                         after a weight update their history cannot be recomputed)
+``_free_request_blocks`` / ``_free_blocks`` / ``schedule`` / ``get_computed_blocks`` /
+``allocate_slots``       persistent sessions (``SessionStore``): park instead of free,
+                         expiry, a resume is a prefix hit, and parked sessions yield
+                         their blocks whenever an allocation for a running or waiting
+                         request fails
 
 Async scheduling needs nothing more here: every count above is the scheduler's own
 (advanced when a step is scheduled, as vLLM does), the workers run steps in order, and
@@ -43,12 +51,14 @@ from collections import Counter
 
 from vllm.v1.core.sched.async_scheduler import AsyncScheduler
 from vllm.v1.core.sched.scheduler import Scheduler
+from vllm.v1.request import RequestStatus
 
 from vllm_sink.core.config import SinkConfigError
 from vllm_sink.patches import _directives
 from vllm_sink.patches._layout import engine_sink
 from vllm_sink.patches.engine_core.kv_policy import (SinkAttentionSpec, SinkRingManager,
                                                      register_kv_policy)
+from vllm_sink.patches.engine_core.saved_kv import SavedKV
 from vllm_sink.patches.engine_core.sessions import SessionStore
 from vllm_sink.core.policy import max_step_tokens
 from vllm_sink.core.stats_board import SESSION_FIELDS, StatsBoard, board_path
@@ -86,28 +96,18 @@ class SinkSchedulerMixin:
         self.sink_restoring: dict[str, int] = {}   # preempted stream -> blocks it held
         self.sink_counts: Counter = Counter()
         self.sink_sessions = SessionStore(self, self.sink)
+        self.sink_saved = SavedKV.for_engine(vllm_config, kv_cache_config,
+                                             self.sink.config.max_saved_kv_gib)
+        self._sink_failed: list = []   # finished with an error; output not yet emitted
+        self._sink_resetting: list | None = None   # streams a running reset preempted
         for manager in self._sink_managers:
             assert isinstance(manager, SinkRingManager)
             manager.bind(self.sink_layouts, self.sink_restoring, self.sink_sessions.adopted,
                          self.sink_grids)
-        original = self.kv_cache_manager.get_computed_blocks
-        empty = self.kv_cache_manager.empty_kv_cache_blocks
-
-        def get_computed_blocks(request):
-            if request.request_id not in self.sink_layouts:
-                return original(request)          # dense: vLLM's prefix cache
-            hit = self.sink_sessions.try_resume(request)
-            if hit is None:
-                self.sink_grids[request.request_id] = (0, request.num_prompt_tokens)
-                return empty, 0, 0
-            blocks, length = hit
-            self.sink_grids[request.request_id] = (length, request.num_prompt_tokens)
-            return self.kv_cache_manager.create_kv_cache_blocks(blocks), length, 0
-
-        self.kv_cache_manager.get_computed_blocks = get_computed_blocks
+        self._sink_wrap_kv_cache_manager()
         self.sink_board = StatsBoard(board_path("scheduler"),
                                      create=True, fields=SESSION_FIELDS)
-        self._sink_board_shape: tuple[int, int, int] | None = None
+        self._sink_board_shape: tuple[int, ...] | None = None
         self._sink_board_at = 0.0
         per = self.sink.layout.blocks_per_request * len(groups)
         logger.info("vllm_sink: scheduler ready, %d KV blocks in the pool; a stream takes "
@@ -119,6 +119,43 @@ class SinkSchedulerMixin:
     @property
     def _sink_managers(self):
         return self.kv_cache_manager.coordinator.single_type_managers
+
+    def _sink_wrap_kv_cache_manager(self) -> None:
+        """Two methods of the scheduler's own KVCacheManager *instance* (vLLM has no
+        class option for it), each wrapping and delegating."""
+        manager = self.kv_cache_manager
+        get_computed, allocate = manager.get_computed_blocks, manager.allocate_slots
+        empty, sessions = manager.empty_kv_cache_blocks, self.sink_sessions
+
+        def get_computed_blocks(request):
+            if request.request_id not in self.sink_layouts:
+                return get_computed(request)      # dense: vLLM's prefix cache
+            hit = sessions.try_resume(request)
+            if hit is None:
+                self.sink_grids[request.request_id] = (0, request.num_prompt_tokens)
+                return empty, 0, 0
+            blocks, length = hit
+            self.sink_grids[request.request_id] = (length, request.num_prompt_tokens)
+            return manager.create_kv_cache_blocks(blocks), length, 0
+
+        def allocate_slots(request, *args, **kwargs):
+            # Parked sessions yield to requests, running and waiting alike: while the
+            # allocation fails, drop the least recently parked unclaimed session (for a
+            # running request, then also sessions that waiting requests claimed) and
+            # try again. Retrying is safe in vLLM 0.32: allocate_slots returns None
+            # before it changes anything but (a) remove_skipped_blocks, which frees
+            # blocks that fell out of an attention window (idempotent; a no-op for
+            # full attention and streams) and (b) get_num_blocks_to_allocate, which
+            # only computes (SinkRingManager keeps the answer, recomputed on retry).
+            # A waiting resume's own claimed blocks are never dropped here.
+            running = request.status == RequestStatus.RUNNING
+            while True:
+                blocks = allocate(request, *args, **kwargs)
+                if blocks is not None or not sessions.make_room(claimed_too=running):
+                    return blocks
+
+        manager.get_computed_blocks = get_computed_blocks
+        manager.allocate_slots = allocate_slots
 
     def add_request(self, request) -> None:
         params = request.sampling_params
@@ -146,6 +183,10 @@ class SinkSchedulerMixin:
 
     def _update_after_schedule(self, scheduler_output) -> None:
         self._sink_trim_steps(scheduler_output)
+        if self.sink_saved.held:
+            # Resumed streams get their KV copied back in this step: budget returned.
+            for req_id in scheduler_output.scheduled_cached_reqs.resumed_req_ids:
+                self.sink_saved.release(req_id)
         super()._update_after_schedule(scheduler_output)
 
     def _sink_trim_steps(self, scheduler_output) -> None:
@@ -167,20 +208,80 @@ class SinkSchedulerMixin:
         scheduler_output.total_num_scheduled_tokens -= trimmed
 
     def _preempt_request(self, request, timestamp, *args, **kwargs) -> None:
+        req_id = request.request_id
         computed = request.num_computed_tokens
-        held = len(self._sink_managers[0].req_to_blocks.get(request.request_id, ()))
+        held = len(self._sink_managers[0].req_to_blocks.get(req_id, ()))
         super()._preempt_request(request, timestamp, *args, **kwargs)
-        if request.request_id in self.sink_layouts:
-            # Its cached KV survives on the workers (saved before the blocks are reused,
-            # restored into as many new ones): resume where it was, recomputing nothing.
-            request.num_computed_tokens = computed
-            self.sink_restoring[request.request_id] = held
-            self.sink_counts["preempted_sink"] += 1
-        else:
+        if req_id not in self.sink_layouts:
             self.sink_counts["preempted_dense"] += 1
+            return
+        self.sink_counts["preempted_sink"] += 1
+        if self._sink_resetting is not None:
+            if held:                   # its KV predates the reset: lost, not saved
+                self._sink_resetting.append(request)
+            return
+        # Its saved KV, plus the pristine sink-key snapshot the workers move to host
+        # beside it (keys only: at most the bytes of its sink blocks).
+        if held and not self.sink_saved.reserve(
+                req_id, held + self.sink_layouts[req_id].sink_blocks):
+            # No host room for its KV: the stream cannot continue. Finished now (it is
+            # in this step's preempted and finished sets: the workers drop its state
+            # instead of saving it), before any later step could resume it.
+            self.sink_counts["kv_saves_refused"] += 1
+            self._sink_fail([request])
+            return
+        # Its cached KV survives on the workers (saved before the blocks are reused,
+        # restored into as many new ones): resume where it was, recomputing nothing.
+        request.num_computed_tokens = computed
+        self.sink_restoring[req_id] = held
+
+    def _sink_fail(self, requests) -> None:
+        """Finish streams that cannot continue with FINISHED_ERROR, as vLLM finishes
+        its own error requests; their final outputs go out with the next
+        ``update_from_output``."""
+        if requests:
+            self._sink_failed += self.finish_requests(
+                [r.request_id for r in requests], RequestStatus.FINISHED_ERROR)
+
+    def update_from_output(self, scheduler_output, model_runner_output):
+        outputs = super().update_from_output(scheduler_output, model_runner_output)
+        if self._sink_failed:
+            from vllm.v1.engine import EngineCoreOutput, EngineCoreOutputs
+
+            failed, self._sink_failed = self._sink_failed, []
+            for request in failed:
+                eco = outputs.get(request.client_index)
+                if eco is None:
+                    eco = outputs[request.client_index] = EngineCoreOutputs()
+                eco.outputs.append(EngineCoreOutput(
+                    request_id=request.request_id, new_token_ids=[],
+                    finish_reason=request.get_finished_reason(),
+                    events=request.take_events(), trace_headers=request.trace_headers))
+        return outputs
+
+    def reset_prefix_cache(self, reset_running_requests: bool = False,
+                           reset_connector: bool = False) -> bool:
+        """Parked KV and saved KV were computed with the weights before the reset
+        (usually a weight update): parked sessions are dropped (their next turns run
+        fresh), and once the reset succeeded, preempted streams whose KV was saved
+        are finished with an error (their history cannot be recomputed), those the
+        reset itself preempts (``reset_running_requests``) included."""
+        self.sink_sessions.drop_all("parked_reset")
+        self._sink_resetting = lost = []
+        ok = False
+        try:
+            ok = super().reset_prefix_cache(reset_running_requests, reset_connector)
+        finally:   # (streams the reset preempted were not saved: lost even if it raised)
+            self._sink_resetting = None
+            if ok:
+                lost += [self.requests[r] for r in self.sink_saved if r in self.requests]
+            self.sink_counts["streams_lost_reset"] += len(lost)
+            self._sink_fail(lost)
+        return ok
 
     def _free_request_blocks(self, request) -> None:
-        if request.request_id not in self.sink_layouts or \
+        # Finished streams may park (a preempted one is not finished: vLLM frees it).
+        if request.request_id not in self.sink_layouts or not request.is_finished() or \
                 not self.sink_sessions.on_finish(request):
             super()._free_request_blocks(request)
 
@@ -189,9 +290,11 @@ class SinkSchedulerMixin:
         self.sink_layouts.pop(request.request_id, None)
         self.sink_grids.pop(request.request_id, None)
         self.sink_restoring.pop(request.request_id, None)
+        if self.sink_saved.held:
+            self.sink_saved.release(request.request_id)
 
     def schedule(self, *args, **kwargs):
-        self.sink_sessions.before_schedule()
+        self.sink_sessions.expire()
         output = super().schedule(*args, **kwargs)
         self._sink_publish()
         return output
@@ -200,7 +303,8 @@ class SinkSchedulerMixin:
         """Write the board (one consistent snapshot) when the request sets changed size,
         else at most every BOARD_PERIOD_S: block counts a scrape reads are that fresh."""
         now = time.monotonic()
-        shape = (len(self.running), len(self.waiting), len(self.sink_sessions.parked))
+        shape = (len(self.running), len(self.waiting), len(self.sink_sessions),
+                 self.sink_saved.total)
         if shape != self._sink_board_shape or now - self._sink_board_at >= BOARD_PERIOD_S:
             self.sink_board.write(self.sink_stats())
             self._sink_board_shape, self._sink_board_at = shape, now
@@ -222,7 +326,9 @@ class SinkSchedulerMixin:
                 "running_requests": len(self.running), "running_sink": running_sink,
                 "running_dense": len(self.running) - running_sink,
                 "blocks_sink": blocks_sink, "blocks_dense": blocks_dense,
-                "pool_blocks_in_use": pool.num_gpu_blocks - 1 - pool.get_num_free_blocks()}
+                "pool_blocks_in_use": pool.num_gpu_blocks - 1 - pool.get_num_free_blocks(),
+                "kv_saved_bytes": self.sink_saved.total,
+                "kv_saved_cap_bytes": self.sink_saved.cap}
 
     def shutdown(self) -> None:
         self.sink_board.unlink()

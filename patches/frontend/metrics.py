@@ -59,6 +59,8 @@ _SESSION_GAUGES = {
     "pool_blocks_in_use": "KV blocks taken from the pool (running requests + parked sessions)",
     "parked_sessions": "Sessions whose KV is parked between requests",
     "blocks_parked": "KV blocks held by parked sessions",
+    "kv_saved_bytes": "Host bytes per worker reserved for the KV of preempted streams",
+    "kv_saved_cap_bytes": "Cap on kv_saved_bytes (max_saved_kv_gib)",
 }
 _SESSION_COUNTERS = {
     "session_requests": "Requests that carried a session id",
@@ -69,6 +71,11 @@ _SESSION_COUNTERS = {
     "requests_dense": "Requests served with plain dense attention",
     "preempted_sink": "Stream preemptions (cached KV saved, restored on resume)",
     "preempted_dense": "Dense preemptions (recomputed by vLLM on resume)",
+    "parked_reset": "Parked sessions dropped by a prefix-cache reset",
+    "kv_saves_refused": "Preempted streams finished with an error: their KV did not fit "
+                        "max_saved_kv_gib",
+    "streams_lost_reset": "Preempted streams finished with an error: a prefix-cache reset "
+                          "invalidated their saved KV",
 }
 _MISSES = ("none_parked", "prefix", "no_new_tokens", "in_use", "prompt_logprobs", "layout")
 _COUNTERS = {

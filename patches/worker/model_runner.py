@@ -45,7 +45,7 @@ import numpy as np
 import torch
 
 from vllm_sink.core.config import SinkConfigError
-from vllm_sink.core.key_cache import scratch_bytes
+from vllm_sink.core.key_cache import scratch_bytes, to_device, to_host
 from vllm_sink.core.trace import StepRecord
 from vllm_sink.patches import _directives
 from vllm_sink.patches.engine_core.kv_policy import SinkAttentionSpec
@@ -101,9 +101,12 @@ class SinkRunnerMixin:
         if held != self.sink_blocks_held:
             raise RuntimeError(f"vllm_sink: block count kept as {self.sink_blocks_held}, "
                                f"the streams' rows hold {held}; this is a bug")
+        saved = [rs.saved for rs in self.sink_requests.values() if rs.saved is not None]
         return {**self._sink_board_values(), "parked_sessions": len(self.sink_parked),
                 "max_offset": max((r.stream.offset for r in self.sink_requests.values()),
-                                  default=0)}
+                                  default=0),
+                "saved_streams": len(saved),
+                "saved_bytes": sum(SinkKeys.saved_bytes(s) for s in saved)}
 
     def _sink_publish(self) -> None:
         """Write the board when a value changed (most decode steps change nothing)."""
@@ -281,9 +284,12 @@ class SinkRunnerMixin:
         self.sink_counters["requests"] += 1
         resume = extra.get(_directives.RESUME_ARG)
         if resume is not None:
+            # The scheduler marks a request as a resume only while it holds its claim
+            # on the parked session, which nothing else drops (SessionStore).
             rs = self.sink_parked.pop(resume, None)
             if rs is None:
-                raise RuntimeError(f"sink worker has no parked state for session {resume!r}")
+                raise RuntimeError(f"vllm_sink: no parked state for session {resume!r} "
+                                   f"that request {nr.req_id} resumes; this is a bug")
             self.sink_requests[nr.req_id] = rs
             if rs.stream.offset:
                 self.sink_offsets[nr.req_id] = rs.stream.offset
@@ -304,7 +310,10 @@ class SinkRunnerMixin:
     # ---- preemption: save the cached KV, restore it on resume -----------------------
     def _sink_save_preempted(self, scheduler_output, finished: set[str]) -> None:
         """vLLM reuses a preempted request's blocks in this very step: copy a stream's
-        cached KV out now, before this step's forward writes into them."""
+        cached KV out now, before this step's forward writes into them (the copies are
+        queued on the device stream ahead of the forward). The scheduler admitted
+        every such save within its host budget; a stream it could not admit arrives
+        finished as well and is not saved (``_sink_finish`` dropped it)."""
         preempted = [r for r in (scheduler_output.preempted_req_ids or ())
                      if r in self.sink_requests and r not in finished]
         for req_id in preempted:
@@ -315,14 +324,16 @@ class SinkRunnerMixin:
             cached = rs.stream.virtual(rs.step_start + rs.step_tokens)
             rs.saved_blocks = cdiv(cached, rs.layout.block_size)
             rs.saved = self.sink_keys.save([BlockSpan(rs.rows, 0, rs.saved_blocks)])
+            if rs.snapshot is not None:   # the device reserve covers live streams only
+                rs.snapshot = [to_host(t) for t in rs.snapshot]
             self.sink_blocks_held -= len(rs.rows[0]) if rs.rows else 0
             rs.rows = tuple([] for _ in rs.rows)
             self.sink_counters["kv_saves"] += 1
 
     def _sink_restore(self, req_id: str, rs: RequestSink, new_block_ids) -> None:
-        if rs.saved is None:
-            raise RuntimeError(f"stream {req_id} resumed from preemption but its KV was "
-                               "not saved")
+        if rs.saved is None:   # the scheduler finishes streams whose KV was not saved
+            raise RuntimeError(f"vllm_sink: stream {req_id} resumed from preemption but "
+                               "its KV was not saved; this is a bug")
         rows = tuple(list(g) for g in new_block_ids)
         if any(len(g) < rs.saved_blocks for g in rows):
             raise RuntimeError(f"stream {req_id} resumed with {[len(g) for g in rows]} "
@@ -330,6 +341,8 @@ class SinkRunnerMixin:
         rs.rows = rows
         self.sink_blocks_held += len(rows[0]) if rows else 0
         self.sink_keys.restore([BlockSpan(rows, 0, rs.saved_blocks)], rs.saved)
+        if rs.snapshot is not None:
+            rs.snapshot = [to_device(t, self.device) for t in rs.snapshot]
         rs.saved = None
         self.sink_counters["kv_restores"] += 1
         self.sink_counters["tokens_restored"] += rs.stream.virtual(rs.step_start)

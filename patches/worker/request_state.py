@@ -36,7 +36,8 @@ class RequestSink:
     snapshot: list[torch.Tensor] | None = None  # pristine sink keys, one per key cache
     step_start: int = 0               # absolute computed tokens at the current step
     step_tokens: int = 0              # tokens the current (latest) step adds
-    saved: list[torch.Tensor] | None = None     # cached KV while preempted, per group
+    saved: list[list[torch.Tensor]] | None = None  # cached KV while preempted: host
+                                                    # chunks per group (SinkKeys.save)
     saved_blocks: int = 0
 
     @classmethod

@@ -139,16 +139,17 @@ class SinkKeys:
                     source = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
                 cache.rotate(ids, per_block, source)
 
-    def save(self, spans: Sequence[BlockSpan]) -> list[torch.Tensor]:
-        """Host copies of the whole KV blocks of ``spans`` (every layer), per group."""
-        out = []
-        for g, stack in enumerate(self.stacks):
-            ids, _ = self._kernel_blocks(g, spans)
-            out.append(stack.read(to_device(ids, stack.device)).to("cpu"))
-        return out
+    def save(self, spans: Sequence[BlockSpan]) -> list[list[torch.Tensor]]:
+        """Host copies of the whole KV blocks of ``spans`` (every layer), per group, in
+        chunks (``BlockStack.save``: pinned and not blocking on CUDA)."""
+        return [stack.save(self._kernel_blocks(g, spans)[0])
+                for g, stack in enumerate(self.stacks)]
 
-    def restore(self, spans: Sequence[BlockSpan], saved: list[torch.Tensor]) -> None:
+    def restore(self, spans: Sequence[BlockSpan], saved: list[list[torch.Tensor]]) -> None:
         """Write ``save``'s copies into the blocks of ``spans`` (same block count)."""
-        for g, (stack, data) in enumerate(zip(self.stacks, saved)):
-            ids, _ = self._kernel_blocks(g, spans)
-            stack.write(to_device(ids, stack.device), to_device(data, stack.device))
+        for g, (stack, chunks) in enumerate(zip(self.stacks, saved)):
+            stack.restore(self._kernel_blocks(g, spans)[0], chunks)
+
+    @staticmethod
+    def saved_bytes(saved: list[list[torch.Tensor]]) -> int:
+        return sum(c.numel() * c.element_size() for chunks in saved for c in chunks)

@@ -52,6 +52,10 @@ def test_prefill_chunk_default_and_limits():
     ({"sessions": "yes"}, ["sessions", "true or false"]),
     ({"session_idle_timeout": 0}, ["session_idle_timeout", ">= 0.001"]),
     ({"max_parked_sessions": -1}, ["max_parked_sessions", ">= 0"]),
+    ({"max_parked_sessions": 65537}, ["max_parked_sessions", "<= 65536", "Lower it"]),
+    ({"max_saved_kv_gib": -0.5}, ["max_saved_kv_gib", ">= 0.0"]),
+    ({"max_saved_kv_gib": "4"}, ["max_saved_kv_gib", "number"]),
+    ({"max_saved_kv_gib": float("inf")}, ["max_saved_kv_gib", "finite"]),
     ({"window_tokens": 0}, ["window_tokens", ">= 1"]),
     ({"prefill_chunk_tokens": 0}, ["prefill_chunk_tokens", ">= 1"]),
     ({"sink_tokens": -1}, ["sink_tokens", ">= 0"]),
@@ -74,6 +78,15 @@ def test_session_keys_and_resolved_section_round_trip():
                                      "max_request_sink_tokens": 32})
     assert (again.sessions, again.max_parked_sessions, again.session_idle_timeout) == \
         (False, 3, 2.0)
+    assert again.max_saved_kv_gib is None and "max_saved_kv_gib" not in \
+        cfg.resolved_section(layout)
+
+
+def test_saved_kv_cap_and_parked_bound_accepted():
+    cfg = SinkConfig.from_section({"max_saved_kv_gib": 0, "max_parked_sessions": 65536})
+    assert (cfg.max_saved_kv_gib, cfg.max_parked_sessions) == (0.0, 65536)
+    again = SinkConfig.from_section(cfg.resolved_section(cfg.resolve(32, 8192)))
+    assert again.max_saved_kv_gib == 0.0
 
 
 def test_capacity_beyond_model_positions_refused_with_fix():

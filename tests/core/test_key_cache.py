@@ -149,3 +149,78 @@ def test_shared_layers_rotate_once():
 @pytest.mark.parametrize("with_source", [False, True])
 def test_rotate_matches_reference_cuda(kind, dtype, with_source):
     _check_rotate(kind, dtype, "cuda", with_source)
+
+
+def _check_save_restore(kind, device):
+    """BlockStack.save copies whole blocks out in chunks, restore writes them into other
+    blocks; on CUDA neither synchronizes (the copies are queued on the stream, so a
+    kernel queued after save that overwrites the blocks does not reach the copies) and
+    the host chunks are pinned."""
+    from vllm_sink.core.key_cache import BlockStack
+
+    layers, _ = make_layout(kind, torch.bfloat16, device)
+    stack = BlockStack(layers)
+    stack.chunk_blocks = 2                                   # three blocks: two chunks
+    src, dst = [4, 1, 5], [0, 2, 3]
+    want = torch.stack([kv[src] for kv in stack.layers]).clone()
+    reuse = torch.tensor(src, device=device)
+    cuda = device == "cuda"
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")             # any synchronization raises
+    try:
+        saved = stack.save(src)
+        for kv in stack.layers:                              # the blocks are reused
+            kv.index_fill_(0, reuse, -1.0)
+        stack.restore(dst, saved)
+    finally:
+        if cuda:
+            torch.cuda.set_sync_debug_mode(0)
+    assert [c.shape[1] for c in saved] == [2, 1]
+    assert all(c.device.type == "cpu" and c.is_pinned() == cuda for c in saved)
+    got = torch.stack([kv[dst] for kv in stack.layers])
+    assert torch.equal(got.cpu(), want.cpu())
+    with pytest.raises(ValueError):
+        stack.restore(dst[:2], saved)
+
+
+@pytest.mark.cpu
+@pytest.mark.parametrize("kind", LAYOUTS)
+def test_block_stack_save_restore_cpu(kind):
+    _check_save_restore(kind, "cpu")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kind", ["NHD", "block_outer", "separate"])
+def test_block_stack_save_restore_cuda(kind):
+    _check_save_restore(kind, "cuda")
+
+
+@pytest.mark.gpu
+def test_snapshot_round_trip_through_host_cuda():
+    """A preempted stream's sink-key snapshot goes to pinned host memory and back
+    (to_host / to_device) without synchronizing, and a kernel queued after the move
+    that overwrites the device tensor does not reach the host copy."""
+    from vllm_sink.core.key_cache import to_device, to_host
+
+    snap = torch.randn(4, 16, 2, 8, dtype=torch.bfloat16, device="cuda")
+    want = snap.clone()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        host = to_host(snap)
+        snap.fill_(-1.0)                                     # the device memory is reused
+        back = to_device(host, torch.device("cuda"))
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert host.device.type == "cpu" and host.is_pinned()
+    assert back.device.type == "cuda" and torch.equal(back, want)
+
+
+@pytest.mark.cpu
+def test_snapshot_stays_put_on_cpu():
+    """On the CPU backend the snapshot already lives in host memory: no copy."""
+    from vllm_sink.core.key_cache import to_device, to_host
+
+    snap = torch.randn(3, 4)
+    assert to_host(snap) is snap and to_device(snap, torch.device("cpu")) is snap

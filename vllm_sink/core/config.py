@@ -54,10 +54,20 @@ _KEYS: dict[str, tuple[type, Any, str]] = {
                                         "sink_tokens); each stream keeps a device copy "
                                         "of its sink keys, reserved in vLLM's memory "
                                         "profile for this many"),
-    "max_parked_sessions": (int, 0, "parked sessions kept at most (default 256)"),
+    "max_parked_sessions": (int, 0, "parked sessions kept at most (default 256, "
+                                    "at most 65536)"),
     "session_idle_timeout": (float, 0.001, "seconds a parked session may stay idle "
                                            "(default 600)"),
+    "max_saved_kv_gib": (float, 0.0, "GiB of host memory each worker may hold for the "
+                                     "KV of preempted streams (default: the size of "
+                                     "the KV pool, at most a quarter of the host's "
+                                     "memory per worker); a stream whose save does "
+                                     "not fit is finished with finish_reason "
+                                     "\"error\""),
 }
+# Upper bounds of keys that have one (a parked session costs host-side state in the
+# scheduler and every worker, and each holds at least one KV block).
+_MAXIMA: dict[str, int] = {"max_parked_sessions": 65536}
 # Keys a single request may set in its own "sink" field (the engine's are its maximum).
 REQUEST_KEYS = ("sink_tokens", "window_tokens", "prefill_chunk_tokens")
 # Written by the frontend into the resolved section, never by users.
@@ -149,6 +159,10 @@ def parse_keys(section: Any, keys, where: str = ENGINE) -> dict[str, Any]:
                 f'{where}["{key}"] = {value} is out of range: '
                 f"it is the number of {meaning} and must be >= {limit}."
             )
+        if key in _MAXIMA and value > _MAXIMA[key]:
+            raise SinkConfigError(
+                f'{where}["{key}"] = {value} is out of range: it is the number of '
+                f"{meaning} and must be <= {_MAXIMA[key]}. Lower it.")
         values[key] = value
     return values
 
@@ -166,6 +180,7 @@ class SinkConfig:
     sessions: bool = True
     max_parked_sessions: int = 256
     session_idle_timeout: float = 600.0
+    max_saved_kv_gib: float | None = None   # None: derived from the pool and the host
 
     @classmethod
     def from_section(cls, section: Any) -> SinkConfig:
@@ -174,10 +189,13 @@ class SinkConfig:
 
     def resolved_section(self, layout: SinkLayout) -> dict[str, Any]:
         """The section every process re-parses: geometry resolved, policies explicit."""
-        return {**layout.to_section(), "default": self.default, "sessions": self.sessions,
-                "max_request_sink_tokens": self.request_sink_limit(layout),
-                "max_parked_sessions": self.max_parked_sessions,
-                "session_idle_timeout": self.session_idle_timeout}
+        section = {**layout.to_section(), "default": self.default, "sessions": self.sessions,
+                   "max_request_sink_tokens": self.request_sink_limit(layout),
+                   "max_parked_sessions": self.max_parked_sessions,
+                   "session_idle_timeout": self.session_idle_timeout}
+        if self.max_saved_kv_gib is not None:
+            section["max_saved_kv_gib"] = self.max_saved_kv_gib
+        return section
 
     def request_sink_limit(self, layout: SinkLayout) -> int:
         """Most sink tokens (whole blocks) one request may ask for: the engine's own

@@ -40,6 +40,8 @@ from vllm_sink.core.rotary import Rotations, rotate_full
 # many streams' sinks at once) go in chunks of blocks below this, so the float32
 # temporaries stay bounded: 2**25 elements, 128 MiB per float32 copy.
 MAX_SCRATCH_ELEMENTS = 1 << 25
+# Device scratch one chunk of a save or restore of whole KV blocks may use.
+MAX_COPY_BYTES = 64 << 20
 
 
 def scratch_bytes(dtype_size: int) -> int:
@@ -202,12 +204,51 @@ def stacked_view(views: list[torch.Tensor]) -> torch.Tensor | None:
 class BlockStack:
     """Whole KV blocks (keys and values, any layout) of a stack of layers: read every
     layer's copy of some blocks at once, and write them back into other blocks. Used to
-    save a preempted stream's cache and restore it after the blocks were reused."""
+    save a preempted stream's cache to host memory and restore it after the blocks were
+    reused (``save`` / ``restore``)."""
 
     def __init__(self, layers: Sequence[torch.Tensor]) -> None:
         self.layers = distinct(layers)
         self.device = self.layers[0].device
         self.stack = stacked_view(self.layers)
+        first = self.layers[0]
+        self.block_bytes = len(self.layers) * first[0].numel() * first.element_size()
+        # Blocks per chunk of a save or restore: its device scratch within MAX_COPY_BYTES.
+        self.chunk_blocks = max(1, MAX_COPY_BYTES // max(1, self.block_bytes))
+
+    def save(self, blocks: Sequence[int]) -> list[torch.Tensor]:
+        """Host copies of ``blocks`` (every layer) as chunks ``[L, c, ...]`` of at most
+        ``chunk_blocks`` blocks each, so the device scratch of a gather stays bounded.
+
+        On CUDA each chunk is pinned and copied without blocking: the copies are queued
+        on the current stream, ahead of any later kernel on it (this step's forward)
+        that overwrites the blocks. A chunk is complete once the stream passed it; read
+        it only through that stream (``restore``). Dropping a chunk early is safe: the
+        pinned allocator reuses memory only after the copies recorded on it completed.
+        """
+        pin = self.device.type == "cuda"
+        out = []
+        for i in range(0, len(blocks), self.chunk_blocks):
+            part = self.read(to_device(blocks[i:i + self.chunk_blocks], self.device))
+            if self.device.type == "cpu":
+                out.append(part)          # the gather already made a copy in host memory
+                continue
+            host = torch.empty(part.shape, dtype=part.dtype, pin_memory=pin)
+            host.copy_(part, non_blocking=pin)
+            out.append(host)
+        return out
+
+    def restore(self, blocks: Sequence[int], saved: Sequence[torch.Tensor]) -> None:
+        """Write ``save``'s chunks into ``blocks`` (as many as were saved), chunk by
+        chunk, queued on the current stream like ``save``."""
+        i = 0
+        for chunk in saved:
+            n = chunk.shape[1]
+            self.write(to_device(blocks[i:i + n], self.device),
+                       chunk.to(self.device, non_blocking=True))
+            i += n
+        if i != len(blocks):
+            raise ValueError(f"restore into {len(blocks)} blocks of {i} saved")
 
     def read(self, blocks: torch.Tensor) -> torch.Tensor:
         if self.stack is not None:
@@ -220,6 +261,17 @@ class BlockStack:
         else:
             for kv, d in zip(self.layers, data):
                 kv[blocks] = d
+
+
+def to_host(t: torch.Tensor) -> torch.Tensor:
+    """``t``'s copy in host memory, queued on the current device stream like
+    ``BlockStack.save`` (pinned and not blocking on CUDA): read it only through that
+    stream (``to_device``). A CPU tensor is returned as it is."""
+    if t.device.type == "cpu":
+        return t
+    host = torch.empty(t.shape, dtype=t.dtype, pin_memory=t.device.type == "cuda")
+    host.copy_(t, non_blocking=True)
+    return host
 
 
 def to_device(data, device: torch.device) -> torch.Tensor:

@@ -71,6 +71,11 @@ SESSION_FIELDS = (
     "miss_layout",          # the request asks for another sink layout than the parked one
     "parked_evictions",     # parked sessions dropped to make room (LRU) or over the cap
     "parked_expired",       # parked sessions dropped after the idle timeout
+    "parked_reset",         # parked sessions dropped by a prefix-cache reset
+    "kv_saved_bytes",       # host bytes (per worker) reserved for preempted streams' KV
+    "kv_saved_cap_bytes",   # ... and its cap (max_saved_kv_gib)
+    "kv_saves_refused",     # preempted streams finished: their KV did not fit the cap
+    "streams_lost_reset",   # preempted streams finished: a reset invalidated their KV
 )
 
 
