@@ -43,9 +43,14 @@ def main() -> int:
     client = openai.OpenAI(base_url=url + "/v1", api_key=args.api_key)
     model = args.model or client.models.list().data[0].id
     capacity = _metric(url, "vllm_sink:capacity")
-    print(f"chatting with {model} at {url}"
-          + (f" (KV capacity {int(capacity)} tokens per request)" if capacity else
-             " (no vllm_sink metrics: is sink mode on?)"))
+    print(
+        f"chatting with {model} at {url}"
+        + (
+            f" (KV capacity {int(capacity)} tokens per request)"
+            if capacity
+            else " (no vllm_sink metrics: is sink mode on?)"
+        )
+    )
     messages = [{"role": "system", "content": args.system}] if args.system else []
     while True:
         try:
@@ -62,8 +67,12 @@ def main() -> int:
         reply, usage = [], None
         print("bot> ", end="", flush=True)
         stream = client.chat.completions.create(
-            model=model, messages=messages, max_tokens=args.max_tokens, stream=True,
-            stream_options={"include_usage": True})
+            model=model,
+            messages=messages,
+            max_tokens=args.max_tokens,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
         for chunk in stream:
             if chunk.usage:
                 usage = chunk.usage
@@ -74,8 +83,11 @@ def main() -> int:
         messages.append({"role": "assistant", "content": "".join(reply)})
         evicted_after = _metric(url, "vllm_sink:tokens_evicted_total")
         total = (usage.prompt_tokens + usage.completion_tokens) if usage else None
-        evicted = (None if evicted_before is None or evicted_after is None
-                   else int(evicted_after - evicted_before))
+        evicted = (
+            None
+            if evicted_before is None or evicted_after is None
+            else int(evicted_after - evicted_before)
+        )
         print(f"\n  [conversation: {total} tokens | evicted while answering: {evicted}]")
 
 

@@ -25,14 +25,26 @@ PROMPTS = [
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--trained-context", type=int, default=512,
-                    help="max_position_embeddings of the model copy (default 512)")
-    ap.add_argument("--tokens", type=int, default=None,
-                    help="tokens per request (default: 4x trained context + 100)")
+    ap.add_argument(
+        "--trained-context",
+        type=int,
+        default=512,
+        help="max_position_embeddings of the model copy (default 512)",
+    )
+    ap.add_argument(
+        "--tokens",
+        type=int,
+        default=None,
+        help="tokens per request (default: 4x trained context + 100)",
+    )
     ap.add_argument("--requests", type=int, default=len(PROMPTS))
     ap.add_argument("--sink-tokens", type=int, default=4)
-    ap.add_argument("--window-tokens", type=int, default=None,
-                    help="default: the trained context minus one sink block")
+    ap.add_argument(
+        "--window-tokens",
+        type=int,
+        default=None,
+        help="default: the trained context minus one sink block",
+    )
     args = ap.parse_args()
 
     from vllm import LLM, SamplingParams
@@ -44,10 +56,13 @@ def main() -> int:
         model = model_variant(model, max_position_embeddings=args.trained_context)
     window = args.window_tokens or args.trained_context - 32
     tokens = args.tokens or 4 * args.trained_context + 100
-    llm = LLM(model, enforce_eager=True, kv_cache_memory_bytes=512 << 20,
-              disable_log_stats=False,
-              additional_config={"sink": {"sink_tokens": args.sink_tokens,
-                                          "window_tokens": window}})
+    llm = LLM(
+        model,
+        enforce_eager=True,
+        kv_cache_memory_bytes=512 << 20,
+        disable_log_stats=False,
+        additional_config={"sink": {"sink_tokens": args.sink_tokens, "window_tokens": window}},
+    )
     engine = llm.llm_engine
     total_blocks = engine.vllm_config.cache_config.num_gpu_blocks - 1
     tok = llm.get_tokenizer()
@@ -76,8 +91,10 @@ def main() -> int:
             sys.stderr.flush()
     sys.stderr.write("\n")
     elapsed = time.monotonic() - start
-    print(f"{len(done)} requests x {tokens} tokens ({tokens / args.trained_context:.1f}x the "
-          f"trained context of {args.trained_context}) in {elapsed:.0f} s")
+    print(
+        f"{len(done)} requests x {tokens} tokens ({tokens / args.trained_context:.1f}x the "
+        f"trained context of {args.trained_context}) in {elapsed:.0f} s"
+    )
     return 0
 
 

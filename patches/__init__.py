@@ -36,7 +36,10 @@ def register_plugin() -> None:
             "vllm_sink %s is verified on vLLM %s only; this is vLLM %s. The plugin stays "
             "inert: engines without a \"sink\" section run as plain vLLM, and one with a "
             "\"sink\" section is refused at startup.",
-            _plugin_version(), VERIFIED_VLLM, vllm_version())
+            _plugin_version(),
+            VERIFIED_VLLM,
+            vllm_version(),
+        )
         from vllm_sink.patches.frontend import version_guard
 
         try:

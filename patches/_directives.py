@@ -44,7 +44,7 @@ def is_reserved_id(request_id: str) -> bool:
 def _parse(item: str) -> tuple[int, str, str | None, str] | None:
     """(seq, op, req_id, key) of a well-formed directive, else None."""
     try:
-        entry = json.loads(item[len(PREFIX):])
+        entry = json.loads(item[len(PREFIX) :])
     except (ValueError, RecursionError):
         return None
     if not isinstance(entry, list) or len(entry) != 4:

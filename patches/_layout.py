@@ -13,8 +13,10 @@ def sink_section(vllm_config) -> dict | None:
     if section is None:
         return None
     if "position_limit" not in section:
-        raise RuntimeError("additional_config['sink'] was not resolved by the vllm_sink "
-                           "frontend hook; is the plugin installed in this process?")
+        raise RuntimeError(
+            "additional_config['sink'] was not resolved by the vllm_sink "
+            "frontend hook; is the plugin installed in this process?"
+        )
     return section
 
 

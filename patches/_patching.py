@@ -2,9 +2,10 @@
 
 A ``Patch`` names its target as ``"module:Owner.attr"`` (or ``"module:attr"``), the
 vLLM versions it was verified on (``None``: any release, for the version guard only),
-and a factory that builds the wrapper around the original. ``apply()`` refuses an unverified vLLM version or a target that is missing
-or already wrapped by someone else (fail closed), returns how many sites it patched
-(1, or 0 if it was already applied), and records the original for ``revert()``.
+and a factory that builds the wrapper around the original. ``apply()`` refuses an
+unverified vLLM version or a target that is missing or already wrapped by someone else
+(fail closed), returns how many sites it patched (1, or 0 if it was already applied),
+and records the original for ``revert()``.
 """
 
 from __future__ import annotations
@@ -46,8 +47,12 @@ def version_supported(versions: SpecifierSet = VERIFIED_VLLM) -> bool:
 
 
 class Patch:
-    def __init__(self, target: str, make_wrapper: Callable[[Callable], Callable],
-                 versions: SpecifierSet | None = VERIFIED_VLLM) -> None:
+    def __init__(
+        self,
+        target: str,
+        make_wrapper: Callable[[Callable], Callable],
+        versions: SpecifierSet | None = VERIFIED_VLLM,
+    ) -> None:
         self.target = target
         self.make_wrapper = make_wrapper
         self.versions = versions
@@ -69,10 +74,13 @@ class Patch:
 
     def apply(self) -> int:
         if self.versions is not None and not version_supported(self.versions):
-            raise PatchError(f"{self.target}: verified on vLLM {self.versions}, "
-                             f"found {vllm_version()}")
+            raise PatchError(
+                f"{self.target}: verified on vLLM {self.versions}, found {vllm_version()}"
+            )
         owner, attr = self._resolve()
-        current = owner.__dict__.get(attr) if isinstance(owner, type) else getattr(owner, attr, None)
+        current = (
+            owner.__dict__.get(attr) if isinstance(owner, type) else getattr(owner, attr, None)
+        )
         if current is None:
             raise PatchError(f"{self.target} does not exist in this vLLM")
         mark = getattr(getattr(current, "__func__", current), _MARK, None)

@@ -21,8 +21,13 @@ def pytest_collection_modifyitems(config, items):
         # lazy init, which vLLM's own fork-or-spawn test does not see: engines started
         # from the tests must spawn their processes (a forked one cannot use CUDA).
         os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
-    no_cuda = None if cuda else pytest.mark.skip(
-        reason="needs a CUDA GPU; none here (run `scripts/test -m gpu` on a GPU machine)")
+    no_cuda = (
+        None
+        if cuda
+        else pytest.mark.skip(
+            reason="needs a CUDA GPU; none here (run `scripts/test -m gpu` on a GPU machine)"
+        )
+    )
     for item in items:
         marks = {m.name for m in item.iter_markers()} & tiers
         if not marks:

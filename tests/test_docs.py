@@ -21,8 +21,8 @@ def _section(heading: str) -> str:
     """The README's text under ``heading`` (a ``## `` or ``### `` line), to the next one."""
     text = README.read_text()
     start = text.index(heading + "\n")
-    end = re.search(r"^##", text[start + len(heading):], re.M)
-    return text[start:start + len(heading) + end.start()] if end else text[start:]
+    end = re.search(r"^##", text[start + len(heading) :], re.M)
+    return text[start : start + len(heading) + end.start()] if end else text[start:]
 
 
 def _first_cells(section: str) -> list[str]:
@@ -35,7 +35,8 @@ def test_configuration_table_lists_every_key():
 
     listed = _first_cells(_section('## Configuration: the `"sink"` section'))
     assert sorted(listed) == sorted(_KEYS), (
-        f"README configuration table {sorted(listed)} vs config._KEYS {sorted(_KEYS)}")
+        f"README configuration table {sorted(listed)} vs config._KEYS {sorted(_KEYS)}"
+    )
 
 
 def test_metrics_table_lists_every_series():
@@ -49,8 +50,10 @@ def test_metrics_table_lists_every_series():
     for cell in _first_cells(_section("### Metrics")):
         # `vllm_sink:name`, `:name` (same prefix), `vllm_sink:name_total{reason}`
         listed.add(re.sub(r"\{.*\}$", "", cell).removeprefix("vllm_sink").removeprefix(":"))
-    assert listed == published, (f"in README, not published: {sorted(listed - published)}; "
-                                 f"published, not in README: {sorted(published - listed)}")
+    assert listed == published, (
+        f"in README, not published: {sorted(listed - published)}; "
+        f"published, not in README: {sorted(published - listed)}"
+    )
 
 
 @pytest.mark.parametrize("doc", DOCS, ids=lambda p: p.relative_to(ROOT).as_posix())
@@ -58,6 +61,7 @@ def test_named_paths_exist(doc):
     text = doc.read_text()
     names = re.findall(r"`((?:scripts|tests|vllm_sink|patches|examples|docs)/[\w./-]*)", text)
     names += [link for link in re.findall(r"\]\(([^)#:]+)(?:#[^)]*)?\)", text)]
-    missing = sorted({n for n in names if not (doc.parent / n).exists()
-                      and not (ROOT / n).exists()})
+    missing = sorted(
+        {n for n in names if not (doc.parent / n).exists() and not (ROOT / n).exists()}
+    )
     assert not missing, f"{doc.name} names paths that do not exist: {missing}"

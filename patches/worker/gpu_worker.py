@@ -20,8 +20,10 @@ class SinkGPUModelRunner(SinkRunnerMixin, GPUModelRunner):
 class SinkGPUWorker(SinkWorkerMixin, Worker):
     def _make_model_runner(self) -> GPUModelRunner:
         if self.vllm_config.use_v2_model_runner:
-            raise RuntimeError("sink mode needs vLLM's V1 model runner; unset "
-                               "VLLM_USE_V2_MODEL_RUNNER (the plugin sets it to 0)")
+            raise RuntimeError(
+                "sink mode needs vLLM's V1 model runner; unset "
+                "VLLM_USE_V2_MODEL_RUNNER (the plugin sets it to 0)"
+            )
         runner = SinkGPUModelRunner(self.vllm_config, self.device)
         self._sink_start_runner(runner)
         return runner

@@ -26,15 +26,22 @@ class KVLayoutError(RuntimeError):
     pass
 
 
-def probe_key_layout(layer, kv_cache: torch.Tensor, block_size: int, num_kv_heads: int,
-                     head_size: int, head_size_v: int | None = None) -> torch.Tensor:
+def probe_key_layout(
+    layer,
+    kv_cache: torch.Tensor,
+    block_size: int,
+    num_kv_heads: int,
+    head_size: int,
+    head_size_v: int | None = None,
+) -> torch.Tensor:
     """Storage offsets of the keys of one block relative to the block's first element,
     ``[block_size * num_kv_heads * head_size]`` long, in (token, head, dim) order.
 
     ``kv_cache`` is the layer's KV tensor with blocks on dim 0 (any strides)."""
     if any(s < 0 for s in kv_cache.stride()):
-        raise KVLayoutError(f"KV cache tensor with strides {kv_cache.stride()} is not "
-                            "addressable by sink mode")
+        raise KVLayoutError(
+            f"KV cache tensor with strides {kv_cache.stride()} is not addressable by sink mode"
+        )
     shape = (2, *kv_cache.shape[1:])
     stride = kv_cache.stride()
     span = 1 + sum((n - 1) * s for n, s in zip(shape, stride))
@@ -44,11 +51,15 @@ def probe_key_layout(layer, kv_cache: torch.Tensor, block_size: int, num_kv_head
     addr = torch.arange(span).as_strided(shape, stride)[1].reshape(-1) - stride[0]
     n = block_size * num_kv_heads * head_size
     digits = max(1, math.ceil(math.log(n, 16)))
-    slots = torch.arange(block_size, 2 * block_size, dtype=torch.long,
-                         device=kv_cache.device)                                  # block 1
+    slots = torch.arange(
+        block_size, 2 * block_size, dtype=torch.long, device=kv_cache.device
+    )  # block 1
     index = torch.arange(n, dtype=torch.long)
-    value = torch.zeros((block_size, num_kv_heads, head_size_v or head_size),
-                        dtype=kv_cache.dtype, device=kv_cache.device)
+    value = torch.zeros(
+        (block_size, num_kv_heads, head_size_v or head_size),
+        dtype=kv_cache.dtype,
+        device=kv_cache.device,
+    )
     decoded = torch.zeros(addr.numel(), dtype=torch.long)
     written = None
     for d in range(digits):

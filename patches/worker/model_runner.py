@@ -46,15 +46,14 @@ import torch
 
 from vllm_sink.core.config import SinkConfigError
 from vllm_sink.core.key_cache import scratch_bytes, to_device, to_host
+from vllm_sink.core.policy import cdiv
+from vllm_sink.core.requests import EngineSink
 from vllm_sink.core.trace import StepRecord
 from vllm_sink.patches import _directives
 from vllm_sink.patches.engine_core.kv_policy import SinkAttentionSpec
-from vllm_sink.patches.worker.request_state import (RequestSink, evict, resume_session,
-                                                    show_prompt)
+from vllm_sink.patches.worker.request_state import RequestSink, evict, resume_session, show_prompt
 from vllm_sink.patches.worker.rope_layers import find_layer_rotaries
 from vllm_sink.patches.worker.sink_keys import BlockSpan, SinkKeys
-from vllm_sink.core.policy import cdiv
-from vllm_sink.core.requests import EngineSink
 
 logger = logging.getLogger("vllm.vllm_sink")
 
@@ -65,7 +64,7 @@ class SinkRunnerMixin:
     def sink_init(self, sink: EngineSink) -> None:
         self.sink = sink
         self.sink_requests: dict[str, RequestSink] = {}
-        self.sink_parked: dict[str, RequestSink] = {}   # session key -> parked state
+        self.sink_parked: dict[str, RequestSink] = {}  # session key -> parked state
         self.sink_rotaries: dict[str, tuple[torch.Tensor, bool]] = {}
         self.sink_keys: SinkKeys | None = None
         self.sink_kv_groups = 1
@@ -76,9 +75,16 @@ class SinkRunnerMixin:
         # offset. While empty, positions need no offset and the step skips that.
         self.sink_offsets: dict[str, int] = {}
         # Cumulative counters over the worker's life (exposed by the sink worker's sink_stats).
-        self.sink_counters = {"evictions": 0, "tokens_evicted": 0, "rebases": 0,
-                              "sink_rewrites": 0, "requests": 0, "kv_saves": 0,
-                              "kv_restores": 0, "tokens_restored": 0}
+        self.sink_counters = {
+            "evictions": 0,
+            "tokens_evicted": 0,
+            "rebases": 0,
+            "sink_rewrites": 0,
+            "requests": 0,
+            "kv_saves": 0,
+            "kv_restores": 0,
+            "tokens_restored": 0,
+        }
         self.sink_board = None  # StatsBoard on rank 0, read by the frontend's /metrics
         self._sink_board_last: tuple | None = None  # what was last written to the board
         # Blocks of KV group 0 held by the streams in sink_requests (the sum of their
@@ -88,32 +94,38 @@ class SinkRunnerMixin:
         # One StepRecord per step (bounded), read and cleared by tools through the
         # worker's sink_trace() (vllm_sink.core.trace).
         self.sink_trace: collections.deque[StepRecord] = collections.deque(maxlen=1 << 16)
-        self._sink_keys_ns = 0   # this step's time in _sink_fix_keys
+        self._sink_keys_ns = 0  # this step's time in _sink_fix_keys
 
     def _sink_board_values(self) -> dict[str, int]:
         """What rank 0 publishes (no walk over the streams)."""
-        return {**self.sink_counters, "active_requests": len(self.sink_requests),
-                "kv_blocks_reserved": self.sink_blocks_held * self.sink_kv_groups}
+        return {
+            **self.sink_counters,
+            "active_requests": len(self.sink_requests),
+            "kv_blocks_reserved": self.sink_blocks_held * self.sink_kv_groups,
+        }
 
     def sink_stats(self) -> dict[str, int]:
         """Counters for tests and tools; checks the kept block count against the rows."""
         held = sum(len(rs.rows[0]) for rs in self.sink_requests.values() if rs.rows)
         if held != self.sink_blocks_held:
-            raise RuntimeError(f"vllm_sink: block count kept as {self.sink_blocks_held}, "
-                               f"the streams' rows hold {held}; this is a bug")
+            raise RuntimeError(
+                f"vllm_sink: block count kept as {self.sink_blocks_held}, "
+                f"the streams' rows hold {held}; this is a bug"
+            )
         saved = [rs.saved for rs in self.sink_requests.values() if rs.saved is not None]
-        return {**self._sink_board_values(), "parked_sessions": len(self.sink_parked),
-                "max_offset": max((r.stream.offset for r in self.sink_requests.values()),
-                                  default=0),
-                "saved_streams": len(saved),
-                "saved_bytes": sum(SinkKeys.saved_bytes(s) for s in saved)}
+        return {
+            **self._sink_board_values(),
+            "parked_sessions": len(self.sink_parked),
+            "max_offset": max((r.stream.offset for r in self.sink_requests.values()), default=0),
+            "saved_streams": len(saved),
+            "saved_bytes": sum(SinkKeys.saved_bytes(s) for s in saved),
+        }
 
     def _sink_publish(self) -> None:
         """Write the board when a value changed (most decode steps change nothing)."""
         if self.sink_board is None:
             return
-        key = (len(self.sink_requests), self.sink_blocks_held,
-               *self.sink_counters.values())
+        key = (len(self.sink_requests), self.sink_blocks_held, *self.sink_counters.values())
         if key != self._sink_board_last:
             self._sink_board_last = key
             self.sink_board.write(self._sink_board_values())
@@ -129,16 +141,21 @@ class SinkRunnerMixin:
         per_token = sum(s.num_kv_heads * s.head_size * s.dtype.itemsize for s in specs)
         config = self.sink.config
         streams = self.scheduler_config.max_num_seqs + (
-            config.max_parked_sessions if config.sessions else 0)
+            config.max_parked_sessions if config.sessions else 0
+        )
         snapshots = streams * self.sink.max_sink_tokens * per_token
         return snapshots + scratch_bytes(max(s.dtype.itemsize for s in specs))
 
     def sink_snapshot_bytes(self) -> int:
         """Bytes the sink-key snapshots of live and parked streams hold now."""
-        return sum(t.numel() * t.element_size()
-                   for group in (self.sink_requests, self.sink_parked)
-                   for rs in group.values() if rs.snapshot
-                   for t in rs.snapshot if t.device.type == self.device.type)
+        return sum(
+            t.numel() * t.element_size()
+            for group in (self.sink_requests, self.sink_parked)
+            for rs in group.values()
+            if rs.snapshot
+            for t in rs.snapshot
+            if t.device.type == self.device.type
+        )
 
     def get_kv_cache_spec(self):
         from vllm.v1.kv_cache_interface import FullAttentionSpec
@@ -146,16 +163,21 @@ class SinkRunnerMixin:
         specs = super().get_kv_cache_spec()
         out = {}
         for name, spec in specs.items():
-            if (type(spec) is not FullAttentionSpec or spec.sliding_window is not None
-                    or spec.attention_chunk_size is not None):
+            if (
+                type(spec) is not FullAttentionSpec
+                or spec.sliding_window is not None
+                or spec.attention_chunk_size is not None
+            ):
                 what = type(spec).__name__
                 if getattr(spec, "sliding_window", None) is not None:
                     what = f"sliding-window attention ({spec.sliding_window} tokens)"
                 raise SinkConfigError(
                     f"Layer {name} uses {what}; sink mode supports models whose "
-                    "attention layers are all full (global) attention.")
-            out[name] = SinkAttentionSpec.from_full(spec, self.sink.layout,
-                                                    self.sink.dense_max_model_len)
+                    "attention layers are all full (global) attention."
+                )
+            out[name] = SinkAttentionSpec.from_full(
+                spec, self.sink.layout, self.sink.dense_max_model_len
+            )
         if not out:
             raise SinkConfigError("The model has no KV-cache attention layers.")
         return out
@@ -164,11 +186,14 @@ class SinkRunnerMixin:
         super().load_model(*args, **kwargs)
         from vllm.model_executor.layers.attention import Attention
 
-        layers = {name: m for name, m in
-                  self.compilation_config.static_forward_context.items()
-                  if isinstance(m, Attention)}
-        self.sink_rotaries = find_layer_rotaries(self.get_model(), layers,
-                                                 self.sink.layout.rotary_positions)
+        layers = {
+            name: m
+            for name, m in self.compilation_config.static_forward_context.items()
+            if isinstance(m, Attention)
+        }
+        self.sink_rotaries = find_layer_rotaries(
+            self.get_model(), layers, self.sink.layout.rotary_positions
+        )
 
     def initialize_kv_cache(self, kv_cache_config, *args, **kwargs) -> None:
         super().initialize_kv_cache(kv_cache_config, *args, **kwargs)
@@ -180,21 +205,27 @@ class SinkRunnerMixin:
                 raise SinkConfigError(
                     f"KV block size {group.kv_cache_spec.block_size} differs from the "
                     f"{B} the sink layout was resolved with; start vLLM with "
-                    f"--block-size {group.kv_cache_spec.block_size}.")
+                    f"--block-size {group.kv_cache_spec.block_size}."
+                )
         self.sink_kv_groups = len(kv_cache_config.kv_cache_groups)
-        self.sink_keys = SinkKeys.build(kv_cache_config,
-                                        self.compilation_config.static_forward_context,
-                                        self.sink_rotaries)
-        logger.info("vllm_sink: worker ready, key layout probed (%s); default stream "
-                    "layout %s", self.sink_keys.describe(), self.sink.layout.describe())
+        self.sink_keys = SinkKeys.build(
+            kv_cache_config, self.compilation_config.static_forward_context, self.sink_rotaries
+        )
+        logger.info(
+            "vllm_sink: worker ready, key layout probed (%s); default stream layout %s",
+            self.sink_keys.describe(),
+            self.sink.layout.describe(),
+        )
 
     # ---- per step: before vLLM updates its batch ------------------------------------
     def _update_states(self, scheduler_output):
         t0, c0 = time.perf_counter_ns(), time.thread_time_ns()
         finished = self._sink_finish(scheduler_output)
         self._sink_save_preempted(scheduler_output, finished)
-        new_reqs = [self._sink_new_request(nr, scheduler_output)
-                    for nr in scheduler_output.scheduled_new_reqs]
+        new_reqs = [
+            self._sink_new_request(nr, scheduler_output)
+            for nr in scheduler_output.scheduled_new_reqs
+        ]
         scheduled = scheduler_output.num_scheduled_tokens
         streams, requests = self.sink_requests, self.requests
         # Streams whose step is not quiet (it evicts or rebases, or a prompt slice is
@@ -210,10 +241,10 @@ class SinkRunnerMixin:
         counts = list(cached.num_computed_tokens)
         outputs = list(cached.num_output_tokens)
         resumed, new_blocks = cached.resumed_req_ids, cached.new_block_ids
-        for i, req_id in enumerate(cached.req_ids):   # hot: every stream, every step
+        for i, req_id in enumerate(cached.req_ids):  # hot: every stream, every step
             rs = streams.get(req_id)
             if rs is None:
-                continue                                  # dense: vLLM's own
+                continue  # dense: vLLM's own
             start = rs.step_start = counts[i]
             n = rs.step_tokens = scheduled[req_id]
             if req_id in resumed:
@@ -223,17 +254,21 @@ class SinkRunnerMixin:
                 if new_blocks[i]:
                     self.sink_blocks_held += len(new_blocks[i][0])
             st = rs.stream
-            counts[i] = start - st.evicted                # absolute -> virtual
+            counts[i] = start - st.evicted  # absolute -> virtual
             # The virtual output count: async scheduling re-reads a re-added row's
             # outputs as the last ``num_output_tokens`` of all its tokens (its sampled
             # ones are placeholders here); the virtual sequence keeps only its newest.
             outputs[i] = len(requests[req_id].output_token_ids)
             if rs.prompt is not None or start >= st.evict_from or start + n > st.fill_to:
-                busy.append((req_id, rs, n))          # not SinkStream.quiet (inlined)
+                busy.append((req_id, rs, n))  # not SinkStream.quiet (inlined)
         output = dataclasses.replace(
-            scheduler_output, scheduled_new_reqs=new_reqs, finished_req_ids=finished,
-            scheduled_cached_reqs=dataclasses.replace(cached, num_computed_tokens=counts,
-                                                      num_output_tokens=outputs))
+            scheduler_output,
+            scheduled_new_reqs=new_reqs,
+            finished_req_ids=finished,
+            scheduled_cached_reqs=dataclasses.replace(
+                cached, num_computed_tokens=counts, num_output_tokens=outputs
+            ),
+        )
         t1, c1 = time.perf_counter_ns(), time.thread_time_ns()
         result = super()._update_states(output)
         t2, c2 = time.perf_counter_ns(), time.thread_time_ns()
@@ -241,13 +276,18 @@ class SinkRunnerMixin:
         self._sink_keys_ns = 0
         self._sink_after_update(busy)
         self._sink_publish()
-        self.sink_trace.append(StepRecord(
-            t0, len(scheduler_output.num_scheduled_tokens),
-            scheduler_output.total_num_scheduled_tokens,
-            self.sink_counters["evictions"] - before[0],
-            self.sink_counters["rebases"] - before[1],
-            (t1 - t0) + (time.perf_counter_ns() - t2), self._sink_keys_ns,
-            (c1 - c0) + (time.thread_time_ns() - c2)))
+        self.sink_trace.append(
+            StepRecord(
+                t0,
+                len(scheduler_output.num_scheduled_tokens),
+                scheduler_output.total_num_scheduled_tokens,
+                self.sink_counters["evictions"] - before[0],
+                self.sink_counters["rebases"] - before[1],
+                (t1 - t0) + (time.perf_counter_ns() - t2),
+                self._sink_keys_ns,
+                (c1 - c0) + (time.thread_time_ns() - c2),
+            )
+        )
         return result
 
     def _sink_finish(self, scheduler_output) -> set[str]:
@@ -274,10 +314,11 @@ class SinkRunnerMixin:
         extra = getattr(nr.sampling_params, "extra_args", None) or {}
         layout = self.sink.layout_for(extra) if nr.sampling_params is not None else None
         if layout is None:
-            return nr                                     # dense: vLLM's own
+            return nr  # dense: vLLM's own
         if nr.req_id in self.requests:
             raise NotImplementedError(
-                "resumable streaming-input sessions are not supported for sink requests")
+                "resumable streaming-input sessions are not supported for sink requests"
+            )
         if nr.prompt_token_ids is None:
             raise NotImplementedError("prompt embeddings are not supported in sink mode")
         n = scheduler_output.num_scheduled_tokens[nr.req_id]
@@ -288,8 +329,10 @@ class SinkRunnerMixin:
             # on the parked session, which nothing else drops (SessionStore).
             rs = self.sink_parked.pop(resume, None)
             if rs is None:
-                raise RuntimeError(f"vllm_sink: no parked state for session {resume!r} "
-                                   f"that request {nr.req_id} resumes; this is a bug")
+                raise RuntimeError(
+                    f"vllm_sink: no parked state for session {resume!r} "
+                    f"that request {nr.req_id} resumes; this is a bug"
+                )
             self.sink_requests[nr.req_id] = rs
             if rs.stream.offset:
                 self.sink_offsets[nr.req_id] = rs.stream.offset
@@ -299,13 +342,16 @@ class SinkRunnerMixin:
         if nr.num_computed_tokens:
             raise RuntimeError("sink mode requests start with no computed tokens")
         visible = min(len(nr.prompt_token_ids), n + 1)
-        rs = self.sink_requests[nr.req_id] = RequestSink.start(layout, nr.prompt_token_ids,
-                                                               visible, nr.block_ids)
+        rs = self.sink_requests[nr.req_id] = RequestSink.start(
+            layout, nr.prompt_token_ids, visible, nr.block_ids
+        )
         self.sink_blocks_held += len(rs.rows[0]) if rs.rows else 0
         mask = nr.prompt_is_token_ids
         return dataclasses.replace(
-            nr, prompt_token_ids=list(nr.prompt_token_ids[:visible]),
-            prompt_is_token_ids=None if mask is None else list(mask[:visible]))
+            nr,
+            prompt_token_ids=list(nr.prompt_token_ids[:visible]),
+            prompt_is_token_ids=None if mask is None else list(mask[:visible]),
+        )
 
     # ---- preemption: save the cached KV, restore it on resume -----------------------
     def _sink_save_preempted(self, scheduler_output, finished: set[str]) -> None:
@@ -314,8 +360,11 @@ class SinkRunnerMixin:
         queued on the device stream ahead of the forward). The scheduler admitted
         every such save within its host budget; a stream it could not admit arrives
         finished as well and is not saved (``_sink_finish`` dropped it)."""
-        preempted = [r for r in (scheduler_output.preempted_req_ids or ())
-                     if r in self.sink_requests and r not in finished]
+        preempted = [
+            r
+            for r in (scheduler_output.preempted_req_ids or ())
+            if r in self.sink_requests and r not in finished
+        ]
         for req_id in preempted:
             rs = self.sink_requests[req_id]
             if rs.saved is not None:
@@ -324,20 +373,24 @@ class SinkRunnerMixin:
             cached = rs.stream.virtual(rs.step_start + rs.step_tokens)
             rs.saved_blocks = cdiv(cached, rs.layout.block_size)
             rs.saved = self.sink_keys.save([BlockSpan(rs.rows, 0, rs.saved_blocks)])
-            if rs.snapshot is not None:   # the device reserve covers live streams only
+            if rs.snapshot is not None:  # the device reserve covers live streams only
                 rs.snapshot = [to_host(t) for t in rs.snapshot]
             self.sink_blocks_held -= len(rs.rows[0]) if rs.rows else 0
             rs.rows = tuple([] for _ in rs.rows)
             self.sink_counters["kv_saves"] += 1
 
     def _sink_restore(self, req_id: str, rs: RequestSink, new_block_ids) -> None:
-        if rs.saved is None:   # the scheduler finishes streams whose KV was not saved
-            raise RuntimeError(f"vllm_sink: stream {req_id} resumed from preemption but "
-                               "its KV was not saved; this is a bug")
+        if rs.saved is None:  # the scheduler finishes streams whose KV was not saved
+            raise RuntimeError(
+                f"vllm_sink: stream {req_id} resumed from preemption but "
+                "its KV was not saved; this is a bug"
+            )
         rows = tuple(list(g) for g in new_block_ids)
         if any(len(g) < rs.saved_blocks for g in rows):
-            raise RuntimeError(f"stream {req_id} resumed with {[len(g) for g in rows]} "
-                               f"blocks, {rs.saved_blocks} needed for its cache")
+            raise RuntimeError(
+                f"stream {req_id} resumed with {[len(g) for g in rows]} "
+                f"blocks, {rs.saved_blocks} needed for its cache"
+            )
         rs.rows = rows
         self.sink_blocks_held += len(rows[0]) if rows else 0
         self.sink_keys.restore([BlockSpan(rows, 0, rs.saved_blocks)], rs.saved)
@@ -401,8 +454,9 @@ class SinkRunnerMixin:
         if rebase:
             keys.move(rebase, rebase_by)
         if sinks:
-            keys.move([span for _, span in sinks], offsets,
-                      sources=[rs.snapshot for rs, _ in sinks])
+            keys.move(
+                [span for _, span in sinks], offsets, sources=[rs.snapshot for rs, _ in sinks]
+            )
             self.sink_counters["sink_rewrites"] += len(sinks)
 
     # ---- positions ----------------------------------------------------------------------
@@ -427,17 +481,17 @@ class SinkRunnerMixin:
             return
         offsets = self.sink_row_offsets.np[:num_reqs]
         get = self.sink_offsets.get
-        offsets[:] = [get(r, 0) for r in ib.req_ids]     # dense rows and O = 0: 0
+        offsets[:] = [get(r, 0) for r in ib.req_ids]  # dense rows and O = 0: 0
         # Positions fed to a stream stay within the rotary tables (R rows, extended in
         # load_model when R passes the model's own). The largest position of row i is
         # computed_i + scheduled_i - 1 + O_i (host counts); rows with O = 0 need no
         # check (virtual positions < span, dense rows are bounded by vLLM).
-        last = ib.num_computed_tokens_cpu[:num_reqs] + num_scheduled_tokens[:num_reqs] \
-            - 1 + offsets
+        last = ib.num_computed_tokens_cpu[:num_reqs] + num_scheduled_tokens[:num_reqs] - 1 + offsets
         limit = self.sink.layout.rotary_positions
         if num_reqs and int(np.where(offsets > 0, last, 0).max()) >= limit:
-            raise RuntimeError("vllm_sink: a position reached the rotary range "
-                               f"{limit}; this is a bug")
+            raise RuntimeError(
+                f"vllm_sink: a position reached the rotary range {limit}; this is a bug"
+            )
         if offsets.any():
             # positions[t] += O[row of t], on the device, in vLLM's persistent buffer
             # (slot mappings were computed from the virtual positions just before).
@@ -454,7 +508,7 @@ class SinkRunnerMixin:
         ib = self.input_batch
         self._sink_rng_rewind = {}
         if ib.generators:
-            mask = self.discard_request_mask.np[:ib.num_reqs]
+            mask = self.discard_request_mask.np[: ib.num_reqs]
             for i in np.nonzero(mask)[0]:
                 gen = ib.generators.get(int(i))
                 if gen is not None:
@@ -464,7 +518,7 @@ class SinkRunnerMixin:
         rewind = getattr(self, "_sink_rng_rewind", {})
         hidden = {}
         for i, (gen, state) in rewind.items():
-            gen.set_state(state)                      # undo the discarded draw
+            gen.set_state(state)  # undo the discarded draw
             hidden[i] = self.input_batch.generators.pop(i)
         try:
             return super()._bookkeeping_sync(*args, **kwargs)
@@ -474,7 +528,7 @@ class SinkRunnerMixin:
 
     # ---- prompt logprobs in absolute coordinates ---------------------------------------
     def _get_prompt_logprobs_dict(self, hidden_states, num_scheduled_tokens):
-        if not self.num_prompt_logprobs:   # (then no stream kept its prompt for them)
+        if not self.num_prompt_logprobs:  # (then no stream kept its prompt for them)
             return super()._get_prompt_logprobs_dict(hidden_states, num_scheduled_tokens)
         swapped = []
         for req_id in self.num_prompt_logprobs:
@@ -490,6 +544,9 @@ class SinkRunnerMixin:
             for state, prompt, computed in swapped:
                 state.prompt_token_ids, state.num_computed_tokens = prompt, computed
             for req_id, rs in self.sink_requests.items():
-                if rs.prompt is not None and rs.visible == rs.prompt_len and \
-                        req_id not in self.num_prompt_logprobs:
+                if (
+                    rs.prompt is not None
+                    and rs.visible == rs.prompt_len
+                    and req_id not in self.num_prompt_logprobs
+                ):
                     rs.prompt = None

@@ -29,23 +29,27 @@ class RequestSink:
 
     layout: SinkLayout
     stream: SinkStream
-    prompt: list[int] | None          # full prompt (absolute), until fully visible
-    prompt_len: int                   # P
-    visible: int                      # prompt tokens shown to vLLM so far (absolute)
-    rows: tuple[list[int], ...]       # block-table row per KV group, virtual order
+    prompt: list[int] | None  # full prompt (absolute), until fully visible
+    prompt_len: int  # P
+    visible: int  # prompt tokens shown to vLLM so far (absolute)
+    rows: tuple[list[int], ...]  # block-table row per KV group, virtual order
     snapshot: list[torch.Tensor] | None = None  # pristine sink keys, one per key cache
-    step_start: int = 0               # absolute computed tokens at the current step
-    step_tokens: int = 0              # tokens the current (latest) step adds
+    step_start: int = 0  # absolute computed tokens at the current step
+    step_tokens: int = 0  # tokens the current (latest) step adds
     saved: list[list[torch.Tensor]] | None = None  # cached KV while preempted: host
-                                                    # chunks per group (SinkKeys.save)
+    # chunks per group (SinkKeys.save)
     saved_blocks: int = 0
 
     @classmethod
-    def start(cls, layout: SinkLayout, prompt: list[int], visible: int,
-              block_ids) -> RequestSink:
-        return cls(layout, SinkStream(layout, len(prompt)),
-                   prompt if visible < len(prompt) else None,
-                   len(prompt), visible, tuple(list(g) for g in block_ids))
+    def start(cls, layout: SinkLayout, prompt: list[int], visible: int, block_ids) -> RequestSink:
+        return cls(
+            layout,
+            SinkStream(layout, len(prompt)),
+            prompt if visible < len(prompt) else None,
+            len(prompt),
+            visible,
+            tuple(list(g) for g in block_ids),
+        )
 
     def append_blocks(self, new_block_ids) -> None:
         if new_block_ids is not None:
@@ -66,12 +70,12 @@ def evict(runner, req_id: str, rs: RequestSink, plan: StepPlan) -> bool:
     ib, state = runner.input_batch, runner.requests[req_id]
     row = ib.req_id_to_index[req_id]
     total = int(ib.num_tokens_no_spec[row])
-    ib.token_ids_cpu[row, S:total - t] = ib.token_ids_cpu[row, S + t:total].copy()
-    ib.is_token_ids[row, S:total - t] = ib.is_token_ids[row, S + t:total].copy()
+    ib.token_ids_cpu[row, S : total - t] = ib.token_ids_cpu[row, S + t : total].copy()
+    ib.is_token_ids[row, S : total - t] = ib.is_token_ids[row, S + t : total].copy()
     t_prompt = min(t, max(0, len(state.prompt_token_ids) - S))
-    del state.prompt_token_ids[S:S + t_prompt]
+    del state.prompt_token_ids[S : S + t_prompt]
     if t > t_prompt:  # in place: the batch and logits processors share this list
-        del state.output_token_ids[:t - t_prompt]
+        del state.output_token_ids[: t - t_prompt]
     state.num_prompt_tokens -= t_prompt
     state.num_computed_tokens -= t
     ib.num_prompt_tokens[row] -= t_prompt
@@ -89,7 +93,8 @@ def evict(runner, req_id: str, rs: RequestSink, plan: StepPlan) -> bool:
         params.min_tokens = max(0, params.min_tokens - evicted_outputs)
         state.sampling_params = params
         ib.batch_update_builder.added.append(
-            (row, params, state.prompt_token_ids, state.output_token_ids))
+            (row, params, state.prompt_token_ids, state.output_token_ids)
+        )
         return True
     return False
 
@@ -99,15 +104,15 @@ def show_prompt(runner, req_id: str, rs: RequestSink, upto: int) -> None:
     if upto <= rs.visible:
         return
     assert rs.prompt is not None
-    new = rs.prompt[rs.visible:upto]
+    new = rs.prompt[rs.visible : upto]
     ib, state = runner.input_batch, runner.requests[req_id]
     assert not state.output_token_ids
     row = ib.req_id_to_index[req_id]
     start, k = state.num_tokens, len(new)
     state.prompt_token_ids.extend(new)
     state.num_prompt_tokens += k
-    ib.token_ids_cpu[row, start:start + k] = new
-    ib.is_token_ids[row, start:start + k] = True
+    ib.token_ids_cpu[row, start : start + k] = new
+    ib.is_token_ids[row, start : start + k] = True
     ib.num_prompt_tokens[row] += k
     ib.num_tokens_no_spec[row] += k
     rs.visible = upto
@@ -126,12 +131,16 @@ def resume_session(rs: RequestSink, nr, n: int):
     rs.append_blocks([[b for b in g if b not in p] for p, g in zip(parked, nr.block_ids)])
     A, P = nr.num_computed_tokens, list(nr.prompt_token_ids)
     S, E = rs.layout.sink_tokens, rs.stream.evicted
-    cached = P[:min(S, A)] + (P[S + E:A] if A > S else [])
+    cached = P[: min(S, A)] + (P[S + E : A] if A > S else [])
     assert len(cached) == rs.stream.virtual(A) <= rs.layout.span
     visible = min(len(P), A + n + 1)
     rs.prompt = P if visible < len(P) else None
     rs.prompt_len, rs.visible, rs.step_start = len(P), visible, A
-    rs.stream.begin_request(A, len(P))          # the new request's chunk grid
-    return dataclasses.replace(nr, prompt_token_ids=cached + P[A:visible],
-                               prompt_is_token_ids=None, num_computed_tokens=len(cached),
-                               block_ids=tuple(list(r) for r in rs.rows))
+    rs.stream.begin_request(A, len(P))  # the new request's chunk grid
+    return dataclasses.replace(
+        nr,
+        prompt_token_ids=cached + P[A:visible],
+        prompt_is_token_ids=None,
+        num_computed_tokens=len(cached),
+        block_ids=tuple(list(r) for r in rs.rows),
+    )

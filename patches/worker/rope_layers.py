@@ -53,10 +53,10 @@ def _table_with_rows(rope, rows: int) -> torch.Tensor:
     m = table[0, :half]
     out = torch.empty(rows, table.shape[-1], dtype=torch.float64)
     out[:n0] = table
-    k = n0 - 1                              # rows are extended k at a time
+    k = n0 - 1  # rows are extended k at a time
     for p in range(n0, rows, k):
         q = min(p + k, rows)
-        a = out[p - k:q - k]
+        a = out[p - k : q - k]
         cos_a, sin_a = a[:, :half], a[:, half:]
         cos_b, sin_b = out[k, :half], out[k, half:]
         out[p:q, :half] = (cos_a * cos_b - sin_a * sin_b) / m
@@ -64,8 +64,9 @@ def _table_with_rows(rope, rows: int) -> torch.Tensor:
     return out.to(torch.float32)
 
 
-def find_layer_rotaries(model, attention_layers: dict, rotary_positions: int
-                        ) -> dict[str, tuple[torch.Tensor, bool]]:
+def find_layer_rotaries(
+    model, attention_layers: dict, rotary_positions: int
+) -> dict[str, tuple[torch.Tensor, bool]]:
     """layer name -> (float32 cos/sin table ``[positions, rotary_dim]``, is_neox).
 
     Tables shorter than ``rotary_positions`` rows are extended, in the module too."""
@@ -76,36 +77,46 @@ def find_layer_rotaries(model, attention_layers: dict, rotary_positions: int
     out = {}
     for name, attn in attention_layers.items():
         parent = parents.get(id(attn))
-        found = [] if parent is None else [
-            m for m in parent.children() if isinstance(m, RotaryEmbeddingBase)]
+        found = (
+            []
+            if parent is None
+            else [m for m in parent.children() if isinstance(m, RotaryEmbeddingBase)]
+        )
         if len(found) != 1:
             raise SinkConfigError(
                 f"Attention layer {name} has {len(found)} rotary embeddings next to it; "
                 "sink mode needs exactly one RoPE module per layer (models without RoPE, "
-                "e.g. absolute or ALiBi positions, are not supported).")
+                "e.g. absolute or ALiBi positions, are not supported)."
+            )
         rope = found[0]
         kind = type(rope).__name__
         if kind not in SUPPORTED_ROTARY:
             raise SinkConfigError(
                 f"Layer {name} uses {kind}; sink mode supports "
                 f"{', '.join(SUPPORTED_ROTARY)} (RoPE whose frequencies do not depend "
-                "on sequence length).")
+                "on sequence length)."
+            )
         if len(getattr(rope, "scaling_factors", [1])) != 1:
-            raise SinkConfigError(f"Layer {name}: linear RoPE scaling with several "
-                                  "factors is not supported.")
+            raise SinkConfigError(
+                f"Layer {name}: linear RoPE scaling with several factors is not supported."
+            )
         if id(rope) not in tables:
             table = _table_with_rows(rope, rotary_positions).cpu()
             if table.shape[-1] != rope.rotary_dim:
                 raise SinkConfigError(
                     f"Layer {name}: rotary table {tuple(table.shape)} does not match "
-                    f"rotary_dim {rope.rotary_dim}.")
+                    f"rotary_dim {rope.rotary_dim}."
+                )
             own = rope.cos_sin_cache
             rows = own.shape[0]
             if rows > table.shape[0] or not torch.allclose(
-                    own.to(torch.float32).cpu(), table[:rows], atol=1e-2):
-                raise SinkConfigError(f"Layer {name}: recomputed rotary table differs "
-                                      "from the model's own; refusing to re-rotate keys.")
-            if rows < rotary_positions:   # positions up to R are fed: extend the module's
+                own.to(torch.float32).cpu(), table[:rows], atol=1e-2
+            ):
+                raise SinkConfigError(
+                    f"Layer {name}: recomputed rotary table differs "
+                    "from the model's own; refusing to re-rotate keys."
+                )
+            if rows < rotary_positions:  # positions up to R are fed: extend the module's
                 rope.cos_sin_cache = table.to(own.dtype).to(own.device)
             tables[id(rope)] = table
         out[name] = (tables[id(rope)], bool(rope.is_neox_style))

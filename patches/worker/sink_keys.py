@@ -23,22 +23,22 @@ from vllm_sink.core.key_cache import BlockStack, KeyCache, to_device
 from vllm_sink.patches.worker.kv_keys import probe_key_layout
 
 
-
 @dataclass(frozen=True)
 class BlockSpan:
     """Manager blocks ``rows[g][first:last]`` of every KV-cache group ``g``."""
 
-    rows: tuple[Sequence[int], ...]   # one block-table row (virtual order) per group
+    rows: tuple[Sequence[int], ...]  # one block-table row (virtual order) per group
     first: int
     last: int
 
 
 class SinkKeys:
-    def __init__(self, caches: list[tuple[int, KeyCache]], factors: list[int],
-                 stacks: list[BlockStack]) -> None:
-        self.caches = caches      # (KV-cache group index, keys of its layers)
-        self.factors = factors    # kernel blocks per manager block, per group
-        self.stacks = stacks      # whole KV blocks of every layer, per group
+    def __init__(
+        self, caches: list[tuple[int, KeyCache]], factors: list[int], stacks: list[BlockStack]
+    ) -> None:
+        self.caches = caches  # (KV-cache group index, keys of its layers)
+        self.factors = factors  # kernel blocks per manager block, per group
+        self.stacks = stacks  # whole KV blocks of every layer, per group
 
     @classmethod
     def build(cls, kv_cache_config, forward_context: dict, rotaries: dict) -> SinkKeys:
@@ -50,9 +50,11 @@ class SinkKeys:
             first = forward_context[group.layer_names[0]]
             r = first.kv_cache.shape[0] // kv_cache_config.num_blocks
             if r < 1 or r * kv_cache_config.num_blocks != first.kv_cache.shape[0]:
-                raise SinkConfigError(f"KV cache of {group.layer_names[0]} has "
-                                      f"{first.kv_cache.shape[0]} blocks for "
-                                      f"{kv_cache_config.num_blocks} scheduler blocks")
+                raise SinkConfigError(
+                    f"KV cache of {group.layer_names[0]} has "
+                    f"{first.kv_cache.shape[0]} blocks for "
+                    f"{kv_cache_config.num_blocks} scheduler blocks"
+                )
             factors.append(r)
             kernel_block = spec.block_size // r
             by_table: dict[tuple[int, bool], tuple[torch.Tensor, list[str]]] = {}
@@ -63,16 +65,35 @@ class SinkKeys:
                     raise SinkConfigError(
                         f"Layer {name} runs on the {backend} attention backend (vLLM's "
                         f"choice or --attention-backend): {why} Choose the backend with "
-                        "--attention-backend.")
+                        "--attention-backend."
+                    )
                 table, neox = rotaries[name]
                 by_table.setdefault((id(table), neox), (table, []))[1].append(name)
-            rel = probe_key_layout(first, first.kv_cache, kernel_block, spec.num_kv_heads,
-                                   spec.head_size, spec.head_size_v)
+            rel = probe_key_layout(
+                first,
+                first.kv_cache,
+                kernel_block,
+                spec.num_kv_heads,
+                spec.head_size,
+                spec.head_size_v,
+            )
             stacks.append(BlockStack([forward_context[n].kv_cache for n in group.layer_names]))
             for (_, neox), (table, names) in by_table.items():
                 layers = [forward_context[n].kv_cache for n in names]
-                caches.append((g, KeyCache(layers, rel, kernel_block, spec.num_kv_heads,
-                                           spec.head_size, table, neox)))
+                caches.append(
+                    (
+                        g,
+                        KeyCache(
+                            layers,
+                            rel,
+                            kernel_block,
+                            spec.num_kv_heads,
+                            spec.head_size,
+                            table,
+                            neox,
+                        ),
+                    )
+                )
         return cls(caches, factors, stacks)
 
     def describe(self) -> str:
@@ -82,7 +103,7 @@ class SinkKeys:
         """Kernel block ids of ``spans`` in group g, and how many belong to each span."""
         r, ids, counts = self.factors[g], [], []
         for s in spans:
-            blocks = s.rows[g][s.first:s.last]
+            blocks = s.rows[g][s.first : s.last]
             ids.extend(b * r + j for b in blocks for j in range(r))
             counts.append(len(blocks) * r)
         return ids, counts
@@ -118,23 +139,29 @@ class SinkKeys:
                 keys = cache.read(to_device(ids, cache.device))
                 parts = torch.split(keys, counts, dim=1)
                 for i, part in zip(run, parts):
-                    out[i].append(part if len(parts) == 1
-                                  else part.clone(memory_format=torch.contiguous_format))
+                    out[i].append(
+                        part
+                        if len(parts) == 1
+                        else part.clone(memory_format=torch.contiguous_format)
+                    )
         return out
 
-    def move(self, spans: Sequence[BlockSpan], deltas: Sequence[int],
-             sources: Sequence[list[torch.Tensor]] | None = None) -> None:
+    def move(
+        self,
+        spans: Sequence[BlockSpan],
+        deltas: Sequence[int],
+        sources: Sequence[list[torch.Tensor]] | None = None,
+    ) -> None:
         """Rotate the keys of each span by its delta, in place, or rewrite them as the
         span's ``sources`` (snapshots, as ``snapshot`` returned them) moved by it.
         Snapshots are joined one rotation chunk at a time (``_groups``)."""
         for c, (g, cache) in enumerate(self.caches):
-            runs = [list(range(len(spans)))] if sources is None else \
-                self._groups(g, cache, spans)
+            runs = [list(range(len(spans)))] if sources is None else self._groups(g, cache, spans)
             for run in runs:
                 ids, counts = self._kernel_blocks(g, [spans[i] for i in run])
                 per_block = [deltas[i] for i, n in zip(run, counts) for _ in range(n)]
                 source = None
-                if sources is not None:   # one span (most steps at batch 1): no copy
+                if sources is not None:  # one span (most steps at batch 1): no copy
                     parts = [sources[i][c] for i in run]
                     source = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
                 cache.rotate(ids, per_block, source)
@@ -142,8 +169,7 @@ class SinkKeys:
     def save(self, spans: Sequence[BlockSpan]) -> list[list[torch.Tensor]]:
         """Host copies of the whole KV blocks of ``spans`` (every layer), per group, in
         chunks (``BlockStack.save``: pinned and not blocking on CUDA)."""
-        return [stack.save(self._kernel_blocks(g, spans)[0])
-                for g, stack in enumerate(self.stacks)]
+        return [stack.save(self._kernel_blocks(g, spans)[0]) for g, stack in enumerate(self.stacks)]
 
     def restore(self, spans: Sequence[BlockSpan], saved: list[list[torch.Tensor]]) -> None:
         """Write ``save``'s copies into the blocks of ``spans`` (same block count)."""

@@ -25,8 +25,8 @@ import copy
 import logging
 
 from vllm_sink.core.config import SinkConfigError
-from vllm_sink.patches._layout import engine_sink
 from vllm_sink.core.stats_board import StatsBoard, board_path
+from vllm_sink.patches._layout import engine_sink
 
 logger = logging.getLogger("vllm.vllm_sink")
 
@@ -38,8 +38,9 @@ class SinkWorkerMixin:
             raise RuntimeError(f"{type(self).__name__} needs additional_config['sink']")
         layout = sink.layout
         vllm_config = copy.deepcopy(vllm_config)  # never shrink the scheduler's copy
-        vllm_config.model_config.max_model_len = max(sink.dense_max_model_len,
-                                                     layout.span + layout.block_size)
+        vllm_config.model_config.max_model_len = max(
+            sink.dense_max_model_len, layout.span + layout.block_size
+        )
         self.sink = sink
         super().__init__(vllm_config, *args, **kwargs)
         self.use_v2_model_runner = False  # virtual rows live in the V1 input batch
@@ -49,23 +50,29 @@ class SinkWorkerMixin:
         runner.sink_init(self.sink)
         if self.rank == 0:  # counters for the frontend's /metrics (same host)
             layout = self.sink.layout
-            runner.sink_board = StatsBoard(board_path("worker"),
-                                           create=True)
-            runner.sink_board.write({
-                "sink_tokens": layout.sink_tokens, "window_tokens": layout.window_tokens,
-                "capacity": layout.capacity, "block_size": layout.block_size,
-                "position_limit": layout.position_limit,
-                "prefill_chunk_tokens": layout.chunk_tokens,
-                "blocks_per_request": layout.blocks_per_request})
+            runner.sink_board = StatsBoard(board_path("worker"), create=True)
+            runner.sink_board.write(
+                {
+                    "sink_tokens": layout.sink_tokens,
+                    "window_tokens": layout.window_tokens,
+                    "capacity": layout.capacity,
+                    "block_size": layout.block_size,
+                    "position_limit": layout.position_limit,
+                    "prefill_chunk_tokens": layout.chunk_tokens,
+                    "blocks_per_request": layout.blocks_per_request,
+                }
+            )
 
     def determine_available_memory(self) -> int:
         available = super().determine_available_memory()
         reserve = self.model_runner.sink_memory_reserve()
         gib = 1 << 30
         if self.cache_config.kv_cache_memory_bytes:
-            logger.info("vllm_sink: %.2f GiB of sink-key snapshots and rotation scratch "
-                        "at most, on top of the KV pool (kv_cache_memory_bytes)",
-                        reserve / gib)
+            logger.info(
+                "vllm_sink: %.2f GiB of sink-key snapshots and rotation scratch "
+                "at most, on top of the KV pool (kv_cache_memory_bytes)",
+                reserve / gib,
+            )
             return available
         if reserve >= available:
             raise SinkConfigError(
@@ -74,10 +81,14 @@ class SinkWorkerMixin:
                 f"{self.sink.max_sink_tokens} sink tokens, and rotation scratch), more "
                 f"than the {available / gib:.2f} GiB vLLM's profile left for the KV cache. "
                 "Lower --max-num-seqs, max_parked_sessions or max_request_sink_tokens, or "
-                "raise --gpu-memory-utilization.")
-        logger.info("vllm_sink: %.2f GiB of the %.2f GiB left for the KV cache reserved "
-                    "for sink-key snapshots and rotation scratch", reserve / gib,
-                    available / gib)
+                "raise --gpu-memory-utilization."
+            )
+        logger.info(
+            "vllm_sink: %.2f GiB of the %.2f GiB left for the KV cache reserved "
+            "for sink-key snapshots and rotation scratch",
+            reserve / gib,
+            available / gib,
+        )
         return available - reserve
 
     def shutdown(self) -> None:
@@ -97,17 +108,25 @@ class SinkWorkerMixin:
         import torch
 
         runner = self.model_runner
-        out = {"reserve": runner.sink_memory_reserve(),
-               "snapshots_now": runner.sink_snapshot_bytes(),
-               "kv_cache_bytes": sum(t.numel() * t.element_size() for t in
-                                     {id(t): t for t in runner.kv_caches}.values()),
-               "gpu_memory_utilization_budget": 0, "max_reserved": 0, "total": 0}
+        out = {
+            "reserve": runner.sink_memory_reserve(),
+            "snapshots_now": runner.sink_snapshot_bytes(),
+            "kv_cache_bytes": sum(
+                t.numel() * t.element_size() for t in {id(t): t for t in runner.kv_caches}.values()
+            ),
+            "gpu_memory_utilization_budget": 0,
+            "max_reserved": 0,
+            "total": 0,
+        }
         if runner.device.type == "cuda":
             free, total = torch.cuda.mem_get_info(runner.device)
-            out.update(max_reserved=torch.cuda.max_memory_reserved(runner.device),
-                       max_allocated=torch.cuda.max_memory_allocated(runner.device),
-                       free=free, total=total, gpu_memory_utilization_budget=int(
-                           self.cache_config.gpu_memory_utilization * total))
+            out.update(
+                max_reserved=torch.cuda.max_memory_reserved(runner.device),
+                max_allocated=torch.cuda.max_memory_allocated(runner.device),
+                free=free,
+                total=total,
+                gpu_memory_utilization_budget=int(self.cache_config.gpu_memory_utilization * total),
+            )
         return out
 
     def sink_trace(self) -> list[dict]:

@@ -31,8 +31,10 @@ def hardware() -> str:
     device = "CPU"
     if torch.cuda.is_available():
         device = f"CUDA, {torch.cuda.get_device_name()}"
-    return (f"{cpu}, {os.cpu_count()} cores, {psutil.virtual_memory().total / 2**30:.0f} GiB "
-            f"RAM; vLLM {vllm.__version__} ({device}), Python {platform.python_version()}")
+    return (
+        f"{cpu}, {os.cpu_count()} cores, {psutil.virtual_memory().total / 2**30:.0f} GiB "
+        f"RAM; vLLM {vllm.__version__} ({device}), Python {platform.python_version()}"
+    )
 
 
 def make_llm(model: str, sink: dict | None = None, **kw):
@@ -78,8 +80,12 @@ def table(rows: list[dict], columns: list[str]) -> str:
 
 def save(name: str, payload: dict) -> Path:
     RESULTS.mkdir(parents=True, exist_ok=True)
-    payload = {"benchmark": name, "date": time.strftime("%Y-%m-%d %H:%M:%S"),
-               "hardware": hardware(), **payload}
+    payload = {
+        "benchmark": name,
+        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "hardware": hardware(),
+        **payload,
+    }
     path = RESULTS / f"{name}.json"
     path.write_text(json.dumps(payload, indent=1))
     print(f"\nwrote {path.relative_to(ROOT)}")

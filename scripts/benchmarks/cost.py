@@ -22,8 +22,11 @@ from common import engine_rss_bytes, make_llm, save, shutdown, table
 def run_position(engine, tokens: list[int], decode: int, request_id: str) -> dict:
     from vllm import SamplingParams
 
-    engine.add_request(request_id, {"prompt_token_ids": tokens},
-                       SamplingParams(temperature=0, max_tokens=decode, ignore_eos=True))
+    engine.add_request(
+        request_id,
+        {"prompt_token_ids": tokens},
+        SamplingParams(temperature=0, max_tokens=decode, ignore_eos=True),
+    )
     t_start = time.monotonic()
     step_times, produced, prefill_s = [], 0, None
     blocks = rss = None
@@ -40,16 +43,19 @@ def run_position(engine, tokens: list[int], decode: int, request_id: str) -> dic
         if produced == decode // 2:
             stats = engine.collective_rpc("sink_stats")[0]
             blocks, rss = stats["kv_blocks_reserved"], engine_rss_bytes()
-    return {"position": len(tokens), "prefill_s": prefill_s,
-            "decode_ms_per_token": 1000 * statistics.median(step_times),
-            "decode_ms_p90": 1000 * sorted(step_times)[int(0.9 * len(step_times))],
-            "kv_blocks": blocks, "rss_mib": rss / 2**20 if rss else None}
+    return {
+        "position": len(tokens),
+        "prefill_s": prefill_s,
+        "decode_ms_per_token": 1000 * statistics.median(step_times),
+        "decode_ms_p90": 1000 * sorted(step_times)[int(0.9 * len(step_times))],
+        "kv_blocks": blocks,
+        "rss_mib": rss / 2**20 if rss else None,
+    }
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--positions", type=int, nargs="+",
-                    default=[1_000, 10_000, 100_000, 1_000_000])
+    ap.add_argument("--positions", type=int, nargs="+", default=[1_000, 10_000, 100_000, 1_000_000])
     ap.add_argument("--decode", type=int, default=300)
     ap.add_argument("--window", type=int, default=2048)
     args = ap.parse_args()
@@ -69,19 +75,31 @@ def main() -> int:
             tokens = (kjv * (p // len(kjv) + 1))[:p]
             row = run_position(engine, tokens, args.decode, f"pos{i}")
             rows.append(row)
-            print(f"position {p}: {row['decode_ms_per_token']:.2f} ms/token, "
-                  f"{row['kv_blocks']} blocks, {row['rss_mib']:.0f} MiB", flush=True)
+            print(
+                f"position {p}: {row['decode_ms_per_token']:.2f} ms/token, "
+                f"{row['kv_blocks']} blocks, {row['rss_mib']:.0f} MiB",
+                flush=True,
+            )
     finally:
         shutdown(llm)
     first, last = rows[0], rows[-1]
-    ratios = {"decode_time": last["decode_ms_per_token"] / first["decode_ms_per_token"],
-              "kv_blocks": last["kv_blocks"] / first["kv_blocks"],
-              "rss": last["rss_mib"] / first["rss_mib"]}
+    ratios = {
+        "decode_time": last["decode_ms_per_token"] / first["decode_ms_per_token"],
+        "kv_blocks": last["kv_blocks"] / first["kv_blocks"],
+        "rss": last["rss_mib"] / first["rss_mib"],
+    }
     print(f"\nsink 4 + window {args.window}; median decode step after reaching each position:")
     print(table(rows, list(rows[0])))
     print("last/first position ratios: " + ", ".join(f"{k} {v:.3f}" for k, v in ratios.items()))
-    save("cost", {"window": args.window, "decode_tokens": args.decode, "rows": rows,
-                  "last_over_first": ratios})
+    save(
+        "cost",
+        {
+            "window": args.window,
+            "decode_tokens": args.decode,
+            "rows": rows,
+            "last_over_first": ratios,
+        },
+    )
     return 0
 
 

@@ -18,8 +18,8 @@ from __future__ import annotations
 import argparse
 
 import torch
-
 from common import save, table
+
 from vllm_sink.core.rotary import rope_table, rotate, rotations_for_deltas
 
 ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -48,29 +48,46 @@ for n in args.rebases:
     chained = keys
     c, s = (t.to(dev) for t in rotations_for_deltas(table_f32, [-args.shift]))
     for _ in range(n):
-        chained = rotate(chained, c, s, is_neox=True)            # bf16 result each time
+        chained = rotate(chained, c, s, is_neox=True)  # bf16 result each time
     c1, s1 = (t.to(dev) for t in rotations_for_deltas(table_f32, [-n * args.shift]))
-    once = rotate(keys, c1, s1, is_neox=True)                    # one rounding
-    exact = rotate(keys.float(), c1, s1, is_neox=True)           # no rounding at all
-    logits = (queries * exact).sum(-1) / D ** 0.5
+    once = rotate(keys, c1, s1, is_neox=True)  # one rounding
+    exact = rotate(keys.float(), c1, s1, is_neox=True)  # no rounding at all
+    logits = (queries * exact).sum(-1) / D**0.5
     spread = float(logits.std())
 
-    def err(x):
-        rel = ((x.float() - exact).norm(dim=-1) / exact.norm(dim=-1))
-        dl = ((queries * x.float()).sum(-1) / D ** 0.5 - logits).abs()
-        return float(rel.mean()), float(rel.max()), float(dl.mean() / spread), \
-            float(dl.max() / spread)
+    def err(x, exact=exact, logits=logits, spread=spread):
+        rel = (x.float() - exact).norm(dim=-1) / exact.norm(dim=-1)
+        dl = ((queries * x.float()).sum(-1) / D**0.5 - logits).abs()
+        return (
+            float(rel.mean()),
+            float(rel.max()),
+            float(dl.mean() / spread),
+            float(dl.max() / spread),
+        )
 
     ch, on = err(chained), err(once)
-    rows.append({"rebases": n, "chained_rel_mean": ch[0], "chained_rel_max": ch[1],
-                 "chained_logit_mean": ch[2], "chained_logit_max": ch[3],
-                 "once_rel_mean": on[0], "once_rel_max": on[1],
-                 "once_logit_mean": on[2], "once_logit_max": on[3]})
+    rows.append(
+        {
+            "rebases": n,
+            "chained_rel_mean": ch[0],
+            "chained_rel_max": ch[1],
+            "chained_logit_mean": ch[2],
+            "chained_logit_max": ch[3],
+            "once_rel_mean": on[0],
+            "once_rel_max": on[1],
+            "once_logit_mean": on[2],
+            "once_logit_max": on[3],
+        }
+    )
 
 cols = list(rows[0])
-print(f"bf16 keys, head dim {D}, theta {args.theta:g}, {args.keys} keys, shift "
-      f"{args.shift} per rebase, device {dev}; errors vs the exact float32 rotation "
-      "(logit errors in units of the logits' standard deviation)")
+print(
+    f"bf16 keys, head dim {D}, theta {args.theta:g}, {args.keys} keys, shift "
+    f"{args.shift} per rebase, device {dev}; errors vs the exact float32 rotation "
+    "(logit errors in units of the logits' standard deviation)"
+)
 print(table(rows, cols))
-save("drift", {"device": str(dev), "head_dim": D, "theta": args.theta,
-               "shift": args.shift, "rows": rows})
+save(
+    "drift",
+    {"device": str(dev), "head_dim": D, "theta": args.theta, "shift": args.shift, "rows": rows},
+)

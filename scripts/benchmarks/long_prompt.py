@@ -31,15 +31,18 @@ import time
 
 from common import make_llm, save, shutdown, table
 
-SEGMENT = 8000          # dense vanilla: a prompt must stay below its 8192-token limit
+SEGMENT = 8000  # dense vanilla: a prompt must stay below its 8192-token limit
 
 
 def prompt_logprobs(llm, tokens: list[int]) -> list[float]:
     """lp[i] = log p(tokens[i + 1] | tokens[:i + 1]) as the engine computed it."""
     from vllm import SamplingParams
 
-    (out,) = llm.generate([{"prompt_token_ids": tokens}],
-                          SamplingParams(max_tokens=1, prompt_logprobs=0), use_tqdm=False)
+    (out,) = llm.generate(
+        [{"prompt_token_ids": tokens}],
+        SamplingParams(max_tokens=1, prompt_logprobs=0),
+        use_tqdm=False,
+    )
     return [out.prompt_logprobs[i][t].logprob for i, t in enumerate(tokens) if i > 0]
 
 
@@ -60,11 +63,18 @@ def main() -> int:
     ap.add_argument("--tokens", type=int, default=50_000, help="long prompt length")
     ap.add_argument("--offset", type=int, default=300_000, help="where in the KJV to start")
     ap.add_argument("--window", type=int, default=1024)
-    ap.add_argument("--reference-tokens", type=int, default=8192,
-                    help="prompt prefix scored token by token (K = 1) as the reference")
+    ap.add_argument(
+        "--reference-tokens",
+        type=int,
+        default=8192,
+        help="prompt prefix scored token by token (K = 1) as the reference",
+    )
     ap.add_argument("--throughput-tokens", type=int, default=100_000)
-    ap.add_argument("--no-chunk-compare", action="store_true",
-                    help="skip the prefill rate with window-sized chunks")
+    ap.add_argument(
+        "--no-chunk-compare",
+        action="store_true",
+        help="skip the prefill rate with window-sized chunks",
+    )
     args = ap.parse_args()
 
     from vllm_sink import default_model
@@ -72,15 +82,18 @@ def main() -> int:
 
     model = default_model()
     kjv = kjv_tokens(model)
-    tokens = kjv[args.offset:args.offset + args.tokens]
+    tokens = kjv[args.offset : args.offset + args.tokens]
     W = args.window
     configs = {
         "sink + window": {"sink_tokens": 4, "window_tokens": W},
         "window-only": {"sink_tokens": 0, "window_tokens": W + 32},
-        "token-by-token reference": {"sink_tokens": 4, "window_tokens": W,
-                                     "prefill_chunk_tokens": 1},
+        "token-by-token reference": {
+            "sink_tokens": 4,
+            "window_tokens": W,
+            "prefill_chunk_tokens": 1,
+        },
     }
-    long = (kjv * (args.throughput_tokens // len(kjv) + 1))[:args.throughput_tokens]
+    long = (kjv * (args.throughput_tokens // len(kjv) + 1))[: args.throughput_tokens]
     results: dict[str, dict] = {}
     rate = None
     for name, sink in configs.items():
@@ -106,55 +119,83 @@ def main() -> int:
         finally:
             shutdown(llm)
 
-    llm = make_llm(model)   # dense vanilla vLLM, restarted every SEGMENT tokens
+    llm = make_llm(model)  # dense vanilla vLLM, restarted every SEGMENT tokens
     try:
         dense = []
         for k in range(0, len(tokens), SEGMENT):
-            seg = tokens[k:k + SEGMENT]
+            seg = tokens[k : k + SEGMENT]
             if len(seg) > 1:
-                dense += [float("nan")] + prompt_logprobs(llm, seg)   # segment start unscored
+                dense += [float("nan")] + prompt_logprobs(llm, seg)  # segment start unscored
     finally:
         shutdown(llm)
-    dense = dense[1:]   # align: dense[i] scores tokens[i + 1]
+    dense = dense[1:]  # align: dense[i] scores tokens[i + 1]
 
     C = results["sink + window"]["sink"]["sink_tokens"] + W
-    M = args.reference_tokens - 1                      # shared scored range [C, M)
+    M = args.reference_tokens - 1  # shared scored range [C, M)
 
     def window_ppl(lps, lo, hi):
         vals = [x for x in lps[lo:hi] if not math.isnan(x)]
         return ppl(vals)
 
     rows = []
-    for name, r in list(results.items()) + [("dense vanilla, restarted every 8000", {"lps": dense})]:
+    for name, r in list(results.items()) + [
+        ("dense vanilla, restarted every 8000", {"lps": dense})
+    ]:
         lps = r["lps"]
-        rows.append({"config": name,
-                     "ppl, tokens C..reference": window_ppl(lps, C, M),
-                     "ppl, whole prompt after C": (window_ppl(lps, C, len(lps))
-                                                   if len(lps) > M else None)})
+        rows.append(
+            {
+                "config": name,
+                "ppl, tokens C..reference": window_ppl(lps, C, M),
+                "ppl, whole prompt after C": (
+                    window_ppl(lps, C, len(lps)) if len(lps) > M else None
+                ),
+            }
+        )
     by = {r["config"]: r for r in rows}
     ref = by["token-by-token reference"]["ppl, tokens C..reference"]
     sw = by["sink + window"]
-    ratios = {"sink_window_over_reference": sw["ppl, tokens C..reference"] / ref,
-              "window_only_over_sink_window": by["window-only"]["ppl, whole prompt after C"]
-              / sw["ppl, whole prompt after C"]}
-    print(f"\nKJV prompt of {len(tokens)} tokens at offset {args.offset}; sink 4 + window {W}"
-          f" (C = {C}, prefill chunk {results['sink + window']['sink']['prefill_chunk_tokens']});"
-          f" reference over the first {args.reference_tokens} tokens:")
+    ratios = {
+        "sink_window_over_reference": sw["ppl, tokens C..reference"] / ref,
+        "window_only_over_sink_window": by["window-only"]["ppl, whole prompt after C"]
+        / sw["ppl, whole prompt after C"],
+    }
+    print(
+        f"\nKJV prompt of {len(tokens)} tokens at offset {args.offset}; sink 4 + window {W}"
+        f" (C = {C}, prefill chunk {results['sink + window']['sink']['prefill_chunk_tokens']});"
+        f" reference over the first {args.reference_tokens} tokens:"
+    )
     print(table(rows, list(rows[0])))
-    print(f"sink + window / token-by-token reference: {ratios['sink_window_over_reference']:.3f}"
-          f" (target <= 1.05); window-only / sink + window: "
-          f"{ratios['window_only_over_sink_window']:.2f} (target >= 1.5)")
-    print(f"prefill throughput, one {args.throughput_tokens}-token prompt, sink + window: "
-          f"{rate:.0f} prompt tokens/s"
-          + (f"; with window-sized chunks (prefill_chunk_tokens = {W}): {rate_w:.0f} "
-             f"({rate / rate_w:.2f}x)" if rate_w else ""))
-    save("long_prompt", {"tokens": len(tokens), "offset": args.offset, "window": W,
-                         "reference_tokens": args.reference_tokens, "rows": rows,
-                         "ratios": ratios, "layouts": {k: v["sink"] for k, v in results.items()},
-                         "prefill_tokens_per_s": rate,
-                         "prefill_tokens_per_s_window_chunks": rate_w,
-                         "throughput_tokens": args.throughput_tokens,
-                         "seconds": {k: v["seconds"] for k, v in results.items()}})
+    print(
+        f"sink + window / token-by-token reference: {ratios['sink_window_over_reference']:.3f}"
+        f" (target <= 1.05); window-only / sink + window: "
+        f"{ratios['window_only_over_sink_window']:.2f} (target >= 1.5)"
+    )
+    print(
+        f"prefill throughput, one {args.throughput_tokens}-token prompt, sink + window: "
+        f"{rate:.0f} prompt tokens/s"
+        + (
+            f"; with window-sized chunks (prefill_chunk_tokens = {W}): {rate_w:.0f} "
+            f"({rate / rate_w:.2f}x)"
+            if rate_w
+            else ""
+        )
+    )
+    save(
+        "long_prompt",
+        {
+            "tokens": len(tokens),
+            "offset": args.offset,
+            "window": W,
+            "reference_tokens": args.reference_tokens,
+            "rows": rows,
+            "ratios": ratios,
+            "layouts": {k: v["sink"] for k, v in results.items()},
+            "prefill_tokens_per_s": rate,
+            "prefill_tokens_per_s_window_chunks": rate_w,
+            "throughput_tokens": args.throughput_tokens,
+            "seconds": {k: v["seconds"] for k, v in results.items()},
+        },
+    )
     return 0
 
 

@@ -41,13 +41,25 @@ def side(args) -> dict:
     from vllm import LLM, SamplingParams
 
     parked = args.side
-    llm = LLM(str(SHAPE), load_format="dummy", skip_tokenizer_init=True, seed=0,
-              enforce_eager=True, dtype="bfloat16", block_size=32,
-              kv_cache_memory_bytes=args.pool_gib << 30, max_num_seqs=256,
-              additional_config={"sink": {
-                  "sink_tokens": 4, "window_tokens": 96,
-                  "max_parked_sessions": max(parked, 1),
-                  "session_idle_timeout": 1e6}})
+    llm = LLM(
+        str(SHAPE),
+        load_format="dummy",
+        skip_tokenizer_init=True,
+        seed=0,
+        enforce_eager=True,
+        dtype="bfloat16",
+        block_size=32,
+        kv_cache_memory_bytes=args.pool_gib << 30,
+        max_num_seqs=256,
+        additional_config={
+            "sink": {
+                "sink_tokens": 4,
+                "window_tokens": 96,
+                "max_parked_sessions": max(parked, 1),
+                "session_idle_timeout": 1e6,
+            }
+        },
+    )
     sched = llm.llm_engine.engine_core.engine_core.scheduler
     spent: dict[str, list[int]] = {n: [] for n in TIMED}
     cls = type(sched)
@@ -64,10 +76,13 @@ def side(args) -> dict:
         setattr(cls, name, wrapper)
     t0 = time.monotonic()
     if parked:
-        prompts = [{"prompt_token_ids": [3 + (i * 7 + j) % 2000 for j in range(8)]}
-                   for i in range(parked)]
-        params = [SamplingParams(max_tokens=1, detokenize=False,
-                                 extra_args={"session_id": f"s{i}"}) for i in range(parked)]
+        prompts = [
+            {"prompt_token_ids": [3 + (i * 7 + j) % 2000 for j in range(8)]} for i in range(parked)
+        ]
+        params = [
+            SamplingParams(max_tokens=1, detokenize=False, extra_args={"session_id": f"s{i}"})
+            for i in range(parked)
+        ]
         llm.generate(prompts, params, use_tqdm=False)
     park_s = time.monotonic() - t0
     stats = sched.sink_stats()
@@ -75,17 +90,26 @@ def side(args) -> dict:
     for v in spent.values():
         v.clear()
     steps_before = len(spent["schedule"])
-    prompts = [{"prompt_token_ids": [3 + (i * 13 + j) % 2000 for j in range(16)]}
-               for i in range(args.streams)]
-    llm.generate(prompts, SamplingParams(max_tokens=args.tokens, ignore_eos=True,
-                                         detokenize=False), use_tqdm=False)
+    prompts = [
+        {"prompt_token_ids": [3 + (i * 13 + j) % 2000 for j in range(16)]}
+        for i in range(args.streams)
+    ]
+    llm.generate(
+        prompts,
+        SamplingParams(max_tokens=args.tokens, ignore_eos=True, detokenize=False),
+        use_tqdm=False,
+    )
     steps = len(spent["schedule"]) - steps_before
     # Full decode steps: the last args.tokens - 2 steps of every stream at once (the
     # first steps prefill, the last one only finishes); take the middle of the run.
     middle = slice(steps // 4, steps * 3 // 4)
-    out = {"side": parked, "park_s": park_s, "steps": steps,
-           "parked_sessions": sched.sink_stats().get("parked_sessions", 0),
-           **{f"{n}_us": statistics.median(spent[n][middle]) / 1e3 for n in TIMED}}
+    out = {
+        "side": parked,
+        "park_s": park_s,
+        "steps": steps,
+        "parked_sessions": sched.sink_stats().get("parked_sessions", 0),
+        **{f"{n}_us": statistics.median(spent[n][middle]) / 1e3 for n in TIMED},
+    }
     print("RESULT " + json.dumps(out), flush=True)
     return out
 
@@ -105,27 +129,51 @@ def main() -> int:
         return 0
     runs: dict[int, list[dict]] = {0: [], args.parked: []}
     for _ in range(args.rounds):
-        for n in runs:                          # alternate, each in a fresh process
-            cmd = [sys.executable, __file__, "--side", str(n), "--streams",
-                   str(args.streams), "--tokens", str(args.tokens),
-                   "--pool-gib", str(args.pool_gib)]
+        for n in runs:  # alternate, each in a fresh process
+            cmd = [
+                sys.executable,
+                __file__,
+                "--side",
+                str(n),
+                "--streams",
+                str(args.streams),
+                "--tokens",
+                str(args.tokens),
+                "--pool-gib",
+                str(args.pool_gib),
+            ]
             res = subprocess.run(cmd, capture_output=True, text=True, timeout=3600)
             lines = [x for x in res.stdout.splitlines() if x.startswith("RESULT ")]
             if res.returncode or not lines:
                 print(res.stdout[-2000:], res.stderr[-3000:], file=sys.stderr)
                 return 1
-            runs[n].append(json.loads(lines[-1][len("RESULT "):]))
-    best = {n: {k: min(r[k] for r in rows) for k in rows[0] if k.endswith("_us")}
-            for n, rows in runs.items()}
-    rows = [{"per step": f"{name} us", "0 parked": best[0][f"{name}_us"],
-             f"{args.parked} parked": best[args.parked][f"{name}_us"],
-             "difference": best[args.parked][f"{name}_us"] - best[0][f"{name}_us"]}
-            for name in TIMED]
-    print(f"\nscheduler thread CPU time per full decode step of {args.streams} streams, "
-          f"median, best of {args.rounds} rounds{' (' + args.label + ')' if args.label else ''}:")
+            runs[n].append(json.loads(lines[-1][len("RESULT ") :]))
+    best = {
+        n: {k: min(r[k] for r in rows) for k in rows[0] if k.endswith("_us")}
+        for n, rows in runs.items()
+    }
+    rows = [
+        {
+            "per step": f"{name} us",
+            "0 parked": best[0][f"{name}_us"],
+            f"{args.parked} parked": best[args.parked][f"{name}_us"],
+            "difference": best[args.parked][f"{name}_us"] - best[0][f"{name}_us"],
+        }
+        for name in TIMED
+    ]
+    print(
+        f"\nscheduler thread CPU time per full decode step of {args.streams} streams, "
+        f"median, best of {args.rounds} rounds{' (' + args.label + ')' if args.label else ''}:"
+    )
     print(table(rows, list(rows[0])))
-    save("parked", {"args": vars(args), "runs": {str(k): v for k, v in runs.items()},
-                    "best": {str(k): v for k, v in best.items()}})
+    save(
+        "parked",
+        {
+            "args": vars(args),
+            "runs": {str(k): v for k, v in runs.items()},
+            "best": {str(k): v for k, v in best.items()},
+        },
+    )
     return 0
 
 

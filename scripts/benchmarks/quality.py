@@ -28,8 +28,11 @@ SEGMENT = 8192
 def stream_logprobs(llm, tokens: list[int]) -> list[float]:
     from vllm import SamplingParams
 
-    (out,) = llm.generate([{"prompt_token_ids": tokens}],
-                          SamplingParams(max_tokens=1, prompt_logprobs=0), use_tqdm=False)
+    (out,) = llm.generate(
+        [{"prompt_token_ids": tokens}],
+        SamplingParams(max_tokens=1, prompt_logprobs=0),
+        use_tqdm=False,
+    )
     return [out.prompt_logprobs[i][t].logprob for i, t in enumerate(tokens) if i > 0]
 
 
@@ -37,11 +40,16 @@ def segment_ppl(lps: list[float], start: int, segment: int) -> list[dict]:
     """lps[i] scores token i+1 of the stream; segments are [k*segment, (k+1)*segment)."""
     rows = []
     for k in range(0, len(lps) + 1, segment):
-        chunk = lps[max(k - 1, 0):k - 1 + segment] if k else lps[:segment - 1]
+        chunk = lps[max(k - 1, 0) : k - 1 + segment] if k else lps[: segment - 1]
         if not chunk:
             break
-        rows.append({"start": start + k, "end": start + k + len(chunk) + (0 if k else 1),
-                     "ppl": math.exp(-sum(chunk) / len(chunk))})
+        rows.append(
+            {
+                "start": start + k,
+                "end": start + k + len(chunk) + (0 if k else 1),
+                "ppl": math.exp(-sum(chunk) / len(chunk)),
+            }
+        )
     return rows
 
 
@@ -50,16 +58,20 @@ def main() -> int:
     ap.add_argument("--tokens", type=int, default=200_000)
     ap.add_argument("--offset", type=int, default=0, help="where in the KJV stream to start")
     ap.add_argument("--segment", type=int, default=SEGMENT)
-    ap.add_argument("--chunk", type=int, default=128,
-                    help="tokens per streaming step (prefill chunk); each step first evicts "
-                         "for room, so a step of n tokens starts with about W - n cached")
+    ap.add_argument(
+        "--chunk",
+        type=int,
+        default=128,
+        help="tokens per streaming step (prefill chunk); each step first evicts "
+        "for room, so a step of n tokens starts with about W - n cached",
+    )
     args = ap.parse_args()
 
     from vllm_sink import default_model
     from vllm_sink.tools.kjv import kjv_tokens
 
     model = default_model()
-    tokens = kjv_tokens(model)[args.offset:args.offset + args.tokens]
+    tokens = kjv_tokens(model)[args.offset : args.offset + args.tokens]
     configs = [
         ("sink 4 + window 1024", {"sink_tokens": 4, "window_tokens": 1024}),
         ("window-only 1056", {"sink_tokens": 0, "window_tokens": 1056}),
@@ -76,13 +88,20 @@ def main() -> int:
             shutdown(llm)
         segs = segment_ppl(lps, 0, args.segment)
         first_post = next(s for s in segs if s["start"] >= capacity)
-        results[name] = {"sink": sink, "capacity": capacity, "segments": segs,
-                         "overall_ppl": math.exp(-sum(lps[capacity:]) / len(lps[capacity:])),
-                         "first_post_eviction_ppl": first_post["ppl"],
-                         "last_ppl": segs[-1]["ppl"],
-                         "last_over_first": segs[-1]["ppl"] / first_post["ppl"]}
-        print(f"{name}: overall ppl {results[name]['overall_ppl']:.2f}, "
-              f"last/first-post-eviction {results[name]['last_over_first']:.3f}", flush=True)
+        results[name] = {
+            "sink": sink,
+            "capacity": capacity,
+            "segments": segs,
+            "overall_ppl": math.exp(-sum(lps[capacity:]) / len(lps[capacity:])),
+            "first_post_eviction_ppl": first_post["ppl"],
+            "last_ppl": segs[-1]["ppl"],
+            "last_over_first": segs[-1]["ppl"] / first_post["ppl"],
+        }
+        print(
+            f"{name}: overall ppl {results[name]['overall_ppl']:.2f}, "
+            f"last/first-post-eviction {results[name]['last_over_first']:.3f}",
+            flush=True,
+        )
 
     # Dense vanilla vLLM: the first context-length tokens, then past the limit; and,
     # as a content-difficulty baseline, every segment scored on its own (dense, with
@@ -90,30 +109,35 @@ def main() -> int:
     llm = make_llm(model)
     try:
         limit = llm.llm_engine.vllm_config.model_config.max_model_len
-        dense_lps = stream_logprobs(llm, tokens[:limit - 1])
+        dense_lps = stream_logprobs(llm, tokens[: limit - 1])
         try:
-            stream_logprobs(llm, tokens[:limit + 1000])
+            stream_logprobs(llm, tokens[: limit + 1000])
             past = "accepted"
         except Exception as e:  # vLLM refuses prompts past max_model_len
             past = f"refused: {type(e).__name__}: {str(e).splitlines()[0][:160]}"
         restart = []
         for k in range(0, len(tokens), args.segment):
-            seg = tokens[k:k + min(args.segment, limit - 1)]
+            seg = tokens[k : k + min(args.segment, limit - 1)]
             if len(seg) > 1:
                 lp = stream_logprobs(llm, seg)
-                restart.append({"start": k, "end": k + len(seg),
-                                "ppl": math.exp(-sum(lp) / len(lp))})
+                restart.append(
+                    {"start": k, "end": k + len(seg), "ppl": math.exp(-sum(lp) / len(lp))}
+                )
     finally:
         shutdown(llm)
     dense_segs = segment_ppl(dense_lps, 0, args.segment)
     results["dense vanilla vLLM"] = {
-        "context_limit": limit, "segments": dense_segs,
-        "overall_ppl": math.exp(-sum(dense_lps) / len(dense_lps)), "past_limit": past}
+        "context_limit": limit,
+        "segments": dense_segs,
+        "overall_ppl": math.exp(-sum(dense_lps) / len(dense_lps)),
+        "past_limit": past,
+    }
     results["dense, restarted per segment"] = {
         "segments": restart,
-        "overall_ppl": math.exp(sum(math.log(r["ppl"]) for r in restart) / len(restart))}
+        "overall_ppl": math.exp(sum(math.log(r["ppl"]) for r in restart) / len(restart)),
+    }
     # Flatness relative to content difficulty: ratio to the restarted dense baseline.
-    for name, r in results.items():
+    for r in results.values():
         if "capacity" in r:
             rel = [s["ppl"] / b["ppl"] for s, b in zip(r["segments"], restart)]
             r["relative_to_restart"] = rel
@@ -121,12 +145,17 @@ def main() -> int:
             r["relative_last_over_first"] = rel[-1] / rel[first]
     rows = []
     for name, r in results.items():
-        rows.append({"config": name, "capacity": r.get("capacity", r.get("context_limit")),
-                     "ppl (after first eviction)": r["overall_ppl"],
-                     "first post-eviction segment": r.get("first_post_eviction_ppl"),
-                     "last segment": r["segments"][-1]["ppl"],
-                     "last / first": r.get("last_over_first"),
-                     "last / first vs restarted dense": r.get("relative_last_over_first")})
+        rows.append(
+            {
+                "config": name,
+                "capacity": r.get("capacity", r.get("context_limit")),
+                "ppl (after first eviction)": r["overall_ppl"],
+                "first post-eviction segment": r.get("first_post_eviction_ppl"),
+                "last segment": r["segments"][-1]["ppl"],
+                "last / first": r.get("last_over_first"),
+                "last / first vs restarted dense": r.get("relative_last_over_first"),
+            }
+        )
     print(f"\nKJV stream of {len(tokens)} tokens, segments of {args.segment}:")
     print(table(rows, list(rows[0])))
     print(f"dense vanilla vLLM past its {limit}-token limit: {past}")
@@ -138,8 +167,10 @@ def main() -> int:
             row[name] = r["segments"][i]["ppl"] if i < len(r["segments"]) else None
         seg_rows.append(row)
     print(table(seg_rows, list(seg_rows[0])))
-    save("quality", {"tokens": len(tokens), "segment": args.segment, "chunk": args.chunk,
-                     "results": results})
+    save(
+        "quality",
+        {"tokens": len(tokens), "segment": args.segment, "chunk": args.chunk, "results": results},
+    )
     _plot(results, args.segment)
     return 0
 

@@ -24,10 +24,10 @@ def recompute_latency(llm, kjv: list[int], W: int, repeats: int) -> float:
     params = SamplingParams(temperature=0, max_tokens=1)
     times = []
     for i in range(repeats + 1):
-        window = kjv[5000 + i:5000 + i + W]      # the window slides by one token
+        window = kjv[5000 + i : 5000 + i + W]  # the window slides by one token
         t0 = time.monotonic()
         llm.generate([{"prompt_token_ids": window}], params, use_tqdm=False)
-        if i:                                    # first one is warm-up
+        if i:  # first one is warm-up
             times.append(time.monotonic() - t0)
     return statistics.median(times)
 
@@ -36,8 +36,11 @@ def plugin_latency(llm, kjv: list[int], W: int, decode: int) -> float:
     from vllm import SamplingParams
 
     engine = llm.llm_engine
-    engine.add_request("s", {"prompt_token_ids": kjv[5000:5000 + W]},
-                       SamplingParams(temperature=0, max_tokens=decode, ignore_eos=True))
+    engine.add_request(
+        "s",
+        {"prompt_token_ids": kjv[5000 : 5000 + W]},
+        SamplingParams(temperature=0, max_tokens=decode, ignore_eos=True),
+    )
     steps, produced = [], 0
     while engine.has_unfinished_requests():
         t0 = time.monotonic()
@@ -74,8 +77,14 @@ def main() -> int:
             plugin = plugin_latency(sink, kjv, W, args.decode)
         finally:
             shutdown(sink)
-        rows.append({"W (cached tokens)": W, "recompute ms/token": 1000 * recompute,
-                     "vllm_sink ms/token": 1000 * plugin, "speedup": recompute / plugin})
+        rows.append(
+            {
+                "W (cached tokens)": W,
+                "recompute ms/token": 1000 * recompute,
+                "vllm_sink ms/token": 1000 * plugin,
+                "speedup": recompute / plugin,
+            }
+        )
         print(rows[-1], flush=True)
     print("\nper-token latency, sliding window with re-computation vs vllm_sink:")
     print(table(rows, list(rows[0])))

@@ -30,15 +30,29 @@ def run(sessions_on: bool, args) -> dict:
     try:
         server.wait_ready()
         # progress lines: a run under a time limit shows where it stood (log: server.log_path)
-        print(f"[sessions] resume {'on' if sessions_on else 'off'}: server ready in "
-              f"{time.monotonic() - t:.0f} s ({server.log_path})", flush=True)
-        cfg = LoadConfig(url=server.url, sessions=args.sessions, duration=None,
-                         tokens=args.turns * args.turn_tokens, mode="chat",
-                         turn_tokens=args.turn_tokens, max_turns=args.turns,
-                         session_ids=True, quiet=True, timeout=1800)
+        print(
+            f"[sessions] resume {'on' if sessions_on else 'off'}: server ready in "
+            f"{time.monotonic() - t:.0f} s ({server.log_path})",
+            flush=True,
+        )
+        cfg = LoadConfig(
+            url=server.url,
+            sessions=args.sessions,
+            duration=None,
+            tokens=args.turns * args.turn_tokens,
+            mode="chat",
+            turn_tokens=args.turn_tokens,
+            max_turns=args.turns,
+            session_ids=True,
+            quiet=True,
+            timeout=1800,
+        )
         summary = asyncio.run(LoadTest(cfg).run())
-        print(f"[sessions] resume {'on' if sessions_on else 'off'}: chats done in "
-              f"{time.monotonic() - t:.0f} s", flush=True)
+        print(
+            f"[sessions] resume {'on' if sessions_on else 'off'}: chats done in "
+            f"{time.monotonic() - t:.0f} s",
+            flush=True,
+        )
         metrics = server.metrics()
     finally:
         server.stop()
@@ -59,17 +73,33 @@ def main() -> int:
     on, off = runs["resume on"], runs["resume off (ablation)"]
     for turn in sorted(on["ttft_by_turn_ms"], key=int):
         if int(turn) % 5 == 0 or int(turn) == args.turns - 1:
-            rows.append({"turn": turn, "prompt tokens": on["prompt_tokens_by_turn"][turn],
-                         "TTFT ms, resume on": on["ttft_by_turn_ms"][turn],
-                         "TTFT ms, resume off": off["ttft_by_turn_ms"].get(turn)})
-    print(f"\n{args.sessions} chat sessions x {args.turns} turns of {args.turn_tokens} "
-          f"tokens, capacity {args.window + 32}; median TTFT per turn:")
+            rows.append(
+                {
+                    "turn": turn,
+                    "prompt tokens": on["prompt_tokens_by_turn"][turn],
+                    "TTFT ms, resume on": on["ttft_by_turn_ms"][turn],
+                    "TTFT ms, resume off": off["ttft_by_turn_ms"].get(turn),
+                }
+            )
+    print(
+        f"\n{args.sessions} chat sessions x {args.turns} turns of {args.turn_tokens} "
+        f"tokens, capacity {args.window + 32}; median TTFT per turn:"
+    )
     print(table(rows, list(rows[0])))
-    print(f"resumes: {on['resumes']:.0f} of {on['session_requests']:.0f} session requests "
-          f"(resume on); {off['resumes'] or 0:.0f} (off)")
-    save("sessions", {"args": vars(args), "runs": {
-        k: {kk: vv for kk, vv in v.items() if kk not in ("samples", "turns")}
-        for k, v in runs.items()}})
+    print(
+        f"resumes: {on['resumes']:.0f} of {on['session_requests']:.0f} session requests "
+        f"(resume on); {off['resumes'] or 0:.0f} (off)"
+    )
+    save(
+        "sessions",
+        {
+            "args": vars(args),
+            "runs": {
+                k: {kk: vv for kk, vv in v.items() if kk not in ("samples", "turns")}
+                for k, v in runs.items()
+            },
+        },
+    )
     try:
         import matplotlib
 
@@ -79,8 +109,12 @@ def main() -> int:
         fig, ax = plt.subplots(figsize=(7, 4))
         for name, s in runs.items():
             turns = sorted(s["ttft_by_turn_ms"], key=int)
-            ax.plot([s["prompt_tokens_by_turn"][t] for t in turns],
-                    [s["ttft_by_turn_ms"][t] for t in turns], marker=".", label=name)
+            ax.plot(
+                [s["prompt_tokens_by_turn"][t] for t in turns],
+                [s["ttft_by_turn_ms"][t] for t in turns],
+                marker=".",
+                label=name,
+            )
         ax.axvline(args.window + 32, color="gray", ls=":", label="KV capacity")
         ax.set_xlabel("conversation length at the turn (prompt tokens)")
         ax.set_ylabel("median time to first token (ms)")

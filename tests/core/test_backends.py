@@ -13,7 +13,7 @@ def test_verified_backends_run(monkeypatch):
     for platform, names in backends.VERIFIED.items():
         for name in names:
             assert backends.refusal(name, platform) is None
-            assert backends.refusal(name.lower()) is None        # any platform, any case
+            assert backends.refusal(name.lower()) is None  # any platform, any case
 
 
 def test_unverified_backend_refused_unless_named(monkeypatch):
@@ -26,7 +26,7 @@ def test_unverified_backend_refused_unless_named(monkeypatch):
     monkeypatch.setenv(backends.ENV, "triton_attn, new_attn")
     assert backends.refusal("NEW_ATTN", "cuda") is None
     assert "NEW_ATTN" in backends.allowed("cuda")
-    assert backends.refusal("NEW_ATTN", "cpu") is not None       # not a CPU backend
+    assert backends.refusal("NEW_ATTN", "cpu") is not None  # not a CPU backend
 
 
 def test_flashinfer_is_verified_on_cuda_only(monkeypatch):

@@ -35,33 +35,36 @@ def test_prefill_chunk_default_and_limits():
     # An explicit window close to the limit keeps its size; the default chunk shrinks.
     layout = SinkConfig.from_section({"window_tokens": 96}).resolve(32, 160)
     assert (layout.capacity, layout.chunk_tokens, layout.span) == (128, 33, 160)
-    layout = SinkConfig.from_section({"window_tokens": 96, "prefill_chunk_tokens": 1}
-                                     ).resolve(32, 8192)
+    layout = SinkConfig.from_section({"window_tokens": 96, "prefill_chunk_tokens": 1}).resolve(
+        32, 8192
+    )
     assert (layout.headroom_blocks, layout.blocks_per_request) == (0, 4)
     with pytest.raises(SinkConfigError) as e:
-        SinkConfig.from_section({"window_tokens": 96, "prefill_chunk_tokens": 40}
-                                ).resolve(32, 160)
+        SinkConfig.from_section({"window_tokens": 96, "prefill_chunk_tokens": 40}).resolve(32, 160)
     assert "prefill_chunk_tokens" in str(e.value) and "at most 33" in str(e.value)
 
 
-@pytest.mark.parametrize("section, words", [
-    ({"sink_tokenz": 4}, ["sink_tokenz", "Valid keys", "sink_tokens"]),
-    ({"window_tokens": "2048"}, ["window_tokens", "number"]),
-    ({"window_tokens": True}, ["window_tokens", "number"]),
-    ({"window_tokens": 100.5}, ["window_tokens", "integer"]),
-    ({"sessions": "yes"}, ["sessions", "true or false"]),
-    ({"session_idle_timeout": 0}, ["session_idle_timeout", ">= 0.001"]),
-    ({"max_parked_sessions": -1}, ["max_parked_sessions", ">= 0"]),
-    ({"max_parked_sessions": 65537}, ["max_parked_sessions", "<= 65536", "Lower it"]),
-    ({"max_saved_kv_gib": -0.5}, ["max_saved_kv_gib", ">= 0.0"]),
-    ({"max_saved_kv_gib": "4"}, ["max_saved_kv_gib", "number"]),
-    ({"max_saved_kv_gib": float("inf")}, ["max_saved_kv_gib", "finite"]),
-    ({"window_tokens": 0}, ["window_tokens", ">= 1"]),
-    ({"prefill_chunk_tokens": 0}, ["prefill_chunk_tokens", ">= 1"]),
-    ({"sink_tokens": -1}, ["sink_tokens", ">= 0"]),
-    ([4, 2048], ["JSON object"]),
-    ("sink", ["JSON object"]),
-])
+@pytest.mark.parametrize(
+    "section, words",
+    [
+        ({"sink_tokenz": 4}, ["sink_tokenz", "Valid keys", "sink_tokens"]),
+        ({"window_tokens": "2048"}, ["window_tokens", "number"]),
+        ({"window_tokens": True}, ["window_tokens", "number"]),
+        ({"window_tokens": 100.5}, ["window_tokens", "integer"]),
+        ({"sessions": "yes"}, ["sessions", "true or false"]),
+        ({"session_idle_timeout": 0}, ["session_idle_timeout", ">= 0.001"]),
+        ({"max_parked_sessions": -1}, ["max_parked_sessions", ">= 0"]),
+        ({"max_parked_sessions": 65537}, ["max_parked_sessions", "<= 65536", "Lower it"]),
+        ({"max_saved_kv_gib": -0.5}, ["max_saved_kv_gib", ">= 0.0"]),
+        ({"max_saved_kv_gib": "4"}, ["max_saved_kv_gib", "number"]),
+        ({"max_saved_kv_gib": float("inf")}, ["max_saved_kv_gib", "finite"]),
+        ({"window_tokens": 0}, ["window_tokens", ">= 1"]),
+        ({"prefill_chunk_tokens": 0}, ["prefill_chunk_tokens", ">= 1"]),
+        ({"sink_tokens": -1}, ["sink_tokens", ">= 0"]),
+        ([4, 2048], ["JSON object"]),
+        ("sink", ["JSON object"]),
+    ],
+)
 def test_bad_sections_name_the_key(section, words):
     with pytest.raises(SinkConfigError) as e:
         SinkConfig.from_section(section)
@@ -70,16 +73,20 @@ def test_bad_sections_name_the_key(section, words):
 
 
 def test_session_keys_and_resolved_section_round_trip():
-    cfg = SinkConfig.from_section({"sessions": False, "max_parked_sessions": 3,
-                                   "session_idle_timeout": 2})
+    cfg = SinkConfig.from_section(
+        {"sessions": False, "max_parked_sessions": 3, "session_idle_timeout": 2}
+    )
     layout = cfg.resolve(32, 8192)
     again = SinkConfig.from_section(cfg.resolved_section(layout))
-    assert again == cfg.__class__(**{**cfg.__dict__, **layout.to_section(),
-                                     "max_request_sink_tokens": 32})
-    assert (again.sessions, again.max_parked_sessions, again.session_idle_timeout) == \
-        (False, 3, 2.0)
-    assert again.max_saved_kv_gib is None and "max_saved_kv_gib" not in \
-        cfg.resolved_section(layout)
+    assert again == cfg.__class__(
+        **{**cfg.__dict__, **layout.to_section(), "max_request_sink_tokens": 32}
+    )
+    assert (again.sessions, again.max_parked_sessions, again.session_idle_timeout) == (
+        False,
+        3,
+        2.0,
+    )
+    assert again.max_saved_kv_gib is None and "max_saved_kv_gib" not in cfg.resolved_section(layout)
 
 
 def test_saved_kv_cap_and_parked_bound_accepted():
@@ -103,8 +110,12 @@ def test_position_limit_cannot_exceed_model():
     assert layout.position_limit == 200
 
 
-@given(st.integers(0, 5000), st.integers(1, 5000), st.sampled_from([1, 16, 32, 128]),
-       st.integers(2, 20000))
+@given(
+    st.integers(0, 5000),
+    st.integers(1, 5000),
+    st.sampled_from([1, 16, 32, 128]),
+    st.integers(2, 20000),
+)
 def test_resolve_is_a_fixed_point(sink, window, block, limit):
     """Either a clear SinkConfigError, or a layout that round-trips through to_section."""
     try:
@@ -119,16 +130,27 @@ def test_resolve_is_a_fixed_point(sink, window, block, limit):
 
 
 _json = st.recursive(
-    st.none() | st.booleans() | st.integers(-10**12, 10**12) | st.floats(allow_nan=True)
+    st.none()
+    | st.booleans()
+    | st.integers(-(10**12), 10**12)
+    | st.floats(allow_nan=True)
     | st.text(max_size=8),
     lambda c: st.lists(c, max_size=3) | st.dictionaries(st.text(max_size=12), c, max_size=4),
-    max_leaves=8)
+    max_leaves=8,
+)
 
 
 @settings(max_examples=300)
-@given(st.one_of(_json, st.dictionaries(
-    st.sampled_from(["sink_tokens", "window_tokens", "position_limit", "x"]), _json,
-    max_size=3)))
+@given(
+    st.one_of(
+        _json,
+        st.dictionaries(
+            st.sampled_from(["sink_tokens", "window_tokens", "position_limit", "x"]),
+            _json,
+            max_size=3,
+        ),
+    )
+)
 def test_parser_never_crashes_on_arbitrary_json(section):
     """Fuzz: any JSON value parses into a config or raises SinkConfigError, nothing else."""
     try:
@@ -144,7 +166,7 @@ def test_parser_never_crashes_on_arbitrary_json(section):
 def test_request_sink_limit_defaults_to_the_engine_sinks_and_rounds_up():
     cfg = SinkConfig.from_section({"sink_tokens": 4, "window_tokens": 256})
     layout = cfg.resolve(32, 8192)
-    assert cfg.request_sink_limit(layout) == 32                 # the engine's one block
+    assert cfg.request_sink_limit(layout) == 32  # the engine's one block
     more = SinkConfig.from_section({"sink_tokens": 4, "max_request_sink_tokens": 100})
     assert more.request_sink_limit(more.resolve(32, 8192)) == 128
     low = SinkConfig.from_section({"sink_tokens": 64, "max_request_sink_tokens": 8})
@@ -155,21 +177,25 @@ def test_request_sink_limit_defaults_to_the_engine_sinks_and_rounds_up():
 def test_rotary_positions_leave_a_window_of_margin():
     # Capacity at the position limit (the StreamingLLM paper's 4 + 4092 on 4096): the
     # rotary range doubles what a stream holds, so rebases are >= span tokens apart.
-    tight = SinkConfig.from_section({"sink_tokens": 4, "window_tokens": 4092,
-                                     "prefill_chunk_tokens": 1}).resolve(4, 4096)
+    tight = SinkConfig.from_section(
+        {"sink_tokens": 4, "window_tokens": 4092, "prefill_chunk_tokens": 1}
+    ).resolve(4, 4096)
     assert tight.span == 4096 and tight.rotary_positions == 2 * 4096
     roomy = SinkConfig.from_section({"window_tokens": 2048}).resolve(32, 8192)
-    assert roomy.rotary_positions == 8192                      # the model's own table
+    assert roomy.rotary_positions == 8192  # the model's own table
 
 
-@pytest.mark.parametrize("section, key", [
-    ({"window_tokens": 10 ** 400}, "window_tokens"),
-    ({"window_tokens": 1e308}, "window_tokens"),
-    ({"sink_tokens": -10 ** 400}, "sink_tokens"),
-    ({"prefill_chunk_tokens": 2 ** 70}, "prefill_chunk_tokens"),
-    ({"session_idle_timeout": 1e308}, "session_idle_timeout"),
-    ({"window_tokens": [[[[[[[[[[[[[[[[1]]]]]]]]]]]]]]]]}, "window_tokens"),
-])
+@pytest.mark.parametrize(
+    "section, key",
+    [
+        ({"window_tokens": 10**400}, "window_tokens"),
+        ({"window_tokens": 1e308}, "window_tokens"),
+        ({"sink_tokens": -(10**400)}, "sink_tokens"),
+        ({"prefill_chunk_tokens": 2**70}, "prefill_chunk_tokens"),
+        ({"session_idle_timeout": 1e308}, "session_idle_timeout"),
+        ({"window_tokens": [[[[[[[[[[[[[[[[1]]]]]]]]]]]]]]]]}, "window_tokens"),
+    ],
+)
 def test_numbers_at_the_edges_are_refused_by_name(section, key):
     """Out-of-range numbers are a SinkConfigError naming the key (never an
     OverflowError while rounding to blocks), with a short message (no 400 digits)."""

@@ -13,14 +13,18 @@ import pytest
 import torch
 
 from vllm_sink.core.key_cache import KeyCache, fit_strides
-from vllm_sink.reference.key_cache import read_block, rotate_reference
 from vllm_sink.core.rotary import rope_table
+from vllm_sink.reference.key_cache import read_block, rotate_reference
 
 L, NB, N, H, D = 3, 6, 4, 2, 8
 
 # physical dim order of [layer, block, head, token, content] (vLLM's KVCacheLayout)
-PHYSICAL = {"NHD": (0, 1, 3, 2, 4), "HND": (0, 1, 2, 3, 4),
-            "block_outer": (1, 0, 3, 2, 4), "head_outer": (0, 2, 1, 3, 4)}
+PHYSICAL = {
+    "NHD": (0, 1, 3, 2, 4),
+    "HND": (0, 1, 2, 3, 4),
+    "block_outer": (1, 0, 3, 2, 4),
+    "head_outer": (0, 2, 1, 3, 4),
+}
 LAYOUTS = [*PHYSICAL, "cpu_vec", "separate", "scrambled"]
 
 
@@ -29,7 +33,7 @@ def _logical_views(order, dtype, device):
     logical = (L, NB, H, N, 2 * D)
     phys = torch.randn([logical[i] for i in order], dtype=torch.float32).to(dtype).to(device)
     inverse = [order.index(i) for i in range(5)]
-    full = phys.permute(*inverse)           # logical [L, NB, H, N, 2D]
+    full = phys.permute(*inverse)  # logical [L, NB, H, N, 2D]
     return [full[i] for i in range(L)]
 
 
@@ -52,23 +56,31 @@ def make_layout(kind, dtype=torch.float32, device="cpu"):
     slab = H * N * 2 * D
     buf = torch.randn(L, NB, slab).to(dtype).to(device)
     n, h, d = torch.meshgrid(torch.arange(N), torch.arange(H), torch.arange(D), indexing="ij")
-    if kind == "cpu_vec":   # per head: K^T [D, N] then V [N, D]
+    if kind == "cpu_vec":  # per head: K^T [D, N] then V [N, D]
         rel = (h * 2 * N * D + d * N + n).reshape(-1)
-    else:                   # any bijection: keys scattered through the slab
-        rel = torch.randperm(slab)[:N * H * D]
+    else:  # any bijection: keys scattered through the slab
+        rel = torch.randperm(slab)[: N * H * D]
     return [buf[i] for i in range(L)], rel
 
 
 def _table():
-    inv_freq = 1.0 / (10000 ** (torch.arange(0, 6, 2).float() / 6))   # partial rotary
+    inv_freq = 1.0 / (10000 ** (torch.arange(0, 6, 2).float() / 6))  # partial rotary
     return rope_table(inv_freq, 64, mscale=1.2)
 
 
 @pytest.mark.cpu
-@pytest.mark.parametrize("kind, mode", [("NHD", "stacked"), ("HND", "stacked"),
-                                        ("block_outer", "stacked"), ("head_outer", "stacked"),
-                                        ("cpu_vec", "stacked"), ("separate", "strided"),
-                                        ("scrambled", "tabled")])
+@pytest.mark.parametrize(
+    "kind, mode",
+    [
+        ("NHD", "stacked"),
+        ("HND", "stacked"),
+        ("block_outer", "stacked"),
+        ("head_outer", "stacked"),
+        ("cpu_vec", "stacked"),
+        ("separate", "strided"),
+        ("scrambled", "tabled"),
+    ],
+)
 def test_layout_modes(kind, mode):
     layers, rel = make_layout(kind)
     cache = KeyCache(layers, rel, N, H, D, _table(), True)
@@ -160,17 +172,17 @@ def _check_save_restore(kind, device):
 
     layers, _ = make_layout(kind, torch.bfloat16, device)
     stack = BlockStack(layers)
-    stack.chunk_blocks = 2                                   # three blocks: two chunks
+    stack.chunk_blocks = 2  # three blocks: two chunks
     src, dst = [4, 1, 5], [0, 2, 3]
     want = torch.stack([kv[src] for kv in stack.layers]).clone()
     reuse = torch.tensor(src, device=device)
     cuda = device == "cuda"
     if cuda:
         torch.cuda.synchronize()
-        torch.cuda.set_sync_debug_mode("error")             # any synchronization raises
+        torch.cuda.set_sync_debug_mode("error")  # any synchronization raises
     try:
         saved = stack.save(src)
-        for kv in stack.layers:                              # the blocks are reused
+        for kv in stack.layers:  # the blocks are reused
             kv.index_fill_(0, reuse, -1.0)
         stack.restore(dst, saved)
     finally:
@@ -209,7 +221,7 @@ def test_snapshot_round_trip_through_host_cuda():
     torch.cuda.set_sync_debug_mode("error")
     try:
         host = to_host(snap)
-        snap.fill_(-1.0)                                     # the device memory is reused
+        snap.fill_(-1.0)  # the device memory is reused
         back = to_device(host, torch.device("cuda"))
     finally:
         torch.cuda.set_sync_debug_mode(0)

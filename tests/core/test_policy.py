@@ -6,8 +6,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from vllm_sink.core.config import SinkLayout
-from vllm_sink.core.policy import (SinkStream, eviction_for_step, max_cached_after,
-                                   max_step_tokens, prefill_steps, rotate_row, starts_chunk)
+from vllm_sink.core.policy import (
+    SinkStream,
+    eviction_for_step,
+    max_cached_after,
+    max_step_tokens,
+    prefill_steps,
+    rotate_row,
+    starts_chunk,
+)
 
 pytestmark = pytest.mark.cpu
 
@@ -15,7 +22,7 @@ pytestmark = pytest.mark.cpu
 def test_hand_traced_decode_table():
     # B = 4, S = 4 (1 block), W = 8 (2 blocks), C = 12; prefill 12 tokens, then decode.
     s = SinkStream(SinkLayout(4, 1, 2, 1000))
-    assert s.plan(0, 12).evict_tokens == 0          # fills the cache exactly
+    assert s.plan(0, 12).evict_tokens == 0  # fills the cache exactly
     # Step 1 (absolute 12 computed, L = 12): 12+1 > 12 -> evict one block (abs 4..7).
     p = s.plan(12, 1)
     assert (p.evict_tokens, p.cached_after, p.offset, p.evict_blocks) == (4, 8, 4, 1)
@@ -33,25 +40,39 @@ def test_prompt_chunks_run_with_headroom():
     # B = 4, S = 4, W = 8 (C = 12), K = 5: span = C - 1 + K = 16, 2 headroom blocks.
     layout = SinkLayout(4, 1, 2, 1000, 5)
     assert (layout.span, layout.headroom_blocks, layout.blocks_per_request) == (16, 1, 4)
-    assert eviction_for_step(layout, 11, 5) == 0     # L + 1 <= C: the chunk runs at 16
-    assert eviction_for_step(layout, 16, 1) == 8     # back to <= C - 1: 2 blocks go
+    assert eviction_for_step(layout, 11, 5) == 0  # L + 1 <= C: the chunk runs at 16
+    assert eviction_for_step(layout, 16, 1) == 8  # back to <= C - 1: 2 blocks go
     assert eviction_for_step(layout, 16, 5) == 8
-    assert eviction_for_step(layout, 12, 5) == 4     # 12 + 1 > 12: one block
+    assert eviction_for_step(layout, 12, 5) == 4  # 12 + 1 > 12: one block
     with pytest.raises(ValueError, match="prefill_chunk_tokens"):
-        eviction_for_step(layout, 4, 13)             # 4 + 13 > 16
+        eviction_for_step(layout, 4, 13)  # 4 + 13 > 16
 
 
 def test_step_limits_and_prefill_steps():
-    layout = SinkLayout(4, 1, 2, 1000, 5)            # C = 12, span 16, K = 5
+    layout = SinkLayout(4, 1, 2, 1000, 5)  # C = 12, span 16, K = 5
     # A fresh prompt of 100: chunks [0, 16), [16, 21), [21, 26) ...; a step never
     # crosses a chunk end, a step inside a chunk continues it.
-    assert [max_step_tokens(layout, a, 0, 100) for a in (0, 3, 11, 12, 16, 18, 21)] == \
-        [16, 13, 5, 4, 5, 3, 5]
+    assert [max_step_tokens(layout, a, 0, 100) for a in (0, 3, 11, 12, 16, 18, 21)] == [
+        16,
+        13,
+        5,
+        4,
+        5,
+        3,
+        5,
+    ]
     assert max_step_tokens(layout, 98, 0, 100) == 2 and max_step_tokens(layout, 100, 0, 100) == 5
-    assert [starts_chunk(layout, a, 0, 30) for a in (0, 12, 16, 18, 21, 30, 31)] == \
-        [True, False, True, False, True, True, True]
+    assert [starts_chunk(layout, a, 0, 30) for a in (0, 12, 16, 18, 21, 30, 31)] == [
+        True,
+        False,
+        True,
+        False,
+        True,
+        True,
+        True,
+    ]
     assert prefill_steps(layout, 30) == [16, 5, 5, 4]
-    assert prefill_steps(layout, 12, start=5) == [11, 1]   # resumed before C: fill to span
+    assert prefill_steps(layout, 12, start=5) == [11, 1]  # resumed before C: fill to span
     assert prefill_steps(layout, 12, start=20) == [5, 5, 2]  # resumed after C: K a chunk
     # Whatever the steps, the eviction rule always fits them.
     s, done = SinkStream(layout, 200), 0
@@ -69,8 +90,8 @@ def test_continuation_steps_do_not_evict():
     assert [s.plan(a, n).evict_tokens for a, n in ((0, 6), (6, 6), (12, 4))] == [0, 0, 0]
     p = s.plan(16, 2)
     assert p.evict_tokens == 8 and p.cached_after == 8
-    assert s.plan(18, 3).evict_tokens == 0            # [16, 21) continued
-    assert s.plan(21, 5).evict_tokens == 4            # L = 13 at the next chunk start
+    assert s.plan(18, 3).evict_tokens == 0  # [16, 21) continued
+    assert s.plan(21, 5).evict_tokens == 4  # L = 13 at the next chunk start
     assert max_cached_after(layout, 18, 3, 0, 40) == 16 >= 8 + 2 + 3
 
 
@@ -81,7 +102,7 @@ def test_rebase_when_offset_would_pass_the_rotary_range():
     assert layout.rotary_positions == 24
     s = SinkStream(layout)
     s.plan(0, 12)
-    for eviction in (4, 8, 12):   # one block evicted every 4 decode steps
+    for eviction in (4, 8, 12):  # one block evicted every 4 decode steps
         a = 8 + eviction
         assert s.plan(a, 1).rebase_by == 0 and s.offset == eviction
         for b in range(a + 1, a + 4):
@@ -111,7 +132,7 @@ class NaiveCache:
 
     def __init__(self, layout: SinkLayout):
         self.B, self.layout = layout.block_size, layout
-        self.sinks: list[list[int]] = []          # logical sink blocks of absolute ids
+        self.sinks: list[list[int]] = []  # logical sink blocks of absolute ids
         self.window: list[tuple[int, list[int]]] = []  # (physical ring block, ids)
         self.free_ring = list(range(layout.ring_blocks))  # FIFO of free ring blocks
         self.next_abs = 0
@@ -120,8 +141,8 @@ class NaiveCache:
         self.span = layout.capacity - 1 + layout.chunk_tokens
         bpr = -(-self.span // self.B)
         self.rotary = max(layout.position_limit, 2 * bpr * self.B)
-        self.rebases_seen: dict[int, int] = {}    # window token -> rebases while cached
-        self.first_window: dict[int, int] = {}    # token -> oldest window token it sees
+        self.rebases_seen: dict[int, int] = {}  # window token -> rebases while cached
+        self.first_window: dict[int, int] = {}  # token -> oldest window token it sees
 
     def cached(self) -> list[int]:
         return [a for b in self.sinks for a in b] + [a for _, b in self.window for a in b]
@@ -135,7 +156,7 @@ class NaiveCache:
                 self.free_ring.append(phys)
                 self.offset += len(ids)
             if self.offset + self.span > self.rotary:
-                self.offset = 0                     # rebase: every window key moves once
+                self.offset = 0  # rebase: every window key moves once
                 for _, ids in self.window:
                     for a in ids:
                         self.rebases_seen[a] += 1
@@ -144,7 +165,8 @@ class NaiveCache:
             a = self.next_abs
             self.next_abs += 1
             if len(self.sinks) < self.layout.sink_blocks or (
-                    self.sinks and len(self.sinks[-1]) < self.B and not self.window):
+                self.sinks and len(self.sinks[-1]) < self.B and not self.window
+            ):
                 if not self.sinks or len(self.sinks[-1]) == self.B:
                     self.sinks.append([])
                 self.sinks[-1].append(a)
@@ -177,7 +199,7 @@ def run_requests(layout, requests, splits):
     SinkStream against NaiveCache on every step and returns the naive model."""
     naive, stream = NaiveCache(layout), SinkStream(layout)
     computed, chunk_no = 0, 0
-    sb = layout.sink_blocks   # the worker's row: sink blocks, then ring blocks in order
+    sb = layout.sink_blocks  # the worker's row: sink blocks, then ring blocks in order
     row = list(range(-sb, 0)) + list(range(layout.ring_blocks))
     for prompt_len, decode in requests:
         stream.begin_request(computed, computed + prompt_len)
@@ -190,7 +212,7 @@ def run_requests(layout, requests, splits):
         steps += [(1, True)] * decode
         for n, chunk_start in steps:
             assert n <= max_step_tokens(layout, computed, stream.start, stream.prompt_end)
-            quiet = stream.quiet(computed, n)     # the worker's per-step fast path
+            quiet = stream.quiet(computed, n)  # the worker's per-step fast path
             before = (stream.evicted, stream.offset)
             plan = stream.plan(computed, n)
             rotate_row(row, sb, plan.evict_blocks)
@@ -201,11 +223,12 @@ def run_requests(layout, requests, splits):
             computed += n
             cached = naive.cached()
             assert plan.cached_after + n == len(cached)
-            assert len(cached) <= max_cached_after(layout, computed - n, n, stream.start,
-                                                   stream.prompt_end)
+            assert len(cached) <= max_cached_after(
+                layout, computed - n, n, stream.start, stream.prompt_end
+            )
             assert stream.evicted == computed - len(cached)
             # Ring order: virtual block j holds the naive model's physical ring block.
-            assert [p for p, _ in naive.window] == row[sb:sb + len(naive.window)]
+            assert [p for p, _ in naive.window] == row[sb : sb + len(naive.window)]
             # Every window token's virtual index is absolute - E.
             for v, a in enumerate(cached):
                 if v >= layout.sink_tokens:
@@ -216,13 +239,20 @@ def run_requests(layout, requests, splits):
 
 
 @settings(max_examples=200, deadline=None)
-@given(st.sampled_from([1, 2, 4]), st.integers(0, 2), st.integers(1, 4), st.integers(0, 3),
-       st.integers(1, 9), st.data())
+@given(
+    st.sampled_from([1, 2, 4]),
+    st.integers(0, 2),
+    st.integers(1, 4),
+    st.integers(0, 3),
+    st.integers(1, 9),
+    st.data(),
+)
 def test_policy_matches_naive_cache(B, sink_blocks, window_blocks, slack, K, data):
     C = (sink_blocks + window_blocks) * B
     layout = SinkLayout(B, sink_blocks, window_blocks, C - 1 + K + slack * B, K)
-    requests = data.draw(st.lists(st.tuples(st.integers(1, 4 * C), st.integers(0, 2 * C)),
-                                  min_size=1, max_size=3))
+    requests = data.draw(
+        st.lists(st.tuples(st.integers(1, 4 * C), st.integers(0, 2 * C)), min_size=1, max_size=3)
+    )
     split = data.draw(st.lists(st.integers(1, layout.span), min_size=1, max_size=5))
     naive = run_requests(layout, requests, split)
     # Rebases are at least span evicted tokens apart: no window key moves twice, so a
@@ -231,16 +261,19 @@ def test_policy_matches_naive_cache(B, sink_blocks, window_blocks, slack, K, dat
 
 
 @settings(max_examples=100, deadline=None)
-@given(st.sampled_from([1, 2, 4]), st.integers(0, 2), st.integers(1, 4), st.integers(1, 9),
-       st.data())
+@given(
+    st.sampled_from([1, 2, 4]), st.integers(0, 2), st.integers(1, 4), st.integers(1, 9), st.data()
+)
 def test_attention_is_a_function_of_the_request_alone(B, sink_blocks, window_blocks, K, data):
     """However the engine's step budget cuts the chunks (alone, or among others), every
     token attends to the same cached tokens."""
     C = (sink_blocks + window_blocks) * B
-    layout = SinkLayout(B, sink_blocks, window_blocks, C - 1 + K, K)   # capacity at the limit
-    requests = data.draw(st.lists(st.tuples(st.integers(1, 4 * C), st.integers(0, C)),
-                                  min_size=1, max_size=3))
+    layout = SinkLayout(B, sink_blocks, window_blocks, C - 1 + K, K)  # capacity at the limit
+    requests = data.draw(
+        st.lists(st.tuples(st.integers(1, 4 * C), st.integers(0, C)), min_size=1, max_size=3)
+    )
     alone = run_requests(layout, requests, [layout.span])
-    busy = run_requests(layout, requests,
-                        data.draw(st.lists(st.integers(1, K + 2), min_size=1, max_size=6)))
+    busy = run_requests(
+        layout, requests, data.draw(st.lists(st.integers(1, K + 2), min_size=1, max_size=6))
+    )
     assert alone.first_window == busy.first_window

@@ -41,7 +41,7 @@ def test_private_dir_and_its_checks(tmp_path, monkeypatch):
     with pytest.raises(PermissionError):
         sb.stats_dir()
     monkeypatch.delenv(sb.STATS_DIR_ENV)
-    made = sb.stats_dir()                 # no frontend named one: a new private one
+    made = sb.stats_dir()  # no frontend named one: a new private one
     try:
         assert os.environ[sb.STATS_DIR_ENV] == made
         assert stat.S_IMODE(os.lstat(made).st_mode) == 0o700

@@ -18,7 +18,7 @@ def make_llm(model: str, sink: dict | None = None, **kw):
 
     kw.setdefault("enforce_eager", True)
     kw.setdefault("kv_cache_memory_bytes", KV_BYTES)
-    if os.environ.get("VLLM_SINK_TEST_BLOCK_SIZE"):   # the CPU layouts, on another device
+    if os.environ.get("VLLM_SINK_TEST_BLOCK_SIZE"):  # the CPU layouts, on another device
         kw.setdefault("block_size", int(os.environ["VLLM_SINK_TEST_BLOCK_SIZE"]))
     kw.setdefault("seed", 0)
     for k, v in _gpu_share().items():
@@ -58,26 +58,48 @@ def engine_factory():
         shutdown(llm)
 
 
-def generate_in_subprocess(model: str, prompts: list[list[int]], max_tokens: int,
-                           env: dict[str, str], top_logprobs: int | None = None,
-                           **engine_kw) -> list:
+def generate_in_subprocess(
+    model: str,
+    prompts: list[list[int]],
+    max_tokens: int,
+    env: dict[str, str],
+    top_logprobs: int | None = None,
+    **engine_kw,
+) -> list:
     """Greedy generations from a fresh Python process (e.g. with plugins disabled): the
     token ids per prompt, or with ``top_logprobs`` what ``greedy_top`` returns."""
     script = os.path.join(os.path.dirname(__file__), "_generate.py")
-    args = json.dumps({"model": model, "prompts": prompts, "max_tokens": max_tokens,
-                       "top_logprobs": top_logprobs,
-                       "engine": {"kv_cache_memory_bytes": KV_BYTES, "enforce_eager": True,
-                                  "seed": 0, **_gpu_share(), **engine_kw}})
-    out = subprocess.run([sys.executable, script, args], env={**os.environ, **env},
-                         capture_output=True, text=True, timeout=600)
+    args = json.dumps(
+        {
+            "model": model,
+            "prompts": prompts,
+            "max_tokens": max_tokens,
+            "top_logprobs": top_logprobs,
+            "engine": {
+                "kv_cache_memory_bytes": KV_BYTES,
+                "enforce_eager": True,
+                "seed": 0,
+                **_gpu_share(),
+                **engine_kw,
+            },
+        }
+    )
+    out = subprocess.run(
+        [sys.executable, script, args],
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     lines = [x for x in out.stdout.splitlines() if x.startswith("RESULT ")]
     assert lines, out.stdout[-2000:] + out.stderr[-2000:]
-    result = json.loads(lines[-1][len("RESULT "):])
+    result = json.loads(lines[-1][len("RESULT ") :])
     if top_logprobs is None:
         return result
-    return [(toks, [{int(t): lp for t, lp in top.items()} for top in tops])
-            for toks, tops in result]
+    return [
+        (toks, [{int(t): lp for t, lp in top.items()} for top in tops]) for toks, tops in result
+    ]
 
 
 def greedy_top(llm, prompts, max_tokens: int, k: int = 5):
@@ -85,12 +107,18 @@ def greedy_top(llm, prompts, max_tokens: int, k: int = 5):
     log-probs as {token id: log-prob}, the sampled token always among them)."""
     from vllm import SamplingParams
 
-    outs = llm.generate([{"prompt_token_ids": p} for p in prompts],
-                        SamplingParams(temperature=0, max_tokens=max_tokens, logprobs=k,
-                                       ignore_eos=True), use_tqdm=False)
-    return [(list(o.outputs[0].token_ids),
-             [{t: lp.logprob for t, lp in step.items()} for step in o.outputs[0].logprobs])
-            for o in outs]
+    outs = llm.generate(
+        [{"prompt_token_ids": p} for p in prompts],
+        SamplingParams(temperature=0, max_tokens=max_tokens, logprobs=k, ignore_eos=True),
+        use_tqdm=False,
+    )
+    return [
+        (
+            list(o.outputs[0].token_ids),
+            [{t: lp.logprob for t, lp in step.items()} for step in o.outputs[0].logprobs],
+        )
+        for o in outs
+    ]
 
 
 def assert_greedy_close(a, b, names=("a", "b"), tie=0.25, prefix_tol=0.1) -> int:
@@ -109,16 +137,19 @@ def assert_greedy_close(a, b, names=("a", "b"), tie=0.25, prefix_tol=0.1) -> int
         i = next((j for j, (x, y) in enumerate(zip(ta, tb)) if x != y), len(ta))
         for j in range(i):
             gap = abs(la[j][ta[j]] - lb[j][tb[j]])
-            assert gap <= prefix_tol, (f"prompt {n} token {j}: log-prob {la[j][ta[j]]:.4f} "
-                                       f"({names[0]}) vs {lb[j][tb[j]]:.4f} ({names[1]})")
+            assert gap <= prefix_tol, (
+                f"prompt {n} token {j}: log-prob {la[j][ta[j]]:.4f} "
+                f"({names[0]}) vs {lb[j][tb[j]]:.4f} ({names[1]})"
+            )
         if i == len(ta):
             continue
         diverged += 1
         x, y = ta[i], tb[i]
         where = f"prompt {n} token {i}: {names[0]} {x}, {names[1]} {y}"
         assert x in lb[i] and y in la[i], f"{where}: not in each other's top-k ({la[i]}; {lb[i]})"
-        assert la[i][x] - la[i][y] <= tie and lb[i][y] - lb[i][x] <= tie, \
+        assert la[i][x] - la[i][y] <= tie and lb[i][y] - lb[i][x] <= tie, (
             f"{where}: not a near-tie ({la[i]}; {lb[i]})"
+        )
     return diverged
 
 
@@ -127,9 +158,11 @@ def greedy_with_logprobs(llm, prompts, max_tokens):
     import torch
     from vllm import SamplingParams
 
-    outs = llm.generate([{"prompt_token_ids": p} for p in prompts],
-                        SamplingParams(temperature=0, max_tokens=max_tokens, logprobs=0,
-                                       ignore_eos=True), use_tqdm=False)
+    outs = llm.generate(
+        [{"prompt_token_ids": p} for p in prompts],
+        SamplingParams(temperature=0, max_tokens=max_tokens, logprobs=0, ignore_eos=True),
+        use_tqdm=False,
+    )
     result = []
     for o in outs:
         toks = list(o.outputs[0].token_ids)
@@ -166,7 +199,7 @@ def check_against_reference(ref, prompt, toks, lps, prefill_steps, min_agree_aft
     steps = prefill_steps if isinstance(prefill_steps, list) else [len(prompt)]
     if torch.cuda.is_available():
         ref_lp, top1 = ref.stream().score(list(prompt) + list(toks), steps + [1] * len(toks))
-        ref_lp, top1 = ref_lp[len(prompt):], top1[len(prompt):]
+        ref_lp, top1 = ref_lp[len(prompt) :], top1[len(prompt) :]
         agree = int((top1 == torch.tensor(toks)).sum())
         diff = (lps - ref_lp).abs()
         assert diff.mean() <= 0.01 and diff.max() <= 0.1, (float(diff.mean()), float(diff.max()))
@@ -178,9 +211,9 @@ def check_against_reference(ref, prompt, toks, lps, prefill_steps, min_agree_aft
         ref_lp = torch.tensor(greedy_lp)
     else:
         stream = ref.stream()
-        ref_lp = stream.teacher_force(list(prompt) + toks, steps + [1] * len(toks))[len(prompt):]
+        ref_lp = stream.teacher_force(list(prompt) + toks, steps + [1] * len(toks))[len(prompt) :]
     diff = (lps - ref_lp).abs()
-    first_evict = max(0, ref.layout.capacity - len(prompt))   # tokens before eviction
+    first_evict = max(0, ref.layout.capacity - len(prompt))  # tokens before eviction
     assert diff.mean() <= 0.01 and diff.max() <= 0.1, (float(diff.mean()), float(diff.max()))
     assert agree - first_evict >= min(min_agree_after_evict, len(toks) - first_evict), agree
     return float(diff.mean()), float(diff.max()), agree

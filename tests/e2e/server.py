@@ -43,38 +43,60 @@ def _cuda() -> bool:
 
 
 class Server:
-    def __init__(self, model: str, sink: dict | None, *args: str, env: dict | None = None,
-                 kv_gib: int = 1, log_path: str | None = None) -> None:
+    def __init__(
+        self,
+        model: str,
+        sink: dict | None,
+        *args: str,
+        env: dict | None = None,
+        kv_gib: int = 1,
+        log_path: str | None = None,
+    ) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.model = model
-        cmd = [*cli("vllm"), "serve", model, "--host", "127.0.0.1", "--port", str(self.port),
-               "--served-model-name", "smol", "--enforce-eager", *args]
-        block = os.environ.get("VLLM_SINK_TEST_BLOCK_SIZE")   # as make_llm: the CPU
-        if block and "--block-size" not in args:              # layouts, on another device
+        cmd = [
+            *cli("vllm"),
+            "serve",
+            model,
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--served-model-name",
+            "smol",
+            "--enforce-eager",
+            *args,
+        ]
+        block = os.environ.get("VLLM_SINK_TEST_BLOCK_SIZE")  # as make_llm: the CPU
+        if block and "--block-size" not in args:  # layouts, on another device
             cmd += ["--block-size", block]
         if _cuda() and "--kv-cache-memory-bytes" not in args:
             # The same pool as on the CPU (there VLLM_CPU_KVCACHE_SPACE below sets it),
             # not vLLM's default of most of the GPU's memory.
             cmd += ["--kv-cache-memory-bytes", str(kv_gib * 2**30)]
         util = os.environ.get("VLLM_SINK_TEST_GPU_MEMORY_UTILIZATION")
-        if util and "--gpu-memory-utilization" not in args:   # several engines on one GPU
+        if util and "--gpu-memory-utilization" not in args:  # several engines on one GPU
             cmd += ["--gpu-memory-utilization", util]
         if sink is not None:
             cmd += ["--additional-config", json.dumps({"sink": sink})]
         # VLLM_SINK_TEST_LOG_DIR keeps the server logs (gpu-verify: with its results)
         log_dir = os.environ.get("VLLM_SINK_TEST_LOG_DIR") or tempfile.gettempdir()
         os.makedirs(log_dir, exist_ok=True)
-        self.log_path = log_path or os.path.join(log_dir,
-                                                 f"vllm_sink_test_server_{self.port}.log")
+        self.log_path = log_path or os.path.join(log_dir, f"vllm_sink_test_server_{self.port}.log")
         self.log = open(self.log_path, "w")
-        full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "VLLM_CPU_KVCACHE_SPACE": str(kv_gib),
-                    **(env or {})}
+        full_env = {
+            **os.environ,
+            "HF_HUB_OFFLINE": "1",
+            "VLLM_CPU_KVCACHE_SPACE": str(kv_gib),
+            **(env or {}),
+        }
         if "--kv-cache-memory-bytes" in args:
             # vLLM's CPU platform lets VLLM_CPU_KVCACHE_SPACE override the flag.
             full_env.pop("VLLM_CPU_KVCACHE_SPACE")
-        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT,
-                                     env=full_env, start_new_session=True)
+        self.proc = subprocess.Popen(
+            cmd, stdout=self.log, stderr=subprocess.STDOUT, env=full_env, start_new_session=True
+        )
 
     def wait_ready(self, timeout: float = 300.0) -> None:
         """Wait for /health; on failure stop the whole process group, then raise."""

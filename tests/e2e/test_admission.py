@@ -24,14 +24,14 @@ def llm(default_model_dir):
 
 def _admit(llm, params, request_id="r", **kw):
     return llm.llm_engine.input_processor.process_inputs(
-        request_id, PROMPT, params, supported_tasks=("generate",), **kw)
+        request_id, PROMPT, params, supported_tasks=("generate",), **kw
+    )
 
 
 def _generate_two(llm) -> list[int]:
     from vllm import SamplingParams
 
-    out = llm.generate([PROMPT], SamplingParams(max_tokens=2, ignore_eos=True),
-                       use_tqdm=False)
+    out = llm.generate([PROMPT], SamplingParams(max_tokens=2, ignore_eos=True), use_tqdm=False)
     return list(out[0].outputs[0].token_ids)
 
 
@@ -44,8 +44,9 @@ def test_reserved_request_ids_are_refused(llm):
 
     refused = None
     try:
-        llm.llm_engine.add_request("\x00vllm_sink:not a directive", PROMPT,
-                                   SamplingParams(max_tokens=2))
+        llm.llm_engine.add_request(
+            "\x00vllm_sink:not a directive", PROMPT, SamplingParams(max_tokens=2)
+        )
     except VLLMValidationError as e:
         refused = e
     assert len(_generate_two(llm)) == 2
@@ -60,8 +61,7 @@ def test_streaming_input_is_refused_for_streams(llm):
 
     with pytest.raises(VLLMValidationError, match="streaming-input"):
         _admit(llm, SamplingParams(max_tokens=2), resumable=True)
-    dense = _admit(llm, SamplingParams(max_tokens=2, extra_args={"sink": False}),
-                   resumable=True)
+    dense = _admit(llm, SamplingParams(max_tokens=2, extra_args={"sink": False}), resumable=True)
     assert dense.resumable
 
 
@@ -75,12 +75,18 @@ def test_offline_session_ids_are_namespaced_and_checked(llm):
     req = _admit(llm, SamplingParams(max_tokens=2), session_id="conv")
     assert req.session_id == "local:conv"
     salted = llm.llm_engine.input_processor.process_inputs(
-        "r", {**PROMPT, "cache_salt": "tenant-1"}, SamplingParams(max_tokens=2),
-        supported_tasks=("generate",), session_id="conv")
+        "r",
+        {**PROMPT, "cache_salt": "tenant-1"},
+        SamplingParams(max_tokens=2),
+        supported_tasks=("generate",),
+        session_id="conv",
+    )
     assert salted.session_id.endswith(":conv") and salted.session_id != "local:conv"
-    for extra, kw, words in (({"session_id": 5}, {}, "string"),
-                             ({"session_id": "s" * 300}, {}, "at most"),
-                             ({"session_id": "a"}, {"session_id": "b"}, "twice")):
+    for extra, kw, words in (
+        ({"session_id": 5}, {}, "string"),
+        ({"session_id": "s" * 300}, {}, "at most"),
+        ({"session_id": "a"}, {"session_id": "b"}, "twice"),
+    ):
         with pytest.raises(VLLMValidationError, match=words) as e:
             _admit(llm, SamplingParams(max_tokens=2, extra_args=extra), **kw)
         assert "session_id" in str(e.value)

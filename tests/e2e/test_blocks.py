@@ -9,15 +9,16 @@ from tests.e2e.conftest import make_llm, shutdown
 
 pytestmark = pytest.mark.e2e
 
-SINK = {"sink_tokens": 4, "window_tokens": 96}        # C = 128: 4 blocks of 32 when full
-BLOCK_BYTES = 2 * 30 * 3 * 32 * 64 * 2                # K+V, 30 layers, 3 heads, bf16
+SINK = {"sink_tokens": 4, "window_tokens": 96}  # C = 128: 4 blocks of 32 when full
+BLOCK_BYTES = 2 * 30 * 3 * 32 * 64 * 2  # K+V, 30 layers, 3 heads, bf16
 
 
 @pytest.fixture(scope="module")
 def engine(default_model_dir):
     # 14 blocks: the null block + room for 3 decoding streams (12 blocks) and one more.
-    llm = make_llm(default_model_dir, SINK, kv_cache_memory_bytes=14 * BLOCK_BYTES,
-                   disable_log_stats=False)
+    llm = make_llm(
+        default_model_dir, SINK, kv_cache_memory_bytes=14 * BLOCK_BYTES, disable_log_stats=False
+    )
     yield llm.llm_engine
     shutdown(llm)
 
@@ -39,15 +40,17 @@ def test_blocks_grow_to_capacity_then_stay_flat(engine):
     from vllm import SamplingParams
 
     for i in range(3):
-        engine.add_request(f"long{i}", {"prompt_token_ids": list(range(200, 230 + i))},
-                           SamplingParams(max_tokens=400, ignore_eos=True))
+        engine.add_request(
+            f"long{i}",
+            {"prompt_token_ids": list(range(200, 230 + i))},
+            SamplingParams(max_tokens=400, ignore_eos=True),
+        )
     history, lengths = [], {}
     while engine.has_unfinished_requests():
         for out in engine.step():
             if out.finished:
                 lengths[out.request_id] = len(out.outputs[0].token_ids)
-        history.append((int(_metrics(engine)["vllm:num_requests_running"]),
-                        _blocks_used(engine)))
+        history.append((int(_metrics(engine)["vllm:num_requests_running"]), _blocks_used(engine)))
     # 400 tokens per stream = 3x+ the 128-token capacity; all three ran to the end.
     assert lengths == {f"long{i}": 400 for i in range(3)}
     # On demand: one block per ~30-token prompt at first, never more than C/B each ...
@@ -70,10 +73,13 @@ def test_step_trace_counts_the_evictions(engine):
     covering its key-op time."""
     from vllm import SamplingParams
 
-    engine.collective_rpc("sink_trace")                   # read and clear: a fresh trace
+    engine.collective_rpc("sink_trace")  # read and clear: a fresh trace
     before = engine.collective_rpc("sink_stats")[0]
-    engine.add_request("traced", {"prompt_token_ids": list(range(300, 320))},
-                       SamplingParams(max_tokens=300, ignore_eos=True))
+    engine.add_request(
+        "traced",
+        {"prompt_token_ids": list(range(300, 320))},
+        SamplingParams(max_tokens=300, ignore_eos=True),
+    )
     steps = 0
     while engine.has_unfinished_requests():
         engine.step()
@@ -85,7 +91,7 @@ def test_step_trace_counts_the_evictions(engine):
     assert sum(r.evictions for r in trace) == after["evictions"] - before["evictions"] > 0
     assert 0 < len(trace) <= steps + 1
     assert all(r.host_ns >= r.keys_ns >= 0 and r.cpu_ns >= 0 for r in trace)
-    assert sum(r.cpu_ns for r in trace) > 0              # the plugin's thread CPU time
+    assert sum(r.cpu_ns for r in trace) > 0  # the plugin's thread CPU time
     assert [r.start_ns for r in trace] == sorted(r.start_ns for r in trace)
 
 
@@ -93,9 +99,12 @@ def test_abort_returns_blocks(engine):
     from vllm import SamplingParams
 
     for i in range(3):
-        engine.add_request(f"ab{i}", {"prompt_token_ids": list(range(300, 340))},
-                           SamplingParams(max_tokens=10_000, ignore_eos=True))
-    for _ in range(150):                     # well past the first evictions
+        engine.add_request(
+            f"ab{i}",
+            {"prompt_token_ids": list(range(300, 340))},
+            SamplingParams(max_tokens=10_000, ignore_eos=True),
+        )
+    for _ in range(150):  # well past the first evictions
         engine.step()
     assert _blocks_used(engine) == 12
     engine.abort_request(["ab0", "ab1", "ab2"])
@@ -103,8 +112,9 @@ def test_abort_returns_blocks(engine):
     assert not engine.has_unfinished_requests()
     assert _blocks_used(engine) == 0
     # The engine still serves normally afterwards.
-    engine.add_request("after", {"prompt_token_ids": [1, 2, 3]},
-                       SamplingParams(max_tokens=5, ignore_eos=True))
+    engine.add_request(
+        "after", {"prompt_token_ids": [1, 2, 3]}, SamplingParams(max_tokens=5, ignore_eos=True)
+    )
     outs = []
     while engine.has_unfinished_requests():
         outs += [o for o in engine.step() if o.finished]
@@ -120,10 +130,18 @@ def test_min_tokens_longer_than_window(engine):
 
     tok = engine.get_tokenizer()
     stop = tok.encode(" the")[-1]
-    engine.add_request("mt", {"prompt_token_ids": tok.encode("Write about the history of the world.")},
-                       SamplingParams(temperature=0, max_tokens=400, min_tokens=150,
-                                      stop_token_ids=[stop], logit_bias={stop: 100.0},
-                                      ignore_eos=True))
+    engine.add_request(
+        "mt",
+        {"prompt_token_ids": tok.encode("Write about the history of the world.")},
+        SamplingParams(
+            temperature=0,
+            max_tokens=400,
+            min_tokens=150,
+            stop_token_ids=[stop],
+            logit_bias={stop: 100.0},
+            ignore_eos=True,
+        ),
+    )
     out = None
     while engine.has_unfinished_requests():
         out = next((o for o in engine.step() if o.finished), out)
@@ -143,10 +161,16 @@ def test_structured_output_spans_evictions(engine):
 
     pattern = r"(yes|no)(, (yes|no)){149}"
     tok = engine.get_tokenizer()
-    engine.add_request("so", {"prompt_token_ids": tok.encode("Answer yes or no, 150 times:")},
-                       SamplingParams(temperature=0.8, seed=1, max_tokens=2000,
-                                      structured_outputs=StructuredOutputsParams(
-                                          regex=pattern)))
+    engine.add_request(
+        "so",
+        {"prompt_token_ids": tok.encode("Answer yes or no, 150 times:")},
+        SamplingParams(
+            temperature=0.8,
+            seed=1,
+            max_tokens=2000,
+            structured_outputs=StructuredOutputsParams(regex=pattern),
+        ),
+    )
     out = None
     while engine.has_unfinished_requests():
         out = next((o for o in engine.step() if o.finished), out)
@@ -163,9 +187,18 @@ def test_parallel_sampling_streams_each_child(engine):
     from vllm.sampling_params import RequestOutputKind
 
     tok = engine.get_tokenizer()
-    engine.add_request("n2", {"prompt_token_ids": tok.encode("Once upon a time")},
-                       SamplingParams(n=2, temperature=1.0, seed=3, max_tokens=300,
-                                      ignore_eos=True, output_kind=RequestOutputKind.FINAL_ONLY))
+    engine.add_request(
+        "n2",
+        {"prompt_token_ids": tok.encode("Once upon a time")},
+        SamplingParams(
+            n=2,
+            temperature=1.0,
+            seed=3,
+            max_tokens=300,
+            ignore_eos=True,
+            output_kind=RequestOutputKind.FINAL_ONLY,
+        ),
+    )
     peak, out = 0, None
     while engine.has_unfinished_requests():
         out = next((o for o in engine.step() if o.finished), out)

@@ -37,17 +37,22 @@ from vllm_sink.reference import StreamingReference
 
 pytestmark = pytest.mark.gpu
 
-B = 16                                             # vLLM's default CUDA block size
-SINK = {"sink_tokens": 4, "window_tokens": 48}     # S = 16, W = 48, C = 64
+B = 16  # vLLM's default CUDA block size
+SINK = {"sink_tokens": 4, "window_tokens": 48}  # S = 16, W = 48, C = 64
 C = 64
-LIMIT = 160                                        # K = 48, span 111: rebase when O > 49
-STREAM = 700                                       # generated tokens per request (> 10 C)
-SIZES = [1, 2, 4, 8]                               # CUDA graph sizes (4-request decodes)
+LIMIT = 160  # K = 48, span 111: rebase when O > 49
+STREAM = 700  # generated tokens per request (> 10 C)
+SIZES = [1, 2, 4, 8]  # CUDA graph sizes (4-request decodes)
 MODES = {
     "default": {"enforce_eager": False, "compilation_config": {"cudagraph_capture_sizes": SIZES}},
-    "graphs": {"enforce_eager": False,
-               "compilation_config": {"mode": 0, "cudagraph_mode": "FULL_DECODE_ONLY",
-                                      "cudagraph_capture_sizes": SIZES}},
+    "graphs": {
+        "enforce_eager": False,
+        "compilation_config": {
+            "mode": 0,
+            "cudagraph_mode": "FULL_DECODE_ONLY",
+            "cudagraph_capture_sizes": SIZES,
+        },
+    },
     "eager": {"enforce_eager": True},
 }
 POOL = {"kv_cache_memory_bytes": 1 << 30}
@@ -75,10 +80,13 @@ def small_model(default_model_dir):
 def reference_model(default_model_dir):
     from transformers import AutoModelForCausalLM
 
-    torch.backends.cuda.matmul.allow_tf32 = False   # the oracle is plain float32
+    torch.backends.cuda.matmul.allow_tf32 = False  # the oracle is plain float32
     torch.backends.cudnn.allow_tf32 = False
-    return AutoModelForCausalLM.from_pretrained(
-        default_model_dir, dtype=torch.float32).eval().to("cuda")
+    return (
+        AutoModelForCausalLM.from_pretrained(default_model_dir, dtype=torch.float32)
+        .eval()
+        .to("cuda")
+    )
 
 
 @pytest.fixture(scope="module")
@@ -92,11 +100,12 @@ def score(ref_model, prompt, toks, lps):
     key = (tuple(prompt), tuple(toks))
     if key not in _REFERENCE:
         ref = StreamingReference(ref_model, block_size=B, position_limit=LIMIT, **SINK)
-        _REFERENCE[key] = ref.stream().score(list(prompt) + list(toks),
-                                             [len(prompt)] + [1] * len(toks))
+        _REFERENCE[key] = ref.stream().score(
+            list(prompt) + list(toks), [len(prompt)] + [1] * len(toks)
+        )
     lp_ref, top1 = _REFERENCE[key]
-    diff = (lps - lp_ref[len(prompt):]).abs()
-    agree = (top1[len(prompt):] == torch.tensor(toks)).float().mean()
+    diff = (lps - lp_ref[len(prompt) :]).abs()
+    agree = (top1[len(prompt) :] == torch.tensor(toks)).float().mean()
     return float(diff.mean()), float(diff.max()), float(agree)
 
 
@@ -116,15 +125,17 @@ def noise_floor(small_model, reference_model, prompts, mode, **kw) -> float:
     key = (mode, json.dumps(kw, sort_keys=True))
     if key not in _FLOORS:
         outs = vanilla(small_model, [p[:16] for p in prompts], C - 1 - 16, mode, **kw)
-        _FLOORS[key] = max(score(reference_model, p[:16], t, lp)[0]
-                           for p, (t, lp) in zip(prompts, outs))
+        _FLOORS[key] = max(
+            score(reference_model, p[:16], t, lp)[0] for p, (t, lp) in zip(prompts, outs)
+        )
     return _FLOORS[key]
 
 
 def stream(small_model, reference_model, prompts, mode, **kw):
     """The plugin streaming every prompt; (outputs, stats, per-request scores)."""
-    outs, stats = greedy_in_fresh_engine(small_model, SINK, prompts, STREAM,
-                                         **{**MODES[mode], **POOL, **kw})
+    outs, stats = greedy_in_fresh_engine(
+        small_model, SINK, prompts, STREAM, **{**MODES[mode], **POOL, **kw}
+    )
     rows = [score(reference_model, p, t, lp) for p, (t, lp) in zip(prompts, outs)]
     return outs, stats, rows
 
@@ -132,10 +143,21 @@ def stream(small_model, reference_model, prompts, mode, **kw):
 def check(name, mode, floor, outs, stats, rows, **kw):
     mean = sum(r[0] for r in rows) / len(rows)
     agree = min(r[2] for r in rows)
-    record(name, {"mode": mode, **kw, "noise_floor": floor, "mean_abs_dlogp": mean,
-                  "max_abs_dlogp": max(r[1] for r in rows), "top1_agreement_min": agree,
-                  "evictions": stats["evictions"], "rebases": stats["rebases"],
-                  "sink_rewrites": stats["sink_rewrites"], "tokens": STREAM * len(rows)})
+    record(
+        name,
+        {
+            "mode": mode,
+            **kw,
+            "noise_floor": floor,
+            "mean_abs_dlogp": mean,
+            "max_abs_dlogp": max(r[1] for r in rows),
+            "top1_agreement_min": agree,
+            "evictions": stats["evictions"],
+            "rebases": stats["rebases"],
+            "sink_rewrites": stats["sink_rewrites"],
+            "tokens": STREAM * len(rows),
+        },
+    )
     assert stats["rebases"] >= 5 and stats["active_requests"] == 0
     assert all(len(t) == STREAM for t, _ in outs)
     assert mean <= 1.5 * floor, (mean, floor)
@@ -145,10 +167,10 @@ def check(name, mode, floor, outs, stats, rows, **kw):
 def check_backend(backend, small_model, reference_model, prompts, mode="graphs"):
     """bf16 on ``backend`` (named with vLLM's --attention-backend) vs the reference,
     within 1.5x of vanilla vLLM's noise floor on the same backend."""
-    floor = noise_floor(small_model, reference_model, prompts, "graphs",
-                        attention_backend=backend)
-    outs, stats, rows = stream(small_model, reference_model, prompts, mode,
-                               attention_backend=backend)
+    floor = noise_floor(small_model, reference_model, prompts, "graphs", attention_backend=backend)
+    outs, stats, rows = stream(
+        small_model, reference_model, prompts, mode, attention_backend=backend
+    )
     check(f"bf16 {backend}", mode, floor, outs, stats, rows, attention_backend=backend)
 
 
@@ -163,17 +185,24 @@ def test_flash_attn_with_vllm_defaults_matches_reference(small_model, reference_
         cc = llm.llm_engine.vllm_config.compilation_config
         assert cc.mode == CompilationMode.VLLM_COMPILE, cc.mode
         assert cc.cudagraph_mode == CUDAGraphMode.FULL_AND_PIECEWISE, cc.cudagraph_mode
-        sc = llm.llm_engine.vllm_config.scheduler_config   # vLLM's CUDA default: async
+        sc = llm.llm_engine.vllm_config.scheduler_config  # vLLM's CUDA default: async
         assert sc.async_scheduling and sc.scheduler_cls.endswith("SinkAsyncScheduler")
         outs = greedy_with_logprobs(llm, prompts, STREAM)
         stats = llm.collective_rpc("sink_stats")[0]
     finally:
         shutdown(llm)
-    floor = noise_floor(small_model, reference_model, prompts, "graphs",
-                        attention_backend="FLASH_ATTN")
+    floor = noise_floor(
+        small_model, reference_model, prompts, "graphs", attention_backend="FLASH_ATTN"
+    )
     rows = [score(reference_model, p, t, lp) for p, (t, lp) in zip(prompts, outs)]
-    check("bf16 FLASH_ATTN, vLLM defaults (torch.compile + FULL_AND_PIECEWISE)", "default",
-          floor, outs, stats, rows)
+    check(
+        "bf16 FLASH_ATTN, vLLM defaults (torch.compile + FULL_AND_PIECEWISE)",
+        "default",
+        floor,
+        outs,
+        stats,
+        rows,
+    )
 
 
 def test_float32_graphs_vs_eager_and_reference(small_model, reference_model, prompts):
@@ -182,17 +211,30 @@ def test_float32_graphs_vs_eager_and_reference(small_model, reference_model, pro
     both, vLLM's default) exactly those of scheduling step by step."""
     f32 = {"dtype": "float32", "attention_backend": "TRITON_ATTN"}
     graphs, stats, rows = stream(small_model, reference_model, prompts, "graphs", **f32)
-    eager, _ = greedy_in_fresh_engine(small_model, SINK, prompts, STREAM,
-                                      **{**MODES["eager"], **POOL, **f32})
-    in_step, _ = greedy_in_fresh_engine(small_model, SINK, prompts, STREAM,
-                                        **{**MODES["graphs"], **POOL, **f32},
-                                        async_scheduling=False)
+    eager, _ = greedy_in_fresh_engine(
+        small_model, SINK, prompts, STREAM, **{**MODES["eager"], **POOL, **f32}
+    )
+    in_step, _ = greedy_in_fresh_engine(
+        small_model,
+        SINK,
+        prompts,
+        STREAM,
+        **{**MODES["graphs"], **POOL, **f32},
+        async_scheduling=False,
+    )
     same = [t == e for (t, _), (e, _) in zip(graphs, eager)]
     same_sync = [t == e for (t, _), (e, _) in zip(graphs, in_step)]
-    record("float32 TRITON_ATTN graphs vs eager, async vs not",
-           {"mean_abs_dlogp": max(r[0] for r in rows), "max_abs_dlogp": max(r[1] for r in rows),
-            "top1_agreement_min": min(r[2] for r in rows), "rebases": stats["rebases"],
-            "graphs_equal_eager": same, "async_equal_sync": same_sync})
+    record(
+        "float32 TRITON_ATTN graphs vs eager, async vs not",
+        {
+            "mean_abs_dlogp": max(r[0] for r in rows),
+            "max_abs_dlogp": max(r[1] for r in rows),
+            "top1_agreement_min": min(r[2] for r in rows),
+            "rebases": stats["rebases"],
+            "graphs_equal_eager": same,
+            "async_equal_sync": same_sync,
+        },
+    )
     assert stats["rebases"] >= 5
     assert max(r[0] for r in rows) <= 0.01 and min(r[2] for r in rows) >= 0.98
     assert all(same) and all(same_sync)
@@ -210,25 +252,33 @@ def test_capacity_at_the_position_limit_bf16(default_model_dir, reference_model,
     sink, limit, n = {"sink_tokens": 16, "window_tokens": 240}, 256, 20 * 256
     model = model_variant(default_model_dir, max_position_embeddings=limit)
     prompts = [kjv[5000:5030], kjv[6000:6050]]
-    outs, stats = greedy_in_fresh_engine(model, sink, prompts, n,
-                                         **{**MODES["graphs"], **POOL})
+    outs, stats = greedy_in_fresh_engine(model, sink, prompts, n, **{**MODES["graphs"], **POOL})
     floor_outs = vanilla(model, [p[:30] for p in prompts], limit - 31, "graphs")
     ref = StreamingReference(reference_model, block_size=B, position_limit=limit, **sink)
     assert ref.layout.capacity == limit and ref.layout.rotary_positions == 2 * limit
 
     def err(prompt, toks, lps):
-        lp_ref, top1 = ref.stream().score(list(prompt) + list(toks),
-                                          [len(prompt)] + [1] * len(toks))
-        diff = (lps - lp_ref[len(prompt):]).abs()
-        return float(diff.mean()), float((top1[len(prompt):] == torch.tensor(toks)).float().mean())
+        lp_ref, top1 = ref.stream().score(
+            list(prompt) + list(toks), [len(prompt)] + [1] * len(toks)
+        )
+        diff = (lps - lp_ref[len(prompt) :]).abs()
+        return float(diff.mean()), float((top1[len(prompt) :] == torch.tensor(toks)).float().mean())
 
     floor = max(err(p[:30], t, lp)[0] for p, (t, lp) in zip(prompts, floor_outs))
     rows = [err(p, t, lp) for p, (t, lp) in zip(prompts, outs)]
     mean = sum(r[0] for r in rows) / len(rows)
-    record("bf16 capacity = position limit", {
-        "capacity": limit, "tokens_per_stream": n, "noise_floor": floor,
-        "mean_abs_dlogp": mean, "top1_agreement_min": min(r[1] for r in rows),
-        "evictions": stats["evictions"], "rebases": stats["rebases"]})
+    record(
+        "bf16 capacity = position limit",
+        {
+            "capacity": limit,
+            "tokens_per_stream": n,
+            "noise_floor": floor,
+            "mean_abs_dlogp": mean,
+            "top1_agreement_min": min(r[1] for r in rows),
+            "evictions": stats["evictions"],
+            "rebases": stats["rebases"],
+        },
+    )
     assert all(len(t) == n for t, _ in outs)
     # ~ (n + 30 - 256) / 16 = 306 evictions per stream, a rebase every 17 of them
     # (when O passes 512 - 256); with the range at the limit, every one would rebase.

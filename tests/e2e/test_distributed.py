@@ -31,8 +31,10 @@ def test_padded_model_is_the_same_function(default_model_dir, padded):
     from transformers import AutoModelForCausalLM
 
     ids = torch.tensor([list(range(400, 460))])
-    a, b = (AutoModelForCausalLM.from_pretrained(m, dtype=torch.float32)(ids).logits
-            for m in (default_model_dir, padded))
+    a, b = (
+        AutoModelForCausalLM.from_pretrained(m, dtype=torch.float32)(ids).logits
+        for m in (default_model_dir, padded)
+    )
     assert (a - b).abs().max() < 1e-4
 
 
@@ -42,7 +44,7 @@ def _split_cpus(parts: int) -> str:
     and refuses TP=2 on a single-node machine (vanilla vLLM does the same)."""
     cpus = sorted(os.sched_getaffinity(0))
     n = max(1, len(cpus) // parts)
-    return "|".join(",".join(map(str, cpus[i * n:(i + 1) * n])) for i in range(parts))
+    return "|".join(",".join(map(str, cpus[i * n : (i + 1) * n])) for i in range(parts))
 
 
 def _run(model, monkeypatch=None, **kw):
@@ -52,16 +54,23 @@ def _run(model, monkeypatch=None, **kw):
         monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", _split_cpus(kw["tensor_parallel_size"]))
     llm = make_llm(model, SINK, dtype="float32", **kw)
     try:
-        outs = llm.generate([{"prompt_token_ids": list(range(1000, 1000 + n))} for n in (7, 40)],
-                            SamplingParams(temperature=0, max_tokens=300, logprobs=0,
-                                           ignore_eos=True), use_tqdm=False)
+        outs = llm.generate(
+            [{"prompt_token_ids": list(range(1000, 1000 + n))} for n in (7, 40)],
+            SamplingParams(temperature=0, max_tokens=300, logprobs=0, ignore_eos=True),
+            use_tqdm=False,
+        )
         stats = llm.collective_rpc("sink_stats")
     finally:
         shutdown(llm)
-    return [(list(o.outputs[0].token_ids),
-             torch.tensor([lp[t].logprob for lp, t in zip(o.outputs[0].logprobs,
-                                                          o.outputs[0].token_ids)]))
-            for o in outs], stats
+    return [
+        (
+            list(o.outputs[0].token_ids),
+            torch.tensor(
+                [lp[t].logprob for lp, t in zip(o.outputs[0].logprobs, o.outputs[0].token_ids)]
+            ),
+        )
+        for o in outs
+    ], stats
 
 
 @pytest.fixture(scope="module")
@@ -78,8 +87,9 @@ def _same(a, b):
 
 
 def test_tensor_parallel_matches_single_worker(padded, single, monkeypatch):
-    outs, stats = _run(padded, monkeypatch, tensor_parallel_size=2,
-                       distributed_executor_backend="mp")
+    outs, stats = _run(
+        padded, monkeypatch, tensor_parallel_size=2, distributed_executor_backend="mp"
+    )
     assert len(stats) == 2 and stats[0]["tokens_evicted"] == stats[1]["tokens_evicted"] > 300
     assert stats[0]["sink_rewrites"] == stats[1]["sink_rewrites"] > 0
     _same(single[0], outs)
@@ -95,20 +105,35 @@ def test_ray_executor_is_unsupported_on_cpu_in_vanilla_vllm_too():
 
 
 def _import_ray():
-    if os.environ.get("VLLM_SINK_CI"):       # CI installs Ray: the test must run there
+    if os.environ.get("VLLM_SINK_CI"):  # CI installs Ray: the test must run there
         import ray
+
         return ray
     return pytest.importorskip("ray", reason='Ray Data test: pip install "ray[data]"')
 
 
-@pytest.mark.slow   # ~90 s on 2 cores (Ray's start); `scripts/test --all` runs it
+@pytest.mark.slow  # ~90 s on 2 cores (Ray's start); `scripts/test --all` runs it
 def test_ray_data_batch_example(tmp_path):
     _import_ray()
     script = Path(__file__).resolve().parents[2] / "examples" / "ray_batch.py"
-    done = subprocess.run([sys.executable, str(script), "--out", str(tmp_path),
-                           "--prompts", "4", "--context", "256", "--tokens", "1100"],
-                          capture_output=True, text=True, timeout=900,
-                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(script),
+            "--out",
+            str(tmp_path),
+            "--prompts",
+            "4",
+            "--context",
+            "256",
+            "--tokens",
+            "1100",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
     import pandas
 

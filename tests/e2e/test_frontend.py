@@ -28,14 +28,15 @@ from tests.e2e.server import Server
 
 pytestmark = pytest.mark.e2e
 
-SINK = {"sink_tokens": 4, "window_tokens": 96}          # C = 128 tokens, 4 blocks
+SINK = {"sink_tokens": 4, "window_tokens": 96}  # C = 128 tokens, 4 blocks
 KEYS = ("key-a", "key-b")
 
 
 @pytest.fixture(scope="module")
 def server(default_model_dir):
-    srv = Server(default_model_dir, SINK, "--api-key", *KEYS, "--enable-scale-out",
-                 "--api-server-count", "2")
+    srv = Server(
+        default_model_dir, SINK, "--api-key", *KEYS, "--enable-scale-out", "--api-server-count", "2"
+    )
     try:
         srv.wait_ready()
         yield srv
@@ -45,9 +46,16 @@ def server(default_model_dir):
 
 def _post(server, path, body, key=KEYS[0], headers=None, timeout=300):
     """POST ``body`` as JSON (NaN / Infinity allowed: clients send them)."""
-    return requests.post(server.url + path, data=json.dumps(body), timeout=timeout,
-                         headers={"Authorization": f"Bearer {key}",
-                                  "Content-Type": "application/json", **(headers or {})})
+    return requests.post(
+        server.url + path,
+        data=json.dumps(body),
+        timeout=timeout,
+        headers={
+            "Authorization": f"Bearer {key}",
+            "Content-Type": "application/json",
+            **(headers or {}),
+        },
+    )
 
 
 def _ok(response) -> dict:
@@ -58,54 +66,88 @@ def _ok(response) -> dict:
 def _counters(server) -> dict[str, float]:
     m = server.metrics()
     text = requests.get(server.url + "/metrics", timeout=10).text
-    misses = {r: float(v) for r, v in re.findall(
-        r'^vllm_sink:session_misses_total\{[^}]*reason="(\w+)"[^}]*\} (\S+)$', text, re.M)}
+    misses = {
+        r: float(v)
+        for r, v in re.findall(
+            r'^vllm_sink:session_misses_total\{[^}]*reason="(\w+)"[^}]*\} (\S+)$', text, re.M
+        )
+    }
     return {"resumes": m["vllm_sink:resumes_total"], **misses}
 
 
 # ---- sessions bound to the caller ---------------------------------------------------
 
+
 def _chat(stream):
     def send(server, key, sid, state):
         messages = state or [{"role": "user", "content": "Tell me about lighthouses."}]
-        body = {"model": "smol", "messages": messages, "max_tokens": 8, "temperature": 0,
-                "session_id": sid, "stream": stream}
+        body = {
+            "model": "smol",
+            "messages": messages,
+            "max_tokens": 8,
+            "temperature": 0,
+            "session_id": sid,
+            "stream": stream,
+        }
         r = _post(server, "/v1/chat/completions", body, key)
         assert r.status_code == 200, r.text[:2000]
-        if stream:      # admitted while the response body streams
-            chunks = [json.loads(line[6:]) for line in r.text.splitlines()
-                      if line.startswith("data: {")]
-            content = "".join(c["choices"][0]["delta"].get("content") or ""
-                              for c in chunks if c["choices"])
+        if stream:  # admitted while the response body streams
+            chunks = [
+                json.loads(line[6:]) for line in r.text.splitlines() if line.startswith("data: {")
+            ]
+            content = "".join(
+                c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"]
+            )
         else:
             content = r.json()["choices"][0]["message"]["content"]
-        return messages + [{"role": "assistant", "content": content},
-                           {"role": "user", "content": "And then?"}]
+        return messages + [
+            {"role": "assistant", "content": content},
+            {"role": "user", "content": "And then?"},
+        ]
+
     return send
 
 
 def _responses(server, key, sid, state):
     items = state or [{"role": "user", "content": "Tell me about rivers."}]
-    body = {"model": "smol", "input": items, "max_output_tokens": 8, "temperature": 0,
-            "session_id": sid}
+    body = {
+        "model": "smol",
+        "input": items,
+        "max_output_tokens": 8,
+        "temperature": 0,
+        "session_id": sid,
+    }
     out = _ok(_post(server, "/v1/responses", body, key))
-    text = "".join(c["text"] for o in out["output"] if o["type"] == "message"
-                   for c in o["content"] if c["type"] == "output_text")
-    return items + [{"role": "assistant", "content": text},
-                    {"role": "user", "content": "And then?"}]
+    text = "".join(
+        c["text"]
+        for o in out["output"]
+        if o["type"] == "message"
+        for c in o["content"]
+        if c["type"] == "output_text"
+    )
+    return items + [
+        {"role": "assistant", "content": text},
+        {"role": "user", "content": "And then?"},
+    ]
 
 
 def _completion(how):
     def send(server, key, sid, state):
         prompt = state or list(range(1000, 1040))
-        body = {"model": "smol", "prompt": prompt, "max_tokens": 8, "temperature": 0,
-                "return_token_ids": True}
+        body = {
+            "model": "smol",
+            "prompt": prompt,
+            "max_tokens": 8,
+            "temperature": 0,
+            "return_token_ids": True,
+        }
         if how == "body":
             body["session_id"] = sid
         else:
             body["vllm_xargs"] = {"session_id": sid}
         out = _ok(_post(server, "/v1/completions", body, key))
         return prompt + out["choices"][0]["token_ids"] + [2000, 2001]
+
     return send
 
 
@@ -118,18 +160,29 @@ def _generate(how):
             headers["X-Session-ID"] = sid
         else:
             params["extra_args"] = {"session_id": sid}
-        out = _ok(_post(server, "/inference/v1/generate",
-                        {"model": "smol", "token_ids": tokens, "sampling_params": params},
-                        key, headers))
+        out = _ok(
+            _post(
+                server,
+                "/inference/v1/generate",
+                {"model": "smol", "token_ids": tokens, "sampling_params": params},
+                key,
+                headers,
+            )
+        )
         return tokens + out["choices"][0]["token_ids"] + [4000, 4001]
+
     return send
 
 
-ENDPOINTS = {"chat": _chat(False), "chat-stream": _chat(True),
-             "completions": _completion("body"),
-             "completions-vllm_xargs": _completion("vllm_xargs"), "responses": _responses,
-             "generate-header": _generate("header"),
-             "generate-extra_args": _generate("extra_args")}
+ENDPOINTS = {
+    "chat": _chat(False),
+    "chat-stream": _chat(True),
+    "completions": _completion("body"),
+    "completions-vllm_xargs": _completion("vllm_xargs"),
+    "responses": _responses,
+    "generate-header": _generate("header"),
+    "generate-extra_args": _generate("extra_args"),
+}
 
 
 @pytest.mark.parametrize("endpoint", list(ENDPOINTS))
@@ -153,12 +206,18 @@ def test_other_key_can_neither_resume_nor_drop_a_session(server, endpoint):
 
 # ---- refusals ---------------------------------------------------------------------------
 
-@pytest.mark.parametrize("path, body", [
-    ("/v1/completions", {"prompt": "Hi", "sink": False}),
-    ("/v1/completions", {"prompt": "Hi", "vllm_xargs": {"sink": "dense"}}),
-    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "Hi"}],
-                              "sink": {"window_tokens": 64}}),
-])
+
+@pytest.mark.parametrize(
+    "path, body",
+    [
+        ("/v1/completions", {"prompt": "Hi", "sink": False}),
+        ("/v1/completions", {"prompt": "Hi", "vllm_xargs": {"sink": "dense"}}),
+        (
+            "/v1/chat/completions",
+            {"messages": [{"role": "user", "content": "Hi"}], "sink": {"window_tokens": 64}},
+        ),
+    ],
+)
 def test_beam_search_refuses_the_sink_field(server, path, body):
     """vLLM's beam search builds each step's requests with fresh sampling parameters: a
     "sink" field would silently not apply, so it is refused by name."""
@@ -168,40 +227,52 @@ def test_beam_search_refuses_the_sink_field(server, path, body):
     error = r.json()["error"]
     assert "sink" in error["message"] and "beam" in error["message"], error
     plain = {k: v for k, v in body.items() if k not in ("sink", "vllm_xargs")}
-    assert _ok(_post(server, path, plain))["choices"]      # beam search itself works
+    assert _ok(_post(server, path, plain))["choices"]  # beam search itself works
 
 
 def test_session_id_must_be_a_short_string(server):
-    for xargs, words in (({"session_id": 5}, "string"),
-                         ({"session_id": "s" * 5000}, "at most")):
-        r = _post(server, "/v1/completions", {"model": "smol", "prompt": "Hi",
-                                              "max_tokens": 1, "vllm_xargs": xargs})
+    for xargs, words in (({"session_id": 5}, "string"), ({"session_id": "s" * 5000}, "at most")):
+        r = _post(
+            server,
+            "/v1/completions",
+            {"model": "smol", "prompt": "Hi", "max_tokens": 1, "vllm_xargs": xargs},
+        )
         assert r.status_code == 400 and "session_id" in r.text and words in r.text, r.text
-    r = _post(server, "/v1/completions", {"model": "smol", "prompt": "Hi", "max_tokens": 1,
-                                          "session_id": "one",
-                                          "vllm_xargs": {"session_id": "two"}})
+    r = _post(
+        server,
+        "/v1/completions",
+        {
+            "model": "smol",
+            "prompt": "Hi",
+            "max_tokens": 1,
+            "session_id": "one",
+            "vllm_xargs": {"session_id": "two"},
+        },
+    )
     assert r.status_code == 400 and "session_id" in r.text, r.text
 
 
 # ---- every API server process: metrics, stats boards --------------------------------
+
 
 def test_every_api_server_serves_the_sink_metrics(server):
     """Two API servers share the port (the kernel spreads connections): every scrape,
     whichever process answers, carries the vllm_sink series; each API server process
     resolved the sink section itself (its frontend patches applied)."""
     for _ in range(12):
-        m = server.metrics()          # a new connection per scrape
-        assert m.get("vllm_sink:capacity") == 128 and "vllm_sink:resumes_total" in m, \
-            sorted(k for k in m if k.startswith("vllm_sink"))
+        m = server.metrics()  # a new connection per scrape
+        assert m.get("vllm_sink:capacity") == 128 and "vllm_sink:resumes_total" in m, sorted(
+            k for k in m if k.startswith("vllm_sink")
+        )
     log = open(server.log_path).read()
     pids = set(re.findall(r"\(\w+ pid=(\d+)\)[^\n]*vllm_sink: sink mode on", log))
-    assert len(pids) == 3, pids      # the launcher and its two API servers
+    assert len(pids) == 3, pids  # the launcher and its two API servers
 
 
 def _stats_dir(server) -> str:
     found = re.findall(r"vllm_sink: stats boards in (\S+)", open(server.log_path).read())
     assert found, server.tail()
-    assert len(set(found)) == 1, found      # every process uses the launcher's directory
+    assert len(set(found)) == 1, found  # every process uses the launcher's directory
     return found[0]
 
 
@@ -219,10 +290,18 @@ def test_stats_boards_are_private(server):
 
 # Fixed examples in the default run (same requests every time); no shrinking (each
 # shrink step is another request to the server; the first failure is reported as is).
-FUZZ = settings(max_examples=400, deadline=None, derandomize=True, database=None,
-                phases=[Phase.explicit, Phase.generate],
-                suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
-                                       HealthCheck.large_base_example])
+FUZZ = settings(
+    max_examples=400,
+    deadline=None,
+    derandomize=True,
+    database=None,
+    phases=[Phase.explicit, Phase.generate],
+    suppress_health_check=[
+        HealthCheck.too_slow,
+        HealthCheck.data_too_large,
+        HealthCheck.large_base_example,
+    ],
+)
 FUZZ_MANY = settings(FUZZ, max_examples=5000, derandomize=False)
 CHAT = {"messages": [{"role": "user", "content": "Hi"}]}
 PROMPTS = {"/v1/completions": {"prompt": "Hi"}, "/v1/chat/completions": CHAT}
@@ -231,8 +310,9 @@ paths = st.sampled_from(sorted(PROMPTS))
 
 def _fuzz_sink(server, path, value, as_text):
     field = {"vllm_xargs": {"sink": value}} if as_text else {"sink": value}
-    r = _post(server, path, {"model": "smol", "max_tokens": 1, **PROMPTS[path], **field},
-              key=KEYS[1])
+    r = _post(
+        server, path, {"model": "smol", "max_tokens": 1, **PROMPTS[path], **field}, key=KEYS[1]
+    )
     _fuzz.check(r, "sink")
 
 
@@ -260,7 +340,7 @@ def _alive(server):
 
 @FUZZ
 @given(path=paths, value=_fuzz.sink_values)
-@example(path="/v1/completions", value={"window_tokens": 10 ** 400})   # was HTTP 500
+@example(path="/v1/completions", value={"window_tokens": 10**400})  # was HTTP 500
 def test_fuzz_sink_field(server, path, value):
     _fuzz_sink(server, path, value, as_text=False)
 
@@ -285,21 +365,21 @@ def test_fuzz_session_id_header(server, path, sid):
 
 @FUZZ
 @given(path=paths, xargs=_fuzz.xargs)
-@example(path="/v1/completions", xargs={"kv_transfer_params": ["x"]})   # was HTTP 500
+@example(path="/v1/completions", xargs={"kv_transfer_params": ["x"]})  # was HTTP 500
 def test_fuzz_vllm_xargs(server, path, xargs):
     _fuzz_xargs(server, path, xargs)
 
 
 def test_engine_alive_after_fuzzing(server):
     _alive(server)
-    assert _ok(_post(server, "/v1/completions", {"model": "smol", "prompt": "Hi",
-                                                 "max_tokens": 2}))["choices"]
+    assert _ok(
+        _post(server, "/v1/completions", {"model": "smol", "prompt": "Hi", "max_tokens": 2})
+    )["choices"]
 
 
 @pytest.mark.slow
 @FUZZ_MANY
-@given(path=paths, kind=st.sampled_from(["sink", "sink-text", "session", "xargs"]),
-       data=st.data())
+@given(path=paths, kind=st.sampled_from(["sink", "sink-text", "session", "xargs"]), data=st.data())
 def test_fuzz_many(server, path, kind, data):
     if kind == "sink":
         _fuzz_sink(server, path, data.draw(_fuzz.sink_values), as_text=False)

@@ -16,10 +16,14 @@ from tests.e2e.conftest import make_llm, shutdown
 
 pytestmark = pytest.mark.e2e
 
-BLOCK_BYTES = 2 * 30 * 3 * 32 * 64 * 2                # K+V, 30 layers, 3 heads, bf16
-POOL_BLOCKS = 12                                      # the null block + 11
-SINK = {"sink_tokens": 4, "window_tokens": 96, "prefill_chunk_tokens": 32,
-        "max_saved_kv_gib": 6 * BLOCK_BYTES / 2**30}   # one full stream (5 blocks) fits
+BLOCK_BYTES = 2 * 30 * 3 * 32 * 64 * 2  # K+V, 30 layers, 3 heads, bf16
+POOL_BLOCKS = 12  # the null block + 11
+SINK = {
+    "sink_tokens": 4,
+    "window_tokens": 96,
+    "prefill_chunk_tokens": 32,
+    "max_saved_kv_gib": 6 * BLOCK_BYTES / 2**30,
+}  # one full stream (5 blocks) fits
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +50,7 @@ class Stepper:
         self.eng = llm.llm_engine
         self.core = self.eng.engine_core.engine_core
         self.done: dict = {}
-        self.tokens: dict[str, int] = {}     # request id -> prompt + output tokens so far
+        self.tokens: dict[str, int] = {}  # request id -> prompt + output tokens so far
         self._n = 0
 
     def add(self, name, prompt, max_tokens, session=None, n=1) -> str:
@@ -54,17 +58,23 @@ class Stepper:
 
         self._n += 1
         # greedy, except n > 1 (vLLM refuses several greedy samples): seeded sampling
-        params = SamplingParams(temperature=0 if n == 1 else 0.8, seed=None if n == 1 else 0,
-                                max_tokens=max_tokens, ignore_eos=True, n=n,
-                                extra_args={"session_id": session} if session else None)
+        params = SamplingParams(
+            temperature=0 if n == 1 else 0.8,
+            seed=None if n == 1 else 0,
+            max_tokens=max_tokens,
+            ignore_eos=True,
+            n=n,
+            extra_args={"session_id": session} if session else None,
+        )
         rid = f"{name}-{self._n}"
         self.eng.add_request(rid, {"prompt_token_ids": list(prompt)}, params)
         return rid
 
     def step(self):
         for out in self.eng.step():
-            self.tokens[out.request_id] = len(out.prompt_token_ids) + \
-                max(len(c.token_ids) for c in out.outputs)
+            self.tokens[out.request_id] = len(out.prompt_token_ids) + max(
+                len(c.token_ids) for c in out.outputs
+            )
             if out.finished:
                 self.done[out.request_id] = out
         return self.board()
@@ -96,7 +106,7 @@ class Stepper:
         """Run to the end, drop parked sessions; the pool must then be whole."""
         self.run()
         assert self.llm.reset_prefix_cache() is True
-        self.eng.step()                      # the drops reach the workers
+        self.eng.step()  # the drops reach the workers
         board, worker = self.board(), self.worker()
         from vllm_sink.core.stats_board import SESSION_FIELDS, StatsBoard, board_path
         from vllm_sink.patches.frontend.metrics import stats_dir
@@ -124,8 +134,8 @@ def test_claimed_session_survives_a_same_id_request_finishing(engine):
     t1 = e.add("T1", _tokens(1000, 10), 5, session="K")
     e.run()
     p1 = e.history(t1)
-    r1 = e.add("R1", p1 + _tokens(2000, 6), 8, session="K")    # resumes T1
-    r2 = e.add("R2", _tokens(3000, 10), 26, session="K")       # same id, in use: fresh
+    r1 = e.add("R1", p1 + _tokens(2000, 6), 8, session="K")  # resumes T1
+    r2 = e.add("R2", _tokens(3000, 10), 26, session="K")  # same id, in use: fresh
     hogs = [e.add(f"H{h}", _tokens(4000 + 20 * h, 10), 60) for h in range(3)]
     # Add R3 when the aligned streams (10-token prompts, started together) hold 33
     # tokens: the next step gives each of R2 and the hogs its second block.
@@ -134,8 +144,9 @@ def test_claimed_session_survives_a_same_id_request_finishing(engine):
     h1 = e.history(r1)
     r3 = e.add("R3", h1 + _tokens(5000, 130 - len(h1)), 4, session="K")
     e.run()
-    assert {rid: e.done[rid].outputs[0].finish_reason for rid in (r1, r2, r3, *hogs)} == \
-        dict.fromkeys((r1, r2, r3, *hogs), "length")
+    assert {
+        rid: e.done[rid].outputs[0].finish_reason for rid in (r1, r2, r3, *hogs)
+    } == dict.fromkeys((r1, r2, r3, *hogs), "length")
     assert len(e.done[r3].outputs[0].token_ids) == 4
     board = e.board()
     # R1 resumed T1, R3 resumed R1 (after waiting for room), R2 was a fresh stream.
@@ -167,8 +178,7 @@ def test_running_streams_take_blocks_from_parked_sessions(engine):
     e = engine
     before = e.board()
     long = [e.add(f"L{i}", _tokens(9000 + 20 * i, 10), 100) for i in range(2)]
-    parked = [e.add(f"P{i}", _tokens(9100 + 70 * i, 60), 4, session=f"park-{i}")
-              for i in range(3)]
+    parked = [e.add(f"P{i}", _tokens(9100 + 70 * i, 60), 4, session=f"park-{i}") for i in range(3)]
     e.run(until=lambda: all(p in e.done for p in parked))
     mid = e.board()
     assert mid["parked_sessions"] - before["parked_sessions"] == 3, mid

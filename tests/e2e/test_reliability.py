@@ -16,8 +16,8 @@ from tests.e2e.server import Server, cli
 
 pytestmark = pytest.mark.e2e
 
-SINK = {"sink_tokens": 4, "window_tokens": 192}       # C = 224 = 7 blocks of 32
-BLOCK_BYTES = 2 * 30 * 3 * 32 * 64 * 2                  # bf16 block, all 30 layers
+SINK = {"sink_tokens": 4, "window_tokens": 192}  # C = 224 = 7 blocks of 32
+BLOCK_BYTES = 2 * 30 * 3 * 32 * 64 * 2  # bf16 block, all 30 layers
 
 
 @pytest.fixture(scope="module")
@@ -80,22 +80,33 @@ def test_bad_requests_get_vanillas_errors(servers, name, body):
 def test_garbage_bodies_get_vanillas_errors(servers):
     sink, vanilla = servers
     for payload in (b"\xff\xfe\x00garbage", b'{"model": "smol", "prompt": "\xc3\x28"}', b"[]"):
-        got = requests.post(sink.url + "/v1/completions", data=payload, timeout=60,
-                            headers={"Content-Type": "application/json"})
-        want = requests.post(vanilla.url + "/v1/completions", data=payload, timeout=60,
-                             headers={"Content-Type": "application/json"})
+        got = requests.post(
+            sink.url + "/v1/completions",
+            data=payload,
+            timeout=60,
+            headers={"Content-Type": "application/json"},
+        )
+        want = requests.post(
+            vanilla.url + "/v1/completions",
+            data=payload,
+            timeout=60,
+            headers={"Content-Type": "application/json"},
+        )
         assert got.status_code == want.status_code >= 400
 
 
 def test_what_vanilla_refuses_for_length_sink_mode_streams(servers):
     """Past the context limit vanilla answers 400; sink mode serves the request."""
     sink, vanilla = servers
-    long_prompt = " ".join(f"w{i}" for i in range(300))   # > 256 positions
-    for body in ({"prompt": "hi", "max_tokens": 1000, "ignore_eos": True},
-                 {"prompt": long_prompt, "max_tokens": 10}):
+    long_prompt = " ".join(f"w{i}" for i in range(300))  # > 256 positions
+    for body in (
+        {"prompt": "hi", "max_tokens": 1000, "ignore_eos": True},
+        {"prompt": long_prompt, "max_tokens": 10},
+    ):
         body = {"model": "smol", "temperature": 0, **body}
-        assert requests.post(vanilla.url + "/v1/completions", json=body,
-                             timeout=60).status_code == 400
+        assert (
+            requests.post(vanilla.url + "/v1/completions", json=body, timeout=60).status_code == 400
+        )
         r = requests.post(sink.url + "/v1/completions", json=body, timeout=300)
         assert r.status_code == 200, r.text
         assert r.json()["usage"]["completion_tokens"] == body["max_tokens"]
@@ -106,12 +117,21 @@ def test_abort_many_at_once_frees_all_blocks(servers):
     sink, _ = servers
     streams = []
     for i in range(16):
-        r = requests.post(sink.url + "/v1/completions", stream=True, timeout=120, json={
-            "model": "smol", "prompt": f"Story number {i}:", "max_tokens": 100_000,
-            "stream": True, "ignore_eos": True})
+        r = requests.post(
+            sink.url + "/v1/completions",
+            stream=True,
+            timeout=120,
+            json={
+                "model": "smol",
+                "prompt": f"Story number {i}:",
+                "max_tokens": 100_000,
+                "stream": True,
+                "ignore_eos": True,
+            },
+        )
         assert r.status_code == 200
         streams.append((r, r.iter_lines()))
-    for _, lines in streams:                       # everyone is generating
+    for _, lines in streams:  # everyone is generating
         for line in lines:
             if line.startswith(b"data: "):
                 break
@@ -129,10 +149,20 @@ def test_requests_cannot_observe_each_other(servers):
     "a massive empire": vanilla vLLM on CPU is not batch-invariant either, so there only
     the answer and the absence of A's data are checked.)"""
     sink, _ = servers
-    b = {"model": "smol", "prompt": "The capital of Italy is", "max_tokens": 300,
-         "temperature": 0, "ignore_eos": True}
-    a = {"model": "smol", "prompt": "SECRET-7731 the password is swordfish. " * 20,
-         "max_tokens": 400, "temperature": 0, "ignore_eos": True}
+    b = {
+        "model": "smol",
+        "prompt": "The capital of Italy is",
+        "max_tokens": 300,
+        "temperature": 0,
+        "ignore_eos": True,
+    }
+    a = {
+        "model": "smol",
+        "prompt": "SECRET-7731 the password is swordfish. " * 20,
+        "max_tokens": 400,
+        "temperature": 0,
+        "ignore_eos": True,
+    }
     url = sink.url + "/v1/completions"
     alone = requests.post(url, json=b, timeout=300).json()["choices"][0]["text"]
     requests.post(url, json=a, timeout=300).raise_for_status()
@@ -155,8 +185,10 @@ def test_requests_cannot_observe_each_other(servers):
 
 def test_no_new_endpoints(servers):
     sink, vanilla = servers
-    paths = [set(requests.get(s.url + "/openapi.json", timeout=30).json()["paths"])
-             for s in (sink, vanilla)]
+    paths = [
+        set(requests.get(s.url + "/openapi.json", timeout=30).json()["paths"])
+        for s in (sink, vanilla)
+    ]
     assert paths[0] == paths[1]
 
 
@@ -164,9 +196,25 @@ def test_soak_command_short(servers, tmp_path):
     """The CI-sized soak: 8 sessions, 60 s, back-to-back 300-token requests."""
     sink, _ = servers
     out = tmp_path / "soak.json"
-    cmd = [*cli("vllm-sink"), "soak", "--url", sink.url,
-           "--sessions", "8", "--duration", "60", "--warmup", "25", "--interval", "1",
-           "--request-tokens", "300", "--quiet", "--json", str(out)]
+    cmd = [
+        *cli("vllm-sink"),
+        "soak",
+        "--url",
+        sink.url,
+        "--sessions",
+        "8",
+        "--duration",
+        "60",
+        "--warmup",
+        "25",
+        "--interval",
+        "1",
+        "--request-tokens",
+        "300",
+        "--quiet",
+        "--json",
+        str(out),
+    ]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=400)
     print(done.stdout)
     verdict = json.loads(out.read_text())["verdict"]
@@ -196,8 +244,11 @@ def test_pool_too_small_for_all_streams(tiny_pool_server):
     results, peak = {}, {"running": 0, "held": 0}
 
     def run(i):
-        r = requests.post(srv.url + "/v1/completions", timeout=600, json={
-            "model": "smol", "prompt": f"Tale {i}:", "max_tokens": 400, "ignore_eos": True})
+        r = requests.post(
+            srv.url + "/v1/completions",
+            timeout=600,
+            json={"model": "smol", "prompt": f"Tale {i}:", "max_tokens": 400, "ignore_eos": True},
+        )
         results[i] = r.status_code, r.json()["usage"]["completion_tokens"]
 
     threads = [threading.Thread(target=run, args=(i,)) for i in range(6)]
@@ -211,19 +262,39 @@ def test_pool_too_small_for_all_streams(tiny_pool_server):
     assert results == {i: (200, 400) for i in range(6)}
     assert peak["running"] >= 4 and peak["held"] <= 21
     m = _idle(srv)
-    delta = {k: m.get(k, 0) - before.get(k, 0) for k in (
-        "vllm_sink:preempted_sink_total", "vllm_sink:kv_saves_total",
-        "vllm_sink:kv_restores_total")}
+    delta = {
+        k: m.get(k, 0) - before.get(k, 0)
+        for k in (
+            "vllm_sink:preempted_sink_total",
+            "vllm_sink:kv_saves_total",
+            "vllm_sink:kv_restores_total",
+        )
+    }
     assert delta["vllm_sink:preempted_sink_total"] >= 1, delta
-    assert delta["vllm_sink:kv_saves_total"] == delta["vllm_sink:kv_restores_total"] \
-        == delta["vllm_sink:preempted_sink_total"], delta
+    assert (
+        delta["vllm_sink:kv_saves_total"]
+        == delta["vllm_sink:kv_restores_total"]
+        == delta["vllm_sink:preempted_sink_total"]
+    ), delta
 
 
 def test_shutdown_with_active_sessions(tiny_pool_server):
     srv = tiny_pool_server
-    streams = [requests.post(srv.url + "/v1/completions", stream=True, timeout=120, json={
-        "model": "smol", "prompt": "Go", "max_tokens": 100_000, "stream": True,
-        "ignore_eos": True}) for _ in range(3)]
+    streams = [
+        requests.post(
+            srv.url + "/v1/completions",
+            stream=True,
+            timeout=120,
+            json={
+                "model": "smol",
+                "prompt": "Go",
+                "max_tokens": 100_000,
+                "stream": True,
+                "ignore_eos": True,
+            },
+        )
+        for _ in range(3)
+    ]
     for r in streams:
         next(x for x in r.iter_lines() if x.startswith(b"data: "))
     t0 = time.monotonic()
@@ -232,10 +303,10 @@ def test_shutdown_with_active_sessions(tiny_pool_server):
     assert time.monotonic() - t0 < 60
     assert code in (0, -signal.SIGINT, 128 + signal.SIGINT), srv.tail()
     t1 = time.monotonic()
-    for r in streams:                       # clients see their streams end, no hang
+    for r in streams:  # clients see their streams end, no hang
         try:
             for _ in r.iter_lines():
                 pass
         except requests.RequestException:
             pass
-    assert time.monotonic() - t1 < 30       # (a hang would hit the 120 s read timeout)
+    assert time.monotonic() - t1 < 30  # (a hang would hit the 120 s read timeout)

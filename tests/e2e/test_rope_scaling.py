@@ -16,28 +16,44 @@ from vllm_sink.reference import StreamingReference
 
 pytestmark = pytest.mark.e2e
 
-SINK = {"sink_tokens": 4, "window_tokens": 96}    # S = 32, W = 96, C = 128 (B = 32)
+SINK = {"sink_tokens": 4, "window_tokens": 96}  # S = 32, W = 96, C = 128 (B = 32)
 THETA = 100000.0
 
 VARIANTS = {
     # max_position_embeddings 160: the position offset is rebased every few evictions.
-    "linear": dict(max_position_embeddings=160, rope_parameters={
-        "rope_type": "linear", "factor": 2.0, "rope_theta": THETA}),
-    "llama3": dict(max_position_embeddings=160, rope_parameters={
-        "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-        "high_freq_factor": 4.0, "original_max_position_embeddings": 64,
-        "rope_theta": THETA}),
+    "linear": dict(
+        max_position_embeddings=160,
+        rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": THETA},
+    ),
+    "llama3": dict(
+        max_position_embeddings=160,
+        rope_parameters={
+            "rope_type": "llama3",
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 64,
+            "rope_theta": THETA,
+        },
+    ),
     # YaRN: vLLM sizes its table original_max x factor; 64 x 4 = 256 positions.
-    "yarn": dict(max_position_embeddings=256, rope_parameters={
-        "rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64,
-        "rope_theta": THETA}),
+    "yarn": dict(
+        max_position_embeddings=256,
+        rope_parameters={
+            "rope_type": "yarn",
+            "factor": 4.0,
+            "original_max_position_embeddings": 64,
+            "rope_theta": THETA,
+        },
+    ),
 }
 
 
 # linear scaling (a table with every frequency divided by one factor) runs with --all;
 # llama3 and YaRN (per-frequency factors, YaRN's attention scaling) in the default run.
-@pytest.mark.parametrize("kind", [pytest.param(k, marks=pytest.mark.slow) if k == "linear"
-                                  else k for k in VARIANTS])
+@pytest.mark.parametrize(
+    "kind", [pytest.param(k, marks=pytest.mark.slow) if k == "linear" else k for k in VARIANTS]
+)
 def test_rope_scaling_matches_reference(kind, default_model_dir, kjv):
     from transformers import AutoModelForCausalLM
 
@@ -49,9 +65,11 @@ def test_rope_scaling_matches_reference(kind, default_model_dir, kjv):
     outs, stats = greedy_in_fresh_engine(model_dir, SINK, prompts, 400, dtype="float32")
     assert stats["rebases"] >= 2, stats
     hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    assert hf.model.rotary_emb.rope_type == kind     # the variant really is scaled
+    assert hf.model.rotary_emb.rope_type == kind  # the variant really is scaled
     ref = StreamingReference(hf, block_size=32, **SINK)
     for prompt, (toks, lps) in zip(prompts, outs):
         mean, mx, agree = check_against_reference(ref, prompt, toks, lps, len(prompt))
-        print(f"{kind} P={len(prompt)}: mean {mean:.1e} max {mx:.1e} agree {agree}/400; "
-              f"{stats['rebases']} rebases")
+        print(
+            f"{kind} P={len(prompt)}: mean {mean:.1e} max {mx:.1e} agree {agree}/400; "
+            f"{stats['rebases']} rebases"
+        )

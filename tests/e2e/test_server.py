@@ -71,9 +71,13 @@ def test_openai_completion_far_past_context(server):
 
     client = openai.OpenAI(base_url=server.url + "/v1", api_key="x")
     before = server.metrics()
-    r = client.completions.create(model="smol", prompt="Once upon a time",
-                                  max_tokens=4 * CONTEXT + 100, temperature=0,
-                                  extra_body={"ignore_eos": True})
+    r = client.completions.create(
+        model="smol",
+        prompt="Once upon a time",
+        max_tokens=4 * CONTEXT + 100,
+        temperature=0,
+        extra_body={"ignore_eos": True},
+    )
     assert r.usage.completion_tokens == 4 * CONTEXT + 100
     assert r.choices[0].finish_reason == "length" and len(r.choices[0].text) > 1000
     after = _wait_idle(server)
@@ -89,9 +93,14 @@ def test_openai_chat_streaming(server):
 
     client = openai.OpenAI(base_url=server.url + "/v1", api_key="x")
     stream = client.chat.completions.create(
-        model="smol", messages=[{"role": "user", "content": "Tell me a very long story."}],
-        max_tokens=3 * CONTEXT, temperature=0.7, stream=True,
-        stream_options={"include_usage": True}, extra_body={"ignore_eos": True})
+        model="smol",
+        messages=[{"role": "user", "content": "Tell me a very long story."}],
+        max_tokens=3 * CONTEXT,
+        temperature=0.7,
+        stream=True,
+        stream_options={"include_usage": True},
+        extra_body={"ignore_eos": True},
+    )
     text, usage, finish = [], None, None
     for chunk in stream:
         if chunk.usage:
@@ -105,9 +114,12 @@ def test_openai_chat_streaming(server):
 
 def test_long_prompt_streams_through(server):
     """A prompt 3x the capacity (and > the trained context) is accepted and scored."""
-    prompt = " ".join(f"word{i}" for i in range(400))      # ~1000+ tokens
-    r = requests.post(server.url + "/v1/completions", json={
-        "model": "smol", "prompt": prompt, "max_tokens": 20, "temperature": 0}, timeout=300)
+    prompt = " ".join(f"word{i}" for i in range(400))  # ~1000+ tokens
+    r = requests.post(
+        server.url + "/v1/completions",
+        json={"model": "smol", "prompt": prompt, "max_tokens": 20, "temperature": 0},
+        timeout=300,
+    )
     assert r.status_code == 200, r.text
     body = r.json()
     assert body["usage"]["prompt_tokens"] > 3 * 224 and body["usage"]["completion_tokens"] == 20
@@ -116,9 +128,18 @@ def test_long_prompt_streams_through(server):
 def test_requests_sse_and_disconnect_frees_blocks(server):
     """Client disconnect mid-stream aborts the request and returns its blocks."""
     _wait_idle(server)
-    r = requests.post(server.url + "/v1/completions", stream=True, timeout=120, json={
-        "model": "smol", "prompt": "The history of the world", "max_tokens": 100_000,
-        "stream": True, "ignore_eos": True})
+    r = requests.post(
+        server.url + "/v1/completions",
+        stream=True,
+        timeout=120,
+        json={
+            "model": "smol",
+            "prompt": "The history of the world",
+            "max_tokens": 100_000,
+            "stream": True,
+            "ignore_eos": True,
+        },
+    )
     assert r.status_code == 200
     events, last = 0, None
     for line in r.iter_lines():
@@ -126,10 +147,13 @@ def test_requests_sse_and_disconnect_frees_blocks(server):
             last = json.loads(line[6:])
             assert "error" not in last, (last, server.tail())
             events += 1
-            if events == 300:       # past the capacity: evictions have happened
+            if events == 300:  # past the capacity: evictions have happened
                 break
-    assert events == 300 and last["choices"][0]["finish_reason"] is None, \
-        (events, last, server.tail())
+    assert events == 300 and last["choices"][0]["finish_reason"] is None, (
+        events,
+        last,
+        server.tail(),
+    )
     during = _wait_metrics(server, lambda m: m["vllm_sink:active_requests"] == 1)
     assert during["vllm_sink:kv_blocks_reserved"] == 7, (during, server.tail())
     r.close()
@@ -138,9 +162,23 @@ def test_requests_sse_and_disconnect_frees_blocks(server):
 
 def test_loadtest_64_sessions(server, tmp_path):
     out = tmp_path / "load.json"
-    cmd = [*cli("vllm-sink"), "loadtest", "--url", server.url,
-           "--sessions", "64", "--duration", "25", "--mode", "generate", "--quiet",
-           "--metrics-interval", "0.5", "--json", str(out)]
+    cmd = [
+        *cli("vllm-sink"),
+        "loadtest",
+        "--url",
+        server.url,
+        "--sessions",
+        "64",
+        "--duration",
+        "25",
+        "--mode",
+        "generate",
+        "--quiet",
+        "--metrics-interval",
+        "0.5",
+        "--json",
+        str(out),
+    ]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr
     s = json.loads(out.read_text())
@@ -158,9 +196,25 @@ def test_loadtest_64_sessions(server, tmp_path):
 def test_loadtest_mixes_dense_and_streams(server, tmp_path):
     """--dense-fraction: short plain-dense requests beside endless streams, one batch."""
     out = tmp_path / "mixed.json"
-    cmd = [*cli("vllm-sink"), "loadtest", "--url", server.url,
-           "--sessions", "10", "--dense-fraction", "0.8", "--dense-tokens", "16",
-           "--duration", "15", "--quiet", "--metrics-interval", "0.5", "--json", str(out)]
+    cmd = [
+        *cli("vllm-sink"),
+        "loadtest",
+        "--url",
+        server.url,
+        "--sessions",
+        "10",
+        "--dense-fraction",
+        "0.8",
+        "--dense-tokens",
+        "16",
+        "--duration",
+        "15",
+        "--quiet",
+        "--metrics-interval",
+        "0.5",
+        "--json",
+        str(out),
+    ]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr
     s = json.loads(out.read_text())
@@ -171,7 +225,7 @@ def test_loadtest_mixes_dense_and_streams(server, tmp_path):
     # dense sessions send one short request after another; each stream is one request
     assert dense["requests"] > 8 and streams["requests"] == 2
     assert all(t["tokens"] <= 16 for t in s["turns"] if t["kind"] == "dense")
-    held = s["kv_blocks_while_all_active"]          # the worker counts streams only
+    held = s["kv_blocks_while_all_active"]  # the worker counts streams only
     assert held and max(held) <= 2 * 7, held
     m = _wait_idle(server)
     assert m["vllm_sink:requests_dense_total"] >= dense["requests"]
@@ -179,14 +233,40 @@ def test_loadtest_mixes_dense_and_streams(server, tmp_path):
 
 def test_vllm_bench_serve_interop(server, tmp_path):
     """vLLM's own benchmark client runs against the sink server without errors."""
-    cmd = [*cli("vllm"), "bench", "serve",
-           "--backend", "vllm", "--base-url", server.url, "--model", "smol",
-           "--tokenizer", server.model, "--dataset-name", "random",
-           "--random-input-len", "64", "--random-output-len", str(2 * CONTEXT),
-           "--num-prompts", "8", "--ignore-eos", "--save-result",
-           "--result-dir", str(tmp_path), "--result-filename", "bench.json"]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600,
-                          env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"})
+    cmd = [
+        *cli("vllm"),
+        "bench",
+        "serve",
+        "--backend",
+        "vllm",
+        "--base-url",
+        server.url,
+        "--model",
+        "smol",
+        "--tokenizer",
+        server.model,
+        "--dataset-name",
+        "random",
+        "--random-input-len",
+        "64",
+        "--random-output-len",
+        str(2 * CONTEXT),
+        "--num-prompts",
+        "8",
+        "--ignore-eos",
+        "--save-result",
+        "--result-dir",
+        str(tmp_path),
+        "--result-filename",
+        "bench.json",
+    ]
+    done = subprocess.run(
+        cmd,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"},
+    )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     result = json.loads((tmp_path / "bench.json").read_text())
     assert result["completed"] == 8 and result.get("failed", 0) == 0
@@ -198,8 +278,7 @@ def test_seeded_sampling_with_chunked_prompt_is_deterministic(server):
     """Seeded sampling over a prompt streamed in many chunks: no engine error (vLLM's
     CPU generators cannot rewind by offset) and the same seed gives the same text."""
     prompt = " ".join(f"item{i}" for i in range(300))
-    body = {"model": "smol", "prompt": prompt, "max_tokens": 40, "temperature": 1.0,
-            "seed": 1234}
+    body = {"model": "smol", "prompt": prompt, "max_tokens": 40, "temperature": 1.0, "seed": 1234}
     a = requests.post(server.url + "/v1/completions", json=body, timeout=300)
     b = requests.post(server.url + "/v1/completions", json=body, timeout=300)
     assert a.status_code == b.status_code == 200, a.text
@@ -209,10 +288,13 @@ def test_seeded_sampling_with_chunked_prompt_is_deterministic(server):
 
 def test_chat_client_example(server):
     script = Path(__file__).resolve().parents[2] / "examples" / "chat_client.py"
-    done = subprocess.run([sys.executable, str(script), "--url", server.url,
-                           "--max-tokens", "300"],
-                          input="Tell me about the sea.\nAnd the mountains?\n/quit\n",
-                          capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [sys.executable, str(script), "--url", server.url, "--max-tokens", "300"],
+        input="Tell me about the sea.\nAnd the mountains?\n/quit\n",
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     assert "KV capacity 224 tokens" in done.stdout
     turns = [line for line in done.stdout.splitlines() if "[conversation:" in line]

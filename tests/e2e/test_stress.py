@@ -36,26 +36,39 @@ from tests.e2e.server import Server
 
 pytestmark = pytest.mark.e2e
 
-BLOCK_BYTES = 2 * 30 * 3 * 32 * 64 * 2                # bf16 block, all 30 layers
-POOL_BLOCKS = 64                                      # null + 9 full streams of 7 blocks
+BLOCK_BYTES = 2 * 30 * 3 * 32 * 64 * 2  # bf16 block, all 30 layers
+POOL_BLOCKS = 64  # null + 9 full streams of 7 blocks
 IDLE_S = 6
-SINK = {"sink_tokens": 4, "window_tokens": 96, "max_parked_sessions": 6,
-        "session_idle_timeout": IDLE_S,
-        # Enough host budget that no preempted stream is refused here (a refusal is a
-        # finish_reason "error", HTTP 500 on the server: tests/e2e/test_pool_pressure).
-        "max_saved_kv_gib": 0.25}
+SINK = {
+    "sink_tokens": 4,
+    "window_tokens": 96,
+    "max_parked_sessions": 6,
+    "session_idle_timeout": IDLE_S,
+    # Enough host budget that no preempted stream is refused here (a refusal is a
+    # finish_reason "error", HTTP 500 on the server: tests/e2e/test_pool_pressure).
+    "max_saved_kv_gib": 0.25,
+}
 STRESS_SECONDS = 60
 PHASE_S = 6
-RSS_GROWTH_MIB = 512   # (60 s runs here grew 115-250 MiB after warm-up: allocator pools)
+RSS_GROWTH_MIB = 512  # (60 s runs here grew 115-250 MiB after warm-up: allocator pools)
 SESSIONS = ("c0", "c1", "c2", "c3")
 VOCAB = (1000, 40000)
 
 
 @pytest.fixture(scope="module")
 def server(default_model_dir):
-    srv = Server(default_model_dir, SINK, "--api-key", "key-a", "key-b",
-                 "--enable-prompt-tokens-details", "--max-num-seqs", "16",
-                 "--kv-cache-memory-bytes", str(POOL_BLOCKS * BLOCK_BYTES))
+    srv = Server(
+        default_model_dir,
+        SINK,
+        "--api-key",
+        "key-a",
+        "key-b",
+        "--enable-prompt-tokens-details",
+        "--max-num-seqs",
+        "16",
+        "--kv-cache-memory-bytes",
+        str(POOL_BLOCKS * BLOCK_BYTES),
+    )
     try:
         srv.wait_ready()
         yield srv
@@ -73,7 +86,7 @@ class Stress:
         self.lock = threading.Lock()
         self.errors: list[str] = []
         self.counts: Counter = Counter()
-        self.latest: dict[str, list[int]] = {}      # key-a's newest history per id
+        self.latest: dict[str, list[int]] = {}  # key-a's newest history per id
         self.rss: list[int] = []
 
     # -- helpers ---------------------------------------------------------------------
@@ -99,8 +112,13 @@ class Stress:
             self.counts[what] += 1
 
     def post(self, key: str, body: dict, **kw):
-        return requests.post(self.url, json={"model": "smol", **body}, timeout=kw.pop(
-            "timeout", 300), headers={"Authorization": f"Bearer {key}"}, **kw)
+        return requests.post(
+            self.url,
+            json={"model": "smol", **body},
+            timeout=kw.pop("timeout", 300),
+            headers={"Authorization": f"Bearer {key}"},
+            **kw,
+        )
 
     def answered(self, what: str, r, n: int = 1, max_tokens: int | None = None) -> dict | None:
         """A 200 with ``n`` whole choices, else a recorded failure."""
@@ -122,7 +140,8 @@ class Stress:
     @staticmethod
     def cached(body: dict) -> int:
         return ((body.get("usage") or {}).get("prompt_tokens_details") or {}).get(
-            "cached_tokens") or 0
+            "cached_tokens"
+        ) or 0
 
     # -- clients ---------------------------------------------------------------------
     def conversation(self, i: int) -> None:
@@ -134,9 +153,21 @@ class Stress:
         while self.running():
             prompt = history + [rng.randrange(*VOCAB) for _ in range(rng.randrange(4, 120))]
             for _ in range(2 if rng.random() < 0.2 else 1):
-                body = self.answered("turn", self.post("key-a", {
-                    "prompt": prompt, "max_tokens": 16, "temperature": 0, "ignore_eos": True,
-                    "session_id": sid, "return_token_ids": True}), max_tokens=16)
+                body = self.answered(
+                    "turn",
+                    self.post(
+                        "key-a",
+                        {
+                            "prompt": prompt,
+                            "max_tokens": 16,
+                            "temperature": 0,
+                            "ignore_eos": True,
+                            "session_id": sid,
+                            "return_token_ids": True,
+                        },
+                    ),
+                    max_tokens=16,
+                )
                 if body is None:
                     return
                 if self.cached(body):
@@ -154,10 +185,23 @@ class Stress:
             sid = rng.choice(SESSIONS)
             with self.lock:
                 base = list(self.latest.get(sid, []))
-            self.answered("n=2", self.post("key-a", {
-                "prompt": base + [rng.randrange(*VOCAB) for _ in range(6)], "n": 2,
-                "max_tokens": 12, "temperature": 0.8, "seed": rng.randrange(1 << 30),
-                "ignore_eos": True, "session_id": sid}), n=2, max_tokens=12)
+            self.answered(
+                "n=2",
+                self.post(
+                    "key-a",
+                    {
+                        "prompt": base + [rng.randrange(*VOCAB) for _ in range(6)],
+                        "n": 2,
+                        "max_tokens": 12,
+                        "temperature": 0.8,
+                        "seed": rng.randrange(1 << 30),
+                        "ignore_eos": True,
+                        "session_id": sid,
+                    },
+                ),
+                n=2,
+                max_tokens=12,
+            )
 
     def beams(self, i: int) -> None:
         """key-a: beam search continuing a shared id's conversation: every beam step
@@ -167,10 +211,17 @@ class Stress:
             sid = rng.choice(SESSIONS)
             with self.lock:
                 base = list(self.latest.get(sid, []))
-            r = self.post("key-a", {
-                "prompt": base + [rng.randrange(*VOCAB) for _ in range(4)],
-                "use_beam_search": True, "n": 3, "max_tokens": 6, "ignore_eos": True,
-                "session_id": sid})
+            r = self.post(
+                "key-a",
+                {
+                    "prompt": base + [rng.randrange(*VOCAB) for _ in range(4)],
+                    "use_beam_search": True,
+                    "n": 3,
+                    "max_tokens": 6,
+                    "ignore_eos": True,
+                    "session_id": sid,
+                },
+            )
             if r.status_code != 200 or len(r.json()["choices"]) != 3:
                 self.fail(f"beams: HTTP {r.status_code} {r.text[:300]}")
                 return
@@ -184,10 +235,17 @@ class Stress:
             sid = rng.choice(SESSIONS)
             with self.lock:
                 base = list(self.latest.get(sid, []))
-            with self.post("key-a", {
+            with self.post(
+                "key-a",
+                {
                     "prompt": base + [rng.randrange(*VOCAB) for _ in range(5)],
-                    "stream": True, "max_tokens": 5000, "ignore_eos": True,
-                    "session_id": sid}, stream=True) as r:
+                    "stream": True,
+                    "max_tokens": 5000,
+                    "ignore_eos": True,
+                    "session_id": sid,
+                },
+                stream=True,
+            ) as r:
                 if r.status_code != 200:
                     self.fail(f"disconnect: HTTP {r.status_code} {r.text[:300]}")
                     return
@@ -208,10 +266,16 @@ class Stress:
         rng = random.Random(self.seed * 100 + 60 + i)
         while self.storm():
             try:
-                r = self.post("key-a", {
-                    "prompt": [rng.randrange(*VOCAB) for _ in range(20)], "max_tokens": 5000,
-                    "ignore_eos": True, "session_id": rng.choice(SESSIONS)},
-                    timeout=(5, rng.uniform(0.3, 2.0)))
+                r = self.post(
+                    "key-a",
+                    {
+                        "prompt": [rng.randrange(*VOCAB) for _ in range(20)],
+                        "max_tokens": 5000,
+                        "ignore_eos": True,
+                        "session_id": rng.choice(SESSIONS),
+                    },
+                    timeout=(5, rng.uniform(0.3, 2.0)),
+                )
                 self.fail(f"abandon: answered {r.status_code} before the timeout")
                 return
             except requests.Timeout:
@@ -230,10 +294,20 @@ class Stress:
                 continue
             # Long prompts: a dense request admitted ahead of a resume takes many
             # blocks at once (the resume then waits, claimed, for room).
-            self.answered("dense", self.post(key, {
-                "prompt": [rng.randrange(*VOCAB) for _ in range(rng.randrange(20, 300))],
-                "max_tokens": 16, "ignore_eos": True, "sink": False,
-                "session_id": rng.choice(SESSIONS)}), max_tokens=16)
+            self.answered(
+                "dense",
+                self.post(
+                    key,
+                    {
+                        "prompt": [rng.randrange(*VOCAB) for _ in range(rng.randrange(20, 300))],
+                        "max_tokens": 16,
+                        "ignore_eos": True,
+                        "sink": False,
+                        "session_id": rng.choice(SESSIONS),
+                    },
+                ),
+                max_tokens=16,
+            )
 
     def spy(self) -> None:
         """key-b sends key-a's ids with key-a's conversations. It may only ever resume
@@ -245,16 +319,31 @@ class Stress:
             with self.lock:
                 base = list(self.latest.get(sid, []))
             prompt = base + [rng.randrange(*VOCAB) for _ in range(3)]
-            body = self.answered("spy", self.post("key-b", {
-                "prompt": prompt, "max_tokens": 7, "temperature": 0, "ignore_eos": True,
-                "session_id": sid, "return_token_ids": True}), max_tokens=7)
+            body = self.answered(
+                "spy",
+                self.post(
+                    "key-b",
+                    {
+                        "prompt": prompt,
+                        "max_tokens": 7,
+                        "temperature": 0,
+                        "ignore_eos": True,
+                        "session_id": sid,
+                        "return_token_ids": True,
+                    },
+                ),
+                max_tokens=7,
+            )
             if body is None:
                 return
             cached, mine = self.cached(body), own.get(sid, [])
-            if cached and not (cached in (len(mine) - 1, len(mine))
-                               and prompt[:cached] == mine[:cached]):
-                self.fail(f"key-b resumed {cached} tokens under {sid!r} that are not its "
-                          f"own ({len(mine)} tokens of its own history)")
+            if cached and not (
+                cached in (len(mine) - 1, len(mine)) and prompt[:cached] == mine[:cached]
+            ):
+                self.fail(
+                    f"key-b resumed {cached} tokens under {sid!r} that are not its "
+                    f"own ({len(mine)} tokens of its own history)"
+                )
             self.count("spy resumed" if cached else "spy")
             own[sid] = prompt + body["choices"][0]["token_ids"]
 
@@ -267,8 +356,9 @@ class Stress:
                 if requests.get(self.srv.url + "/health", timeout=10).status_code != 200:
                     self.fail("health check failed")
                 self.check_pool()
-                rss = proc.memory_info().rss + sum(c.memory_info().rss for c in
-                                                   proc.children(recursive=True))
+                rss = proc.memory_info().rss + sum(
+                    c.memory_info().rss for c in proc.children(recursive=True)
+                )
                 self.rss.append(rss)
             except (requests.RequestException, psutil.Error) as e:
                 self.fail(f"monitor: {e!r}")
@@ -279,19 +369,23 @@ class Stress:
         snapshot; a scrape may catch the board mid-write, so a mismatch is re-read)."""
         for _ in range(5):
             m = self.srv.metrics()
-            held = m["vllm_sink:blocks_sink"] + m["vllm_sink:blocks_dense"] + \
-                m["vllm_sink:blocks_parked"]
+            held = (
+                m["vllm_sink:blocks_sink"]
+                + m["vllm_sink:blocks_dense"]
+                + m["vllm_sink:blocks_parked"]
+            )
             if m["vllm_sink:pool_blocks_in_use"] == held:
                 return m
             time.sleep(0.05)
-        self.fail(f"pool: {m['vllm_sink:pool_blocks_in_use']} in use, running + parked "
-                  f"hold {held}")
+        self.fail(f"pool: {m['vllm_sink:pool_blocks_in_use']} in use, running + parked hold {held}")
         return m
 
     def run(self) -> None:
-        clients = [(self.conversation, i) for i in range(8)] + \
-            [(self.samples, 0), (self.beams, 0), (self.disconnect, 0), (self.abandon, 0)] + \
-            [(self.dense, 0), (self.dense, 1), (self.spy, None), (self.monitor, None)]
+        clients = (
+            [(self.conversation, i) for i in range(8)]
+            + [(self.samples, 0), (self.beams, 0), (self.disconnect, 0), (self.abandon, 0)]
+            + [(self.dense, 0), (self.dense, 1), (self.spy, None), (self.monitor, None)]
+        )
         threads = [threading.Thread(target=self._guard, args=c, daemon=True) for c in clients]
         for t in threads:
             t.start()
@@ -302,7 +396,7 @@ class Stress:
     def _guard(self, client, i) -> None:
         try:
             client() if i is None else client(i)
-        except Exception as e:   # noqa: BLE001 (a client's crash is a finding)
+        except Exception as e:  # noqa: BLE001 (a client's crash is a finding)
             self.fail(f"{client.__name__}: {e!r}")
 
 
@@ -310,16 +404,24 @@ def _idle_and_empty(srv: Server, timeout: float = 60.0) -> dict[str, float]:
     """After the parked sessions' idle timeout, one request lets the scheduler expire
     them; then nothing may hold a block."""
     time.sleep(IDLE_S + 1)
-    r = requests.post(srv.url + "/v1/completions", timeout=120,
-                      headers={"Authorization": "Bearer key-a"},
-                      json={"model": "smol", "prompt": [5, 6, 7], "max_tokens": 2})
+    r = requests.post(
+        srv.url + "/v1/completions",
+        timeout=120,
+        headers={"Authorization": "Bearer key-a"},
+        json={"model": "smol", "prompt": [5, 6, 7], "max_tokens": 2},
+    )
     assert r.status_code == 200, r.text
     deadline = time.monotonic() + timeout
     while True:
         m = srv.metrics()
-        if m["vllm_sink:pool_blocks_in_use"] == m["vllm_sink:parked_sessions"] == \
-                m["vllm_sink:active_requests"] == m["vllm_sink:kv_saved_bytes"] == \
-                m.get("vllm:num_requests_running", 0) == 0:
+        if (
+            m["vllm_sink:pool_blocks_in_use"]
+            == m["vllm_sink:parked_sessions"]
+            == m["vllm_sink:active_requests"]
+            == m["vllm_sink:kv_saved_bytes"]
+            == m.get("vllm:num_requests_running", 0)
+            == 0
+        ):
             return m
         assert time.monotonic() < deadline, f"not empty: {m}"
         time.sleep(0.5)
@@ -332,8 +434,11 @@ def _stress(srv: Server, seconds: float, seed: int) -> None:
     assert not stress.errors, (stress.errors, srv.tail(40))
     assert requests.get(srv.url + "/health", timeout=10).status_code == 200
     m = _idle_and_empty(srv)
-    delta = {k.split(":")[1]: m.get(k, 0) - before.get(k, 0) for k in m
-             if k.startswith("vllm_sink:") and k.endswith("_total")}
+    delta = {
+        k.split(":")[1]: m.get(k, 0) - before.get(k, 0)
+        for k in m
+        if k.startswith("vllm_sink:") and k.endswith("_total")
+    }
     print(f"\n{seconds:.0f} s: {dict(stress.counts)}\nsink counters: {delta}")
     for kind in ("turn", "n=2", "beams", "disconnect", "abandon", "dense", "refused", "spy"):
         assert stress.counts[kind] > 0, (kind, stress.counts)
@@ -344,7 +449,7 @@ def _stress(srv: Server, seconds: float, seed: int) -> None:
     assert delta["kv_saves_refused_total"] == 0 and m["vllm_sink:kv_saved_bytes"] == 0, delta
     # Memory: after the first quarter (model, buffers and allocator pools warm), the
     # server's processes grow by less than RSS_GROWTH_MIB to the end.
-    warm = stress.rss[len(stress.rss) // 4:]
+    warm = stress.rss[len(stress.rss) // 4 :]
     growth = (max(warm) - warm[0]) / 2**20
     print(f"server RSS {warm[0] / 2**20:.0f} MiB after warm-up, growth {growth:.0f} MiB")
     assert growth < RSS_GROWTH_MIB, growth

@@ -7,8 +7,12 @@ from tests.e2e.conftest import assert_greedy_close, generate_in_subprocess, gree
 
 pytestmark = pytest.mark.e2e
 
-PROMPTS = ["The capital of France is", "Once upon a time, there was a",
-           "def fibonacci(n):\n    ", "The three primary colors are"]
+PROMPTS = [
+    "The capital of France is",
+    "Once upon a time, there was a",
+    "def fibonacci(n):\n    ",
+    "The three primary colors are",
+]
 
 
 @pytest.fixture(scope="module")
@@ -23,8 +27,9 @@ def vanilla(default_model_dir):
 def test_default_model_says_paris(vanilla):
     from vllm import SamplingParams
 
-    out = vanilla.generate(["The capital of France is"],
-                           SamplingParams(temperature=0, max_tokens=3), use_tqdm=False)
+    out = vanilla.generate(
+        ["The capital of France is"], SamplingParams(temperature=0, max_tokens=3), use_tqdm=False
+    )
     assert out[0].outputs[0].text.startswith(" Paris.")
 
 
@@ -34,9 +39,14 @@ def test_plugin_inert_without_sink_section(vanilla, default_model_dir):
     tok = vanilla.get_tokenizer()
     prompts = [tok.encode(p) for p in PROMPTS]
     with_plugin = greedy_top(vanilla, prompts, 48)
-    without = generate_in_subprocess(default_model_dir, prompts, 48,
-                                     {"VLLM_PLUGINS": "no_such_plugin"}, top_logprobs=5,
-                                     block_size=32)
+    without = generate_in_subprocess(
+        default_model_dir,
+        prompts,
+        48,
+        {"VLLM_PLUGINS": "no_such_plugin"},
+        top_logprobs=5,
+        block_size=32,
+    )
     assert_greedy_close(with_plugin, without, ("plugin loaded", "plugins disabled"))
     assert vanilla.llm_engine.vllm_config.model_config.max_model_len == 8192
 

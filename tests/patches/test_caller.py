@@ -28,6 +28,7 @@ def _app(seen: list):
         async def body():
             seen.append(("stream", caller.owner()))
             yield b"x"
+
         return StreamingResponse(body())
 
     return Starlette(routes=[Route("/h", handler), Route("/s", stream)])
@@ -53,8 +54,8 @@ def test_owner_follows_the_http_request():
     owners = [o for _, o in seen]
     a, b, anon = owners[0], owners[3], owners[6]
     assert owners[:3] == [a] * 3 and owners[3:6] == [b] * 3 and owners[6:] == [anon] * 2
-    assert len({a, b, anon, caller.LOCAL}) == 4        # an HTTP caller is never "local"
-    assert caller.owner() == caller.LOCAL               # outside a request
+    assert len({a, b, anon, caller.LOCAL}) == 4  # an HTTP caller is never "local"
+    assert caller.owner() == caller.LOCAL  # outside a request
 
 
 def test_thread_pool_calls_keep_the_callers_context():
@@ -85,7 +86,7 @@ def test_build_app_adds_the_middleware_to_a_built_stack():
     from fastapi import FastAPI
 
     app = FastAPI()
-    app.middleware_stack = app.build_middleware_stack()   # as vLLM's bootstrap leaves it
+    app.middleware_stack = app.build_middleware_stack()  # as vLLM's bootstrap leaves it
     wrapped = caller._wrap_build_app(lambda: app)()
     assert wrapped.user_middleware[0].cls is caller.CallerMiddleware
     layer, found = wrapped.middleware_stack, False

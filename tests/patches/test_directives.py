@@ -15,17 +15,20 @@ def test_split_keeps_issue_order():
     assert ops == [("park", "r1", "k1"), ("park", "r2", "k2"), ("drop", None, "k1")]
 
 
-@pytest.mark.parametrize("bad", [
-    d.PREFIX + "garbage",
-    d.PREFIX + '["park"]',
-    d.PREFIX + '["drop", "x", null, "k"]',          # sequence number not an int
-    d.PREFIX + '["nuke", 1, null, "k"]',            # unknown op
-    d.PREFIX + '["park", 1, null, "k"]',            # park without a request id
-    d.PREFIX + '["drop", 1, null, 5]',              # key not a string
-    d.PREFIX + '{"op": "drop"}',
-    d.PREFIX + "[" * 100_000,
-    d.PREFIX,
-])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        d.PREFIX + "garbage",
+        d.PREFIX + '["park"]',
+        d.PREFIX + '["drop", "x", null, "k"]',  # sequence number not an int
+        d.PREFIX + '["nuke", 1, null, "k"]',  # unknown op
+        d.PREFIX + '["park", 1, null, "k"]',  # park without a request id
+        d.PREFIX + '["drop", 1, null, 5]',  # key not a string
+        d.PREFIX + '{"op": "drop"}',
+        d.PREFIX + "[" * 100_000,
+        d.PREFIX,
+    ],
+)
 def test_malformed_directives_pass_through_as_ids(bad):
     real, ops = d.split({bad, d.drop(1, "k"), "req-1"})
     assert real == {bad, "req-1"} and ops == [("drop", None, "k")]

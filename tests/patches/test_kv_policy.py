@@ -14,27 +14,37 @@ pytestmark = pytest.mark.cpu
 from vllm.sampling_params import SamplingParams  # noqa: E402
 from vllm.v1.core.kv_cache_manager import KVCacheManager  # noqa: E402
 from vllm.v1.core.kv_cache_utils import get_request_block_hasher, init_none_hash  # noqa: E402
-from vllm.v1.kv_cache_interface import (FullAttentionSpec, KVCacheConfig,  # noqa: E402
-                                        KVCacheGroupSpec)
+from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheConfig, KVCacheGroupSpec  # noqa: E402
 from vllm.v1.request import Request  # noqa: E402
 
 from vllm_sink.core.config import SinkLayout  # noqa: E402
-from vllm_sink.patches.engine_core.kv_policy import (SinkAttentionSpec,  # noqa: E402
-                                                     SinkRingManager, register_kv_policy,
-                                                     stream_blocks_needed)
+from vllm_sink.patches.engine_core.kv_policy import (  # noqa: E402
+    SinkAttentionSpec,
+    SinkRingManager,
+    register_kv_policy,
+    stream_blocks_needed,
+)
 
 B = 4
-LAYOUT = SinkLayout(B, 1, 3, 10_000, 5)   # C = 16, K = 5: span 20, 5 blocks per stream
+LAYOUT = SinkLayout(B, 1, 3, 10_000, 5)  # C = 16, K = 5: span 20, 5 blocks per stream
 FULL = FullAttentionSpec(block_size=B, num_kv_heads=2, head_size=8, dtype=torch.float32)
 
 
 def _manager(num_blocks: int, caching: bool = False):
     register_kv_policy()
     spec = SinkAttentionSpec.from_full(FULL, LAYOUT, dense_max_model_len=64)
-    config = KVCacheConfig(num_blocks=num_blocks, kv_cache_tensors=[],
-                           kv_cache_groups=[KVCacheGroupSpec(["layer.0"], spec)])
-    mgr = KVCacheManager(config, max_model_len=1 << 30, scheduler_block_size=B,
-                         hash_block_size=B, enable_caching=caching)
+    config = KVCacheConfig(
+        num_blocks=num_blocks,
+        kv_cache_tensors=[],
+        kv_cache_groups=[KVCacheGroupSpec(["layer.0"], spec)],
+    )
+    mgr = KVCacheManager(
+        config,
+        max_model_len=1 << 30,
+        scheduler_block_size=B,
+        hash_block_size=B,
+        enable_caching=caching,
+    )
     layouts, restoring, grids = {}, {}, {}
     single = mgr.coordinator.single_type_managers[0]
     assert isinstance(single, SinkRingManager)
@@ -43,8 +53,7 @@ def _manager(num_blocks: int, caching: bool = False):
 
 
 def _request(i: int, prompt: list[int], hasher=None) -> Request:
-    return Request(f"r{i}", prompt, SamplingParams(max_tokens=10**6), None,
-                   block_hasher=hasher)
+    return Request(f"r{i}", prompt, SamplingParams(max_tokens=10**6), None, block_hasher=hasher)
 
 
 def _held(mgr, req) -> int:
@@ -53,7 +62,7 @@ def _held(mgr, req) -> int:
 
 def test_spec_sizes_block_table_for_both_kinds():
     spec = SinkAttentionSpec.from_full(FULL, LAYOUT, dense_max_model_len=64)
-    assert spec.max_num_blocks_per_req(None, 1 << 30) == 16     # dense: 64 / 4
+    assert spec.max_num_blocks_per_req(None, 1 << 30) == 16  # dense: 64 / 4
     assert spec.max_memory_usage_bytes(None) == 5 * spec.page_size_bytes  # one stream
     assert SinkAttentionSpec.merge([spec, spec]) == spec
 
@@ -63,14 +72,24 @@ def test_blocks_needed_by_a_stream():
     # up to a + n tokens; later chunks start at 20 + 5j with <= C - 1 cached, a step
     # inside one adds to what the chunk added; never past the block set.
     prompt = (0, 10_000)
-    assert [stream_blocks_needed(LAYOUT, a, n, prompt) for a, n in
-            [(0, 3), (0, 20), (8, 1), (15, 1), (16, 1), (1000, 1), (1000, 5), (1002, 3),
-             (1000, 50)]] == [1, 5, 3, 4, 5, 4, 5, 5, 5]
+    assert [
+        stream_blocks_needed(LAYOUT, a, n, prompt)
+        for a, n in [
+            (0, 3),
+            (0, 20),
+            (8, 1),
+            (15, 1),
+            (16, 1),
+            (1000, 1),
+            (1000, 5),
+            (1002, 3),
+            (1000, 50),
+        ]
+    ] == [1, 5, 3, 4, 5, 4, 5, 5, 5]
     # Decoding (a >= prompt end): each token is a chunk, <= C - 1 cached before it.
     decode = (0, 3)
-    assert [stream_blocks_needed(LAYOUT, a, 1, decode) for a in (8, 15, 16, 1000)] == \
-        [3, 4, 4, 4]
-    assert stream_blocks_needed(LAYOUT, 8, 1, None) == 5      # grid unknown: the most
+    assert [stream_blocks_needed(LAYOUT, a, 1, decode) for a in (8, 15, 16, 1000)] == [3, 4, 4, 4]
+    assert stream_blocks_needed(LAYOUT, 8, 1, None) == 5  # grid unknown: the most
 
 
 def test_stream_grows_on_demand_then_never_allocates():
@@ -78,15 +97,15 @@ def test_stream_grows_on_demand_then_never_allocates():
     free0 = mgr.block_pool.get_num_free_blocks()
     a = _request(0, list(range(3)))
     layouts[a.request_id], grids[a.request_id] = LAYOUT, (0, 3)
-    assert mgr.allocate_slots(a, 3) is not None and _held(mgr, a) == 1   # 3 tokens
+    assert mgr.allocate_slots(a, 3) is not None and _held(mgr, a) == 1  # 3 tokens
     a.num_computed_tokens = 3
     grown = []
-    for _ in range(200):                        # decode far past the capacity
+    for _ in range(200):  # decode far past the capacity
         assert mgr.allocate_slots(a, 1) is not None
         a.num_computed_tokens += 1
         grown.append(_held(mgr, a))
-    assert grown[:14] == [1] * 1 + [2] * 4 + [3] * 4 + [4] * 4 + [4]   # C = 16 tokens
-    assert set(grown[13:]) == {4}               # full at C / B: decode never needs more
+    assert grown[:14] == [1] * 1 + [2] * 4 + [3] * 4 + [4] * 4 + [4]  # C = 16 tokens
+    assert set(grown[13:]) == {4}  # full at C / B: decode never needs more
     assert mgr.allocate_slots(a, 5) is not None and _held(mgr, a) == 5  # a prompt chunk
     assert mgr.block_pool.get_num_free_blocks() == free0 - 5
     mgr.free(a)
@@ -98,7 +117,7 @@ def test_preempted_stream_resumes_with_room_for_its_cache():
     a = _request(0, list(range(40)))
     layouts[a.request_id], grids[a.request_id] = LAYOUT, (0, 40)
     assert mgr.allocate_slots(a, 20) is not None and _held(mgr, a) == 5  # a full chunk
-    a.num_computed_tokens = 20            # then preempted: freed, 5 blocks recorded
+    a.num_computed_tokens = 20  # then preempted: freed, 5 blocks recorded
     mgr.free(a)
     restoring[a.request_id] = 5
     # Resumed with its computed count kept: room for everything it had cached, even if
@@ -113,10 +132,10 @@ def test_dense_requests_are_plain_full_attention_with_prefix_cache():
     mgr, layouts, _, grids = _manager(num_blocks=1 + 20, caching=True)
     prompt = list(range(30))
     d = _request(0, prompt, hasher)
-    assert mgr.allocate_slots(d, 30) is not None and _held(mgr, d) == 8   # cdiv(30, 4)
+    assert mgr.allocate_slots(d, 30) is not None and _held(mgr, d) == 8  # cdiv(30, 4)
     d.num_computed_tokens = 30
     mgr.free(d)
-    e = _request(1, prompt, hasher)           # same prompt: vLLM's prefix-cache hit
+    e = _request(1, prompt, hasher)  # same prompt: vLLM's prefix-cache hit
     _, hit, _ = mgr.get_computed_blocks(e)
     assert hit == 28
     # A stream with the same prompt is never hashed into (or served from) the cache.

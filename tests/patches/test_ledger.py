@@ -79,12 +79,16 @@ def test_every_patch_object_is_in_the_ledger():
     missing = []
     for path, patches in sorted(defined.items()):
         for patch in patches:
-            if not any(f"`{path}`" in module and f"`{patch.target}`" in target
-                       and "monkeypatch" in kind for module, target, kind in rows):
+            if not any(
+                f"`{path}`" in module and f"`{patch.target}`" in target and "monkeypatch" in kind
+                for module, target, kind in rows
+            ):
                 missing.append(f"{path}: {patch.target}")
-    assert not missing, ("patches/README.md has no table row (module column naming the "
-                         "file, target column with the full target, kind 'monkeypatch') "
-                         "for: " + "; ".join(missing))
+    assert not missing, (
+        "patches/README.md has no table row (module column naming the "
+        "file, target column with the full target, kind 'monkeypatch') "
+        "for: " + "; ".join(missing)
+    )
 
 
 def test_every_monkeypatch_row_has_its_patch_object():
@@ -103,5 +107,7 @@ def test_every_monkeypatch_row_has_its_patch_object():
 
 def test_every_patch_construction_is_collected():
     hidden = _files_calling_patch() - set(_defined_patches()) - {"_patching.py"}
-    assert not hidden, (f"{sorted(hidden)} construct a Patch that is not a module-level "
-                        "PATCH / PATCHES object, so the ledger check cannot see it")
+    assert not hidden, (
+        f"{sorted(hidden)} construct a Patch that is not a module-level "
+        "PATCH / PATCHES object, so the ledger check cannot see it"
+    )

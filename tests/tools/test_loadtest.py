@@ -22,19 +22,25 @@ def _run(blocks_at, reached_at, end=120, active_until=110, mode="generate"):
         lt.turns.append(rec)
     lt.session_tokens = [4000] * STREAMS
     # Half the streams end at active_until (their blocks go back with them).
-    lt.samples = [{"t": float(t), "vllm_sink:active_requests": STREAMS if t < active_until
-                   else STREAMS // 2, "vllm_sink:kv_blocks_reserved": blocks_at(t)
-                   if t < active_until else blocks_at(t) // 2,
-                   "vllm_sink:blocks_per_request": PER_STREAM + 8}
-                  for t in range(end + 1)]
+    lt.samples = [
+        {
+            "t": float(t),
+            "vllm_sink:active_requests": STREAMS if t < active_until else STREAMS // 2,
+            "vllm_sink:kv_blocks_reserved": blocks_at(t) if t < active_until else blocks_at(t) // 2,
+            "vllm_sink:blocks_per_request": PER_STREAM + 8,
+        }
+        for t in range(end + 1)
+    ]
     return lt.summary("m", float(end))
 
 
 def test_growth_then_plateau_is_flat():
     """The GPU run that printed "KV blocks flat: False": the pool grew for 37 s (blocks
     on demand), then stayed at 33,024 blocks to the end."""
-    s = _run(lambda t: min(t, 37) * (STREAMS * PER_STREAM) // 37,
-             lambda stream: 20.0 + 17.0 * stream / (STREAMS - 1))
+    s = _run(
+        lambda t: min(t, 37) * (STREAMS * PER_STREAM) // 37,
+        lambda stream: 20.0 + 17.0 * stream / (STREAMS - 1),
+    )
     assert s["kv_plateau_s"] == 37.0
     assert s["kv_blocks_at_plateau"] == [STREAMS * PER_STREAM]
     assert s["kv_blocks_flat"] is True and s["kv_blocks_within_bound"] is True

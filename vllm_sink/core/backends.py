@@ -36,8 +36,11 @@ def _platforms(platform: str | None) -> list[str]:
 def allowed(platform: str | None = None) -> tuple[str, ...]:
     """Backends sink mode runs on (``platform`` None: on any platform)."""
     chosen = opted_in()
-    return tuple(n for p in _platforms(platform)
-                 for n in VERIFIED[p] + tuple(u for u in UNVERIFIED[p] if u in chosen))
+    return tuple(
+        n
+        for p in _platforms(platform)
+        for n in VERIFIED[p] + tuple(u for u in UNVERIFIED[p] if u in chosen)
+    )
 
 
 def refusal(name: str, platform: str | None = None) -> str | None:
@@ -48,9 +51,13 @@ def refusal(name: str, platform: str | None = None) -> str | None:
     where = f" on {platform}" if platform else ""
     verified = ", ".join(n for p in _platforms(platform) for n in VERIFIED[p])
     if any(name in UNVERIFIED[p] for p in _platforms(platform)):
-        return (f"the {name} attention backend is not verified with sink mode yet (its "
-                f"oracle test, tests/e2e/test_cuda.py, has not passed on a GPU). Use "
-                f"{verified}{where}, or set {ENV}={name} to run it unverified.")
-    return (f"sink mode is verified on {verified}{where}: it re-rotates cached keys in "
-            f"place and must know each backend's cache and block-table handling. Pick "
-            "one of those.")
+        return (
+            f"the {name} attention backend is not verified with sink mode yet (its "
+            f"oracle test, tests/e2e/test_cuda.py, has not passed on a GPU). Use "
+            f"{verified}{where}, or set {ENV}={name} to run it unverified."
+        )
+    return (
+        f"sink mode is verified on {verified}{where}: it re-rotates cached keys in "
+        f"place and must know each backend's cache and block-table handling. Pick "
+        "one of those."
+    )

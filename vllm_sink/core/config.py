@@ -29,7 +29,7 @@ from typing import Any
 
 DEFAULT_SINK_TOKENS = 4
 DEFAULT_WINDOW_TOKENS = 2048
-DEFAULT_PREFILL_CHUNK_TOKENS = 256   # capped at the window by default
+DEFAULT_PREFILL_CHUNK_TOKENS = 256  # capped at the window by default
 
 _EXAMPLE = '{"sink": {"sink_tokens": 4, "window_tokens": 2048}}'
 ENGINE = 'additional_config["sink"]'
@@ -38,32 +38,54 @@ ENGINE = 'additional_config["sink"]'
 _KEYS: dict[str, tuple[type, Any, str]] = {
     "sink_tokens": (int, 0, "initial tokens kept forever as attention sinks (0 = window-only)"),
     "window_tokens": (int, 1, "most recent tokens kept in the rolling window"),
-    "prefill_chunk_tokens": (int, 1, "most prompt tokens one request reads in one step "
-                                     "once its cache is full; each request reserves that "
-                                     "much KV headroom (default min(256, window))"),
-    "default": (str, ("sink", "dense"), "what a request without its own \"sink\" field "
-                                         "is: an endless stream (\"sink\", default) or "
-                                         "plain dense attention (\"dense\")"),
-    "position_limit": (int, 2, "most positions a stream spans: C - 1 + "
-                               "prefill_chunk_tokens must fit (default: the model's "
-                               "context length)"),
-    "sessions": (bool, 0, "park a finished request's KV under its session_id and resume "
-                          "it on the next turn (default true)"),
-    "max_request_sink_tokens": (int, 0, "most sink tokens a request's own \"sink\" "
-                                        "field may ask for (default: the engine's "
-                                        "sink_tokens); each stream keeps a device copy "
-                                        "of its sink keys, reserved in vLLM's memory "
-                                        "profile for this many"),
-    "max_parked_sessions": (int, 0, "parked sessions kept at most (default 256, "
-                                    "at most 65536)"),
-    "session_idle_timeout": (float, 0.001, "seconds a parked session may stay idle "
-                                           "(default 600)"),
-    "max_saved_kv_gib": (float, 0.0, "GiB of host memory each worker may hold for the "
-                                     "KV of preempted streams (default: the size of "
-                                     "the KV pool, at most a quarter of the host's "
-                                     "memory per worker); a stream whose save does "
-                                     "not fit is finished with finish_reason "
-                                     "\"error\""),
+    "prefill_chunk_tokens": (
+        int,
+        1,
+        "most prompt tokens one request reads in one step "
+        "once its cache is full; each request reserves that "
+        "much KV headroom (default min(256, window))",
+    ),
+    "default": (
+        str,
+        ("sink", "dense"),
+        "what a request without its own \"sink\" field "
+        "is: an endless stream (\"sink\", default) or "
+        "plain dense attention (\"dense\")",
+    ),
+    "position_limit": (
+        int,
+        2,
+        "most positions a stream spans: C - 1 + "
+        "prefill_chunk_tokens must fit (default: the model's "
+        "context length)",
+    ),
+    "sessions": (
+        bool,
+        0,
+        "park a finished request's KV under its session_id and resume "
+        "it on the next turn (default true)",
+    ),
+    "max_request_sink_tokens": (
+        int,
+        0,
+        "most sink tokens a request's own \"sink\" "
+        "field may ask for (default: the engine's "
+        "sink_tokens); each stream keeps a device copy "
+        "of its sink keys, reserved in vLLM's memory "
+        "profile for this many",
+    ),
+    "max_parked_sessions": (int, 0, "parked sessions kept at most (default 256, at most 65536)"),
+    "session_idle_timeout": (float, 0.001, "seconds a parked session may stay idle (default 600)"),
+    "max_saved_kv_gib": (
+        float,
+        0.0,
+        "GiB of host memory each worker may hold for the "
+        "KV of preempted streams (default: the size of "
+        "the KV pool, at most a quarter of the host's "
+        "memory per worker); a stream whose save does "
+        "not fit is finished with finish_reason "
+        "\"error\"",
+    ),
 }
 # Upper bounds of keys that have one (a parked session costs host-side state in the
 # scheduler and every worker, and each holds at least one KV block).
@@ -80,7 +102,7 @@ class SinkConfigError(ValueError):
 
 # Every number a section or a request field may hold lies within +-MAX_NUMBER: far past
 # any token count or timeout, small enough that the block arithmetic stays exact.
-MAX_NUMBER = 2 ** 62
+MAX_NUMBER = 2**62
 _SHOW = reprlib.Repr()
 _SHOW.maxlevel, _SHOW.maxstring, _SHOW.maxother, _SHOW.maxlong = 3, 60, 60, 40
 _SHOW.maxdict = _SHOW.maxlist = _SHOW.maxtuple = 6
@@ -89,8 +111,7 @@ _SHOW.maxdict = _SHOW.maxlist = _SHOW.maxtuple = 6
 def show(value: Any) -> str:
     """A short, safe rendering of a client-supplied value for an error message: at most
     a few nesting levels and dozens of characters, whatever its size or depth."""
-    if isinstance(value, int) and not isinstance(value, bool) and \
-            abs(value) >= 10 ** 40:
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) >= 10**40:
         return f"{'-' if value < 0 else ''}<integer of {abs(value).bit_length()} bits>"
     try:
         return _SHOW.repr(value)
@@ -103,28 +124,33 @@ def _as_type(where: str, key: str, kind: type, value: Any):
     if kind is bool:
         if isinstance(value, bool):
             return value
-        raise SinkConfigError(f"{name} must be true or false, "
-                              f"got {show(value)} ({type(value).__name__}).")
+        raise SinkConfigError(
+            f"{name} must be true or false, got {show(value)} ({type(value).__name__})."
+        )
     if kind is str:
         if isinstance(value, str):
             return value
-        raise SinkConfigError(f"{name} must be a string, got {show(value)} "
-                              f"({type(value).__name__}).")
+        raise SinkConfigError(
+            f"{name} must be a string, got {show(value)} ({type(value).__name__})."
+        )
     # bool is an int subclass; "true" for a token count is always a mistake.
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise SinkConfigError(
             f"{name} must be a number, got "
-            f"{show(value)} ({type(value).__name__}). Example: {_EXAMPLE}")
+            f"{show(value)} ({type(value).__name__}). Example: {_EXAMPLE}"
+        )
     if value != value or value in (float("inf"), float("-inf")):
         raise SinkConfigError(f"{name} must be finite, got {value!r}")
     if abs(value) > MAX_NUMBER:
-        raise SinkConfigError(f"{name} = {show(value)} is out of range: at most "
-                              f"2**62 in magnitude.")
+        raise SinkConfigError(
+            f"{name} = {show(value)} is out of range: at most 2**62 in magnitude."
+        )
     if kind is int:
         if isinstance(value, float):
             if not value.is_integer():
-                raise SinkConfigError(f"{name} must be an "
-                                      f"integer, got {value!r}. Example: {_EXAMPLE}")
+                raise SinkConfigError(
+                    f"{name} must be an integer, got {value!r}. Example: {_EXAMPLE}"
+                )
             value = int(value)
         return value
     return float(value)
@@ -142,8 +168,7 @@ def parse_keys(section: Any, keys, where: str = ENGINE) -> dict[str, Any]:
         valid = ", ".join(f"{k} ({_KEYS[k][2]})" for k in keys)
         named = ", ".join(show(k) for k in unknown[:5])
         more = f" and {len(unknown) - 5} more" if len(unknown) > 5 else ""
-        raise SinkConfigError(
-            f"Unknown key(s) in {where}: {named}{more}. Valid keys: {valid}.")
+        raise SinkConfigError(f"Unknown key(s) in {where}: {named}{more}. Valid keys: {valid}.")
     values: dict[str, Any] = {}
     for key in keys:
         kind, limit, meaning = _KEYS[key]
@@ -152,8 +177,10 @@ def parse_keys(section: Any, keys, where: str = ENGINE) -> dict[str, Any]:
             continue
         value = _as_type(where, key, kind, raw)
         if kind is str and value not in limit:
-            raise SinkConfigError(f'{where}["{key}"] = {show(value)} must be one of '
-                                  f"{', '.join(map(repr, limit))}: {meaning}.")
+            raise SinkConfigError(
+                f'{where}["{key}"] = {show(value)} must be one of '
+                f"{', '.join(map(repr, limit))}: {meaning}."
+            )
         if kind not in (bool, str) and value < limit:
             raise SinkConfigError(
                 f'{where}["{key}"] = {value} is out of range: '
@@ -162,7 +189,8 @@ def parse_keys(section: Any, keys, where: str = ENGINE) -> dict[str, Any]:
         if key in _MAXIMA and value > _MAXIMA[key]:
             raise SinkConfigError(
                 f'{where}["{key}"] = {value} is out of range: it is the number of '
-                f"{meaning} and must be <= {_MAXIMA[key]}. Lower it.")
+                f"{meaning} and must be <= {_MAXIMA[key]}. Lower it."
+            )
         values[key] = value
     return values
 
@@ -180,7 +208,7 @@ class SinkConfig:
     sessions: bool = True
     max_parked_sessions: int = 256
     session_idle_timeout: float = 600.0
-    max_saved_kv_gib: float | None = None   # None: derived from the pool and the host
+    max_saved_kv_gib: float | None = None  # None: derived from the pool and the host
 
     @classmethod
     def from_section(cls, section: Any) -> SinkConfig:
@@ -189,10 +217,14 @@ class SinkConfig:
 
     def resolved_section(self, layout: SinkLayout) -> dict[str, Any]:
         """The section every process re-parses: geometry resolved, policies explicit."""
-        section = {**layout.to_section(), "default": self.default, "sessions": self.sessions,
-                   "max_request_sink_tokens": self.request_sink_limit(layout),
-                   "max_parked_sessions": self.max_parked_sessions,
-                   "session_idle_timeout": self.session_idle_timeout}
+        section = {
+            **layout.to_section(),
+            "default": self.default,
+            "sessions": self.sessions,
+            "max_request_sink_tokens": self.request_sink_limit(layout),
+            "max_parked_sessions": self.max_parked_sessions,
+            "session_idle_timeout": self.session_idle_timeout,
+        }
         if self.max_saved_kv_gib is not None:
             section["max_saved_kv_gib"] = self.max_saved_kv_gib
         return section
@@ -205,7 +237,8 @@ class SinkConfig:
             raise SinkConfigError(
                 f'{ENGINE}["max_request_sink_tokens"] = {asked} is below the engine\'s '
                 f'own sink_tokens = {self.sink_tokens}, which every request may use. '
-                "Raise it or remove it.")
+                "Raise it or remove it."
+            )
         B = layout.block_size
         return max(layout.sink_tokens, math.ceil((asked or 0) / B) * B)
 
@@ -229,9 +262,14 @@ class SinkConfig:
             # Default window: 2048 tokens, shrunk until it and its default prefill chunk
             # fit the model's positions.
             window_blocks = math.ceil(DEFAULT_WINDOW_TOKENS / B)
-            while window_blocks >= 1 and S + window_blocks * B - 1 + min(
-                    self.prefill_chunk_tokens or DEFAULT_PREFILL_CHUNK_TOKENS,
-                    window_blocks * B) > limit:
+            while (
+                window_blocks >= 1
+                and S
+                + window_blocks * B
+                - 1
+                + min(self.prefill_chunk_tokens or DEFAULT_PREFILL_CHUNK_TOKENS, window_blocks * B)
+                > limit
+            ):
                 window_blocks -= 1
             if window_blocks < 1:
                 raise SinkConfigError(
@@ -264,7 +302,8 @@ class SinkConfig:
                     f"a step runs with up to C - 1 + prefill_chunk_tokens = {C - 1 + K} "
                     f"tokens cached (capacity C = {C}), attended at positions up to "
                     f"{C + K - 2}, past the model's position limit {limit}. Set it to at "
-                    f'most {limit - C + 1}, or lower "window_tokens".')
+                    f'most {limit - C + 1}, or lower "window_tokens".'
+                )
         return SinkLayout(B, sink_blocks, window_blocks, limit, K)
 
 
@@ -276,7 +315,7 @@ class SinkLayout:
     sink_blocks: int
     window_blocks: int
     position_limit: int
-    chunk_tokens: int = 1       # K; 1 = no headroom (steps of one token once full)
+    chunk_tokens: int = 1  # K; 1 = no headroom (steps of one token once full)
 
     def __post_init__(self) -> None:
         assert self.block_size >= 1 and self.sink_blocks >= 0 and self.window_blocks >= 1

@@ -30,9 +30,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import torch
-
 import numpy as np
+import torch
 
 from vllm_sink.core.rotary import Rotations, rotate_full
 
@@ -60,23 +59,39 @@ def fit_strides(rel: torch.Tensor, N: int, H: int, D: int) -> tuple[int, int, in
     sd = int(o[0, 0, 1]) - c0 if D > 1 else 0
     if min(c0, sn, sh, sd) < 0:
         return None
-    expect = (c0 + torch.arange(N)[:, None, None] * sn + torch.arange(H)[None, :, None] * sh
-              + torch.arange(D)[None, None, :] * sd)
+    expect = (
+        c0
+        + torch.arange(N)[:, None, None] * sn
+        + torch.arange(H)[None, :, None] * sh
+        + torch.arange(D)[None, None, :] * sd
+    )
     return (c0, sn, sh, sd) if torch.equal(expect, o) else None
 
 
 def _same_storage(tensors: Sequence[torch.Tensor]) -> bool:
     first = tensors[0]
-    return all(t.untyped_storage().data_ptr() == first.untyped_storage().data_ptr()
-               and t.dtype == first.dtype and t.stride() == first.stride()
-               and t.shape == first.shape for t in tensors)
+    return all(
+        t.untyped_storage().data_ptr() == first.untyped_storage().data_ptr()
+        and t.dtype == first.dtype
+        and t.stride() == first.stride()
+        and t.shape == first.shape
+        for t in tensors
+    )
 
 
 class KeyCache:
     """The keys of ``layers`` (KV tensors, blocks on dim 0), ``N`` tokens per block."""
 
-    def __init__(self, layers: Sequence[torch.Tensor], rel: torch.Tensor, N: int, H: int,
-                 D: int, cos_sin_f32: torch.Tensor, is_neox: bool) -> None:
+    def __init__(
+        self,
+        layers: Sequence[torch.Tensor],
+        rel: torch.Tensor,
+        N: int,
+        H: int,
+        D: int,
+        cos_sin_f32: torch.Tensor,
+        is_neox: bool,
+    ) -> None:
         # Layers sharing one cache (KV sharing) are rotated once: keep distinct views.
         self.layers = distinct(layers)
         self.N, self.H, self.D = N, H, D
@@ -88,19 +103,23 @@ class KeyCache:
         self.rel = rel.to(torch.long).cpu()
         self.num_blocks = self.layers[0].shape[0]
         strides = fit_strides(self.rel, N, H, D)
-        self.stack: torch.Tensor | None = None          # [L, blocks, N, H, D]
-        self.views: list[torch.Tensor] = []             # per layer [blocks, N, H, D]
-        self.tables: list[torch.Tensor] = []            # per layer flat storage view
+        self.stack: torch.Tensor | None = None  # [L, blocks, N, H, D]
+        self.views: list[torch.Tensor] = []  # per layer [blocks, N, H, D]
+        self.tables: list[torch.Tensor] = []  # per layer flat storage view
         if strides is not None:
             c0, sn, sh, sd = strides
-            self.views = [kv.as_strided((kv.shape[0], N, H, D), (kv.stride(0), sn, sh, sd),
-                                        kv.storage_offset() + c0) for kv in self.layers]
+            self.views = [
+                kv.as_strided(
+                    (kv.shape[0], N, H, D), (kv.stride(0), sn, sh, sd), kv.storage_offset() + c0
+                )
+                for kv in self.layers
+            ]
             self.stack = stacked_view(self.views)
         else:
-            span = max((kv.shape[0] - 1) * kv.stride(0) + int(self.rel.max()) + 1
-                       for kv in self.layers)
-            self.tables = [kv.as_strided((span,), (1,), kv.storage_offset())
-                           for kv in self.layers]
+            span = max(
+                (kv.shape[0] - 1) * kv.stride(0) + int(self.rel.max()) + 1 for kv in self.layers
+            )
+            self.tables = [kv.as_strided((span,), (1,), kv.storage_offset()) for kv in self.layers]
             self._rel_dev = self.rel.to(self.device)
 
     @property
@@ -120,7 +139,8 @@ class KeyCache:
             return torch.stack([v[blocks] for v in self.views])
         idx = self._index(blocks)
         return torch.stack([t[idx] for t in self.tables]).view(
-            len(self.tables), len(blocks), self.N, self.H, self.D)
+            len(self.tables), len(blocks), self.N, self.H, self.D
+        )
 
     def write(self, blocks: torch.Tensor, keys: torch.Tensor) -> None:
         """Store ``keys [L, n, N, H, D]`` into ``blocks``."""
@@ -151,15 +171,16 @@ class KeyCache:
         """Blocks one rotation batch takes at most (``MAX_SCRATCH_ELEMENTS``)."""
         return max(1, MAX_SCRATCH_ELEMENTS // self.block_elements)
 
-    def rotate(self, blocks: Sequence[int], deltas: Sequence[int],
-               source: torch.Tensor | None = None) -> None:
+    def rotate(
+        self, blocks: Sequence[int], deltas: Sequence[int], source: torch.Tensor | None = None
+    ) -> None:
         """Rewrite each block ``blocks[i]`` as its keys (or ``source[:, i]``) moved by
         ``deltas[i]`` positions, in every layer. A delta of 0 copies ``source`` as is.
         Done in chunks of ``blocks_per_chunk`` so the float32 scratch stays bounded."""
         n, chunk = len(blocks), self.blocks_per_chunk
         for i in range(0, n, chunk):
-            part = None if source is None else source[:, i:i + chunk]
-            self._rotate(blocks[i:i + chunk], deltas[i:i + chunk], part)
+            part = None if source is None else source[:, i : i + chunk]
+            self._rotate(blocks[i : i + chunk], deltas[i : i + chunk], part)
 
     def _rotate(self, blocks, deltas, source) -> None:
         # One host-to-device copy carries the block ids and, when any delta is not 0,
@@ -171,11 +192,11 @@ class KeyCache:
         if rotating:
             parts.append(self.rotations.multipliers(deltas).reshape(-1).view(np.uint8))
         packed = to_device(torch.from_numpy(np.concatenate(parts)), self.device)
-        idx = packed[:8 * n].view(torch.int64)
+        idx = packed[: 8 * n].view(torch.int64)
         keys = self.read(idx) if source is None else source
         if rotating:
-            c, s = packed[8 * n:].view(torch.float32).view(n, 2, 1, 1, self.D).unbind(1)
-            keys = rotate_full(keys, c, s, self._perm)                # [L, n, N, H, D]
+            c, s = packed[8 * n :].view(torch.float32).view(n, 2, 1, 1, self.D).unbind(1)
+            keys = rotate_full(keys, c, s, self._perm)  # [L, n, N, H, D]
         self.write(idx, keys)
 
 
@@ -194,11 +215,15 @@ def stacked_view(views: list[torch.Tensor]) -> torch.Tensor | None:
         return None
     offsets = [v.storage_offset() for v in views]
     step = offsets[1] - offsets[0] if len(offsets) > 1 else 0
-    if any(b - a != step for a, b in zip(offsets, offsets[1:])) or step < 0 or \
-            (len(views) > 1 and step == 0):
+    if (
+        any(b - a != step for a, b in zip(offsets, offsets[1:]))
+        or step < 0
+        or (len(views) > 1 and step == 0)
+    ):
         return None
-    return views[0].as_strided((len(views), *views[0].shape),
-                               (step, *views[0].stride()), offsets[0])
+    return views[0].as_strided(
+        (len(views), *views[0].shape), (step, *views[0].stride()), offsets[0]
+    )
 
 
 class BlockStack:
@@ -229,9 +254,9 @@ class BlockStack:
         pin = self.device.type == "cuda"
         out = []
         for i in range(0, len(blocks), self.chunk_blocks):
-            part = self.read(to_device(blocks[i:i + self.chunk_blocks], self.device))
+            part = self.read(to_device(blocks[i : i + self.chunk_blocks], self.device))
             if self.device.type == "cpu":
-                out.append(part)          # the gather already made a copy in host memory
+                out.append(part)  # the gather already made a copy in host memory
                 continue
             host = torch.empty(part.shape, dtype=part.dtype, pin_memory=pin)
             host.copy_(part, non_blocking=pin)
@@ -244,8 +269,9 @@ class BlockStack:
         i = 0
         for chunk in saved:
             n = chunk.shape[1]
-            self.write(to_device(blocks[i:i + n], self.device),
-                       chunk.to(self.device, non_blocking=True))
+            self.write(
+                to_device(blocks[i : i + n], self.device), chunk.to(self.device, non_blocking=True)
+            )
             i += n
         if i != len(blocks):
             raise ValueError(f"restore into {len(blocks)} blocks of {i} saved")

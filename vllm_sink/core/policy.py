@@ -75,8 +75,7 @@ def cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def eviction_for_step(layout: SinkLayout, cached: int, new: int,
-                      chunk_start: bool = True) -> int:
+def eviction_for_step(layout: SinkLayout, cached: int, new: int, chunk_start: bool = True) -> int:
     """Number of tokens to evict before adding ``new`` tokens to ``cached`` ones (none
     when the step continues a chunk, ``chunk_start`` False)."""
     if not 0 <= cached <= layout.span:
@@ -91,7 +90,8 @@ def eviction_for_step(layout: SinkLayout, cached: int, new: int,
             f"a step of {new} new tokens cannot fit: {cached - t} tokens stay cached and "
             f"at most {layout.span} (capacity {layout.capacity} - 1 + prefill chunk "
             f"{layout.chunk_tokens}) fit while a step runs; the step must not exceed "
-            "prefill_chunk_tokens")
+            "prefill_chunk_tokens"
+        )
     return t
 
 
@@ -120,13 +120,17 @@ def max_step_tokens(layout: SinkLayout, absolute: int, start: int, prompt_end: i
     if absolute >= prompt_end:
         return layout.chunk_tokens
     first = first_chunk_end(layout, start)
-    end = first if absolute < first else \
-        absolute + layout.chunk_tokens - (absolute - first) % layout.chunk_tokens
+    end = (
+        first
+        if absolute < first
+        else absolute + layout.chunk_tokens - (absolute - first) % layout.chunk_tokens
+    )
     return min(end, prompt_end) - absolute
 
 
-def max_cached_after(layout: SinkLayout, absolute: int, new: int, start: int,
-                     prompt_end: int) -> int:
+def max_cached_after(
+    layout: SinkLayout, absolute: int, new: int, start: int, prompt_end: int
+) -> int:
     """An upper bound on the tokens a stream caches while a step of ``new`` tokens
     starting at token ``absolute`` runs, from counts alone (the scheduler sizes blocks
     on demand with it): a chunk starts with <= C - 1 cached (or all its tokens, while
@@ -163,19 +167,19 @@ def rotate_row(row: list[int], sink_blocks: int, blocks: int) -> None:
     >>> row = [7, 1, 2, 3]; rotate_row(row, 1, 1); row   # ring block 1 was the oldest
     [7, 2, 3, 1]
     """
-    row[sink_blocks:] = row[sink_blocks + blocks:] + row[sink_blocks:sink_blocks + blocks]
+    row[sink_blocks:] = row[sink_blocks + blocks :] + row[sink_blocks : sink_blocks + blocks]
 
 
 class StepPlan(NamedTuple):
     """What must happen to one request's cache before a step runs (a tuple: one is
     made per stream and step, on the worker's hot path)."""
 
-    cached_before: int      # L: virtual tokens cached when the step was scheduled
-    evict_tokens: int       # t: oldest window tokens dropped before the step
-    evict_blocks: int       # ring blocks rotated: ceil(t / B)
-    first_eviction: bool    # take the pristine sink snapshot before touching anything
-    offset: int             # O after this step's eviction (and rebase, if any)
-    rebase_by: int          # if != 0: rotate window keys by this (= -O before the reset)
+    cached_before: int  # L: virtual tokens cached when the step was scheduled
+    evict_tokens: int  # t: oldest window tokens dropped before the step
+    evict_blocks: int  # ring blocks rotated: ceil(t / B)
+    first_eviction: bool  # take the pristine sink snapshot before touching anything
+    offset: int  # O after this step's eviction (and rebase, if any)
+    rebase_by: int  # if != 0: rotate window keys by this (= -O before the reset)
 
     @property
     def cached_after(self) -> int:
@@ -189,18 +193,27 @@ class SinkStream:
     the sequence of (absolute computed tokens, scheduled tokens) the scheduler emits.
     """
 
-    __slots__ = ("layout", "evicted", "offset", "evictions", "rebases",
-                 "evict_from", "fill_to", "start", "prompt_end")
+    __slots__ = (
+        "layout",
+        "evicted",
+        "offset",
+        "evictions",
+        "rebases",
+        "evict_from",
+        "fill_to",
+        "start",
+        "prompt_end",
+    )
 
     def __init__(self, layout: SinkLayout, prompt_end: int = 0) -> None:
         self.layout = layout
         # The current request's first token and prompt end (absolute): its chunk grid.
         self.start = 0
         self.prompt_end = prompt_end
-        self.evicted = 0    # E: window tokens evicted so far
-        self.offset = 0     # O: added to virtual indices to form positions
+        self.evicted = 0  # E: window tokens evicted so far
+        self.offset = 0  # O: added to virtual indices to form positions
         self.evictions = 0  # eviction events
-        self.rebases = 0    # rebase events
+        self.rebases = 0  # rebase events
         # The quiet-step bounds, absolute counts kept in step with E: a step adding n
         # tokens to a absolute computed ones evicts nothing and fits iff
         # a < evict_from (L = a - E < C) and a + n <= fill_to (L + n <= span).
@@ -228,8 +241,12 @@ class SinkStream:
         if L >= 0 and self.quiet(absolute_computed, new):
             # eviction_for_step's no-overflow case (most steps): nothing to evict.
             return StepPlan(L, 0, 0, False, self.offset, 0)
-        t = eviction_for_step(self.layout, L, new, starts_chunk(
-            self.layout, absolute_computed, self.start, self.prompt_end))
+        t = eviction_for_step(
+            self.layout,
+            L,
+            new,
+            starts_chunk(self.layout, absolute_computed, self.start, self.prompt_end),
+        )
         first = t > 0 and self.evicted == 0
         rebase_by = 0
         if t:
@@ -243,5 +260,4 @@ class SinkStream:
                 rebase_by = -self.offset
                 self.offset = 0
                 self.rebases += 1
-        return StepPlan(L, t, cdiv(t, self.layout.block_size), first, self.offset,
-                        rebase_by)
+        return StepPlan(L, t, cdiv(t, self.layout.block_size), first, self.offset, rebase_by)

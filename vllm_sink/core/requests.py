@@ -32,14 +32,22 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from vllm_sink.core.config import (ENGINE, REQUEST_KEYS, RESOLVED, SinkConfig, SinkConfigError,
-                                   SinkLayout, parse_keys, show)
+from vllm_sink.core.config import (
+    ENGINE,
+    REQUEST_KEYS,
+    RESOLVED,
+    SinkConfig,
+    SinkConfigError,
+    SinkLayout,
+    parse_keys,
+    show,
+)
 
 FIELD = "sink"
 WHERE = 'request field "sink"'
 _DENSE, _STREAM = ("dense", False), ("sink", True)
-MAX_CACHED = 256          # resolved layouts kept per engine (each a few hundred bytes)
-MAX_TEXT = 4096           # longest JSON-string form of the field (a layout needs ~100)
+MAX_CACHED = 256  # resolved layouts kept per engine (each a few hundred bytes)
+MAX_TEXT = 4096  # longest JSON-string form of the field (a layout needs ~100)
 
 
 @dataclass
@@ -48,7 +56,7 @@ class EngineSink:
 
     config: SinkConfig
     layout: SinkLayout
-    dense_max_model_len: int      # context bound of dense requests (vanilla's max_model_len)
+    dense_max_model_len: int  # context bound of dense requests (vanilla's max_model_len)
 
     def __post_init__(self) -> None:
         # (sinks, window rounded up to blocks, prefill_chunk_tokens or None) -> layout
@@ -61,7 +69,7 @@ class EngineSink:
     def from_section(cls, section: Mapping, block_size: int) -> EngineSink:
         config = SinkConfig.from_section(section)
         resolved = section.get(RESOLVED) or {}
-        layout = config.resolve(block_size, config.position_limit or 2 ** 62)
+        layout = config.resolve(block_size, config.position_limit or 2**62)
         dense = int(resolved.get("dense_max_model_len", layout.position_limit))
         return cls(config, layout, dense)
 
@@ -85,10 +93,12 @@ class EngineSink:
         values = parse_keys(value, REQUEST_KEYS, WHERE)
         if not values:
             return self.layout
-        B = self.layout.block_size     # sinks and window count in whole blocks
-        key = (-(-values.get("sink_tokens", self.config.sink_tokens) // B) * B,
-               -(-values.get("window_tokens", self.layout.window_tokens) // B) * B,
-               values.get("prefill_chunk_tokens"))
+        B = self.layout.block_size  # sinks and window count in whole blocks
+        key = (
+            -(-values.get("sink_tokens", self.config.sink_tokens) // B) * B,
+            -(-values.get("window_tokens", self.layout.window_tokens) // B) * B,
+            values.get("prefill_chunk_tokens"),
+        )
         layout = self._cache.get(key)
         # Each OrderedDict call is atomic under the GIL, but the frontend may admit on
         # several threads (vLLM's renderer pool): another may drop a key between two
@@ -114,21 +124,25 @@ class EngineSink:
             if len(text) > MAX_TEXT:
                 raise ValueError("too long")
             return json.loads(text)
-        except (ValueError, RecursionError):   # JSONDecodeError is a ValueError
+        except (ValueError, RecursionError):  # JSONDecodeError is a ValueError
             raise SinkConfigError(
                 f'{WHERE} = {show(value)}: use true, false, "sink", "dense" or a JSON '
                 f'object such as {{"window_tokens": 1024}} (at most {MAX_TEXT} '
-                "characters).") from None
+                "characters)."
+            ) from None
 
     def _resolve(self, key: tuple, value: Any) -> SinkLayout:
         sink_tokens, window_tokens, chunk = key
-        asked = SinkConfig(sink_tokens=sink_tokens, window_tokens=window_tokens,
-                           prefill_chunk_tokens=chunk,
-                           position_limit=self.layout.position_limit)
+        asked = SinkConfig(
+            sink_tokens=sink_tokens,
+            window_tokens=window_tokens,
+            prefill_chunk_tokens=chunk,
+            position_limit=self.layout.position_limit,
+        )
         B, limit = self.layout.block_size, self.layout.position_limit
         try:
             layout = asked.resolve(B, limit)
-            if chunk is None:   # the engine's chunk, if it fits
+            if chunk is None:  # the engine's chunk, if it fits
                 chunk = min(layout.chunk_tokens, self.layout.chunk_tokens)
                 layout = dataclasses.replace(asked, prefill_chunk_tokens=chunk).resolve(B, limit)
         except SinkConfigError as e:
@@ -138,12 +152,14 @@ class EngineSink:
                 f"{WHERE} {show(value)} asks for {layout.sink_tokens} sink tokens "
                 f"(whole KV blocks of {B}); this engine allows at most "
                 f"{self.max_sink_tokens} per request ({ENGINE}[\"max_request_sink_tokens\"] "
-                "raises it). Ask for fewer sink_tokens.")
+                "raises it). Ask for fewer sink_tokens."
+            )
         if layout.blocks_per_request > self.layout.blocks_per_request:
             raise SinkConfigError(
                 f"{WHERE} {show(value)} needs {layout.blocks_per_request} KV blocks "
                 f"per request ({layout.describe()}); this engine allows at most "
                 f"{self.layout.blocks_per_request} (its {ENGINE}: {self.layout.describe()}). "
                 "Ask for a smaller window_tokens / sink_tokens / prefill_chunk_tokens, or "
-                "start the engine with a larger window.")
+                "start the engine with a larger window."
+            )
         return layout

@@ -37,8 +37,9 @@ def rotations_for_deltas(cos_sin_f32: torch.Tensor, deltas) -> tuple[torch.Tenso
     rows = d.abs()
     if d.numel() and int(rows.max()) >= cos_sin_f32.shape[0]:
         bad = int(d[rows.argmax()])
-        raise ValueError(f"rotation by {bad} needs table row {abs(bad)}, table has "
-                         f"{cos_sin_f32.shape[0]} rows")
+        raise ValueError(
+            f"rotation by {bad} needs table row {abs(bad)}, table has {cos_sin_f32.shape[0]} rows"
+        )
     half = cos_sin_f32.shape[-1] // 2
     scale = cos_sin_f32[0, :half].to(torch.float32)  # mscale (1 for plain RoPE)
     cos = cos_sin_f32[rows, :half].to(torch.float32) / scale
@@ -88,13 +89,13 @@ class Rotations:
         rot = 2 * self.half
         if rot > head_size:
             raise ValueError(f"rotary dim {rot} exceeds head size {head_size}")
-        self.table = table.numpy()                        # shares the tensor's memory
-        self.scale = self.table[0, :self.half].copy()     # mscale (1 for plain RoPE)
+        self.table = table.numpy()  # shares the tensor's memory
+        self.scale = self.table[0, : self.half].copy()  # mscale (1 for plain RoPE)
         self.D, self.is_neox = head_size, is_neox
-        if is_neox:                                       # pairs (i, i + R/2)
+        if is_neox:  # pairs (i, i + R/2)
             first = np.arange(self.half)
             second = first + self.half
-        else:                                             # pairs (2i, 2i + 1)
+        else:  # pairs (2i, 2i + 1)
             first = np.arange(0, rot, 2)
             second = first + 1
         self.first, self.second = first, second
@@ -108,11 +109,13 @@ class Rotations:
         rows = np.abs(d)
         if d.size and int(rows.max()) >= self.table.shape[0]:
             bad = int(d[rows.argmax()])
-            raise ValueError(f"rotation by {bad} needs table row {abs(bad)}, table has "
-                             f"{self.table.shape[0]} rows")
-        picked = self.table[rows]                         # [n, R]: cos | sin
-        cos = picked[:, :self.half] / self.scale
-        sin = picked[:, self.half:] / self.scale
+            raise ValueError(
+                f"rotation by {bad} needs table row {abs(bad)}, table has "
+                f"{self.table.shape[0]} rows"
+            )
+        picked = self.table[rows]  # [n, R]: cos | sin
+        cos = picked[:, : self.half] / self.scale
+        sin = picked[:, self.half :] / self.scale
         sin = np.where((d < 0)[:, None], -sin, sin)
         out = np.zeros((d.size, 2, self.D), dtype=np.float32)
         out[:, 0, :] = 1.0
@@ -123,8 +126,9 @@ class Rotations:
         return out
 
 
-def rotate_full(x: torch.Tensor, c: torch.Tensor, s: torch.Tensor,
-                perm: torch.Tensor) -> torch.Tensor:
+def rotate_full(
+    x: torch.Tensor, c: torch.Tensor, s: torch.Tensor, perm: torch.Tensor
+) -> torch.Tensor:
     """``Rotations``' formula: x ``[..., D]`` (any dtype), c and s broadcastable to it,
     perm ``[D]`` long on x's device; float32 math, x's dtype out."""
     xf = x.to(torch.float32)

@@ -14,15 +14,15 @@ from dataclasses import asdict, dataclass
 
 @dataclass(slots=True)
 class StepRecord:
-    start_ns: int       # perf_counter ns when the worker began the step's update
-    requests: int       # requests scheduled in the step
-    tokens: int         # tokens scheduled in the step
-    evictions: int      # eviction events the step ran
-    rebases: int        # rebases the step ran
-    host_ns: int        # wall time in the plugin's own code (includes waits for the GIL,
-                        # which every torch call releases to vLLM's other threads)
-    keys_ns: int        # ... of which in the batched key edits
-    cpu_ns: int         # the plugin's thread CPU time (no GIL waits)
+    start_ns: int  # perf_counter ns when the worker began the step's update
+    requests: int  # requests scheduled in the step
+    tokens: int  # tokens scheduled in the step
+    evictions: int  # eviction events the step ran
+    rebases: int  # rebases the step ran
+    host_ns: int  # wall time in the plugin's own code (includes waits for the GIL,
+    # which every torch call releases to vLLM's other threads)
+    keys_ns: int  # ... of which in the batched key edits
+    cpu_ns: int  # the plugin's thread CPU time (no GIL waits)
 
     def to_dict(self) -> dict:
         return asdict(self)

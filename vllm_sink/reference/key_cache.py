@@ -21,10 +21,18 @@ def read_block(kv: torch.Tensor, rel: torch.Tensor, block: int, N: int, H: int, 
     return _flat(kv, rel)[idx].view(N, H, D)
 
 
-def rotate_reference(layers: Sequence[torch.Tensor], rel: torch.Tensor, N: int, H: int,
-                     D: int, cos_sin_f32: torch.Tensor, is_neox: bool,
-                     blocks: Sequence[int], deltas: Sequence[int],
-                     source: torch.Tensor | None = None) -> None:
+def rotate_reference(
+    layers: Sequence[torch.Tensor],
+    rel: torch.Tensor,
+    N: int,
+    H: int,
+    D: int,
+    cos_sin_f32: torch.Tensor,
+    is_neox: bool,
+    blocks: Sequence[int],
+    deltas: Sequence[int],
+    source: torch.Tensor | None = None,
+) -> None:
     """Same contract as ``KeyCache.rotate`` (``source``: ``[L, n, N, H, D]``)."""
     rel = rel.to(torch.long)
     for layer, kv in enumerate(layers):

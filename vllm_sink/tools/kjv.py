@@ -35,9 +35,9 @@ def kjv_text() -> str:
     if exe is None:
         raise KJVUnavailable(
             "The KJV text comes from Debian's bible-kjv package ('bible' command), "
-            "which is not installed: run scripts/setup, or: apt-get install bible-kjv")
-    raw = subprocess.run([exe, "-f", _RANGE], check=True, capture_output=True,
-                         text=True).stdout
+            "which is not installed: run scripts/setup, or: apt-get install bible-kjv"
+        )
+    raw = subprocess.run([exe, "-f", _RANGE], check=True, capture_output=True, text=True).stdout
     text = _REFERENCE.sub("", raw)
     if len(text) < 4_000_000:
         raise KJVUnavailable(f"'bible -f {_RANGE}' printed only {len(text)} characters")
@@ -54,15 +54,17 @@ def kjv_tokens(model_dir: str | None = None, limit: int | None = None) -> list[i
 
     model_dir = model_dir or default_model()
     tok_file = Path(model_dir) / "tokenizer.json"
-    digest = hashlib.sha1(tok_file.read_bytes() if tok_file.exists()
-                          else model_dir.encode()).hexdigest()[:12]
+    digest = hashlib.sha1(
+        tok_file.read_bytes() if tok_file.exists() else model_dir.encode()
+    ).hexdigest()[:12]
     path = cache_dir() / f"kjv-tokens-{digest}.npy"
     if not path.exists():
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
-        ids = np.asarray(tokenizer(kjv_text(), add_special_tokens=False)["input_ids"],
-                         dtype=np.int32)
+        ids = np.asarray(
+            tokenizer(kjv_text(), add_special_tokens=False)["input_ids"], dtype=np.int32
+        )
         with _locked(path):
             tmp = path.with_name(path.stem + ".tmp.npy")
             np.save(tmp, ids)

