@@ -33,7 +33,7 @@ def rotation_for_delta(cos_sin_f32: torch.Tensor, delta: int) -> tuple[torch.Ten
 
 def rotations_for_deltas(cos_sin_f32: torch.Tensor, deltas) -> tuple[torch.Tensor, torch.Tensor]:
     """``rotation_for_delta`` for many deltas at once: (cos, sin), each ``[n, rotary_dim // 2]``."""
-    d = torch.as_tensor(deltas, dtype=torch.long).reshape(-1)
+    d = torch.as_tensor(deltas, dtype=torch.long, device=cos_sin_f32.device).reshape(-1)
     rows = d.abs()
     if d.numel() and int(rows.max()) >= cos_sin_f32.shape[0]:
         bad = int(d[rows.argmax()])
