@@ -405,11 +405,13 @@ class SinkRunnerMixin:
         """Evictions, rebases and prompt slices of the streams whose step is not quiet."""
         evicted_any = refresh = False
         snap, rebase, rebase_by, sinks, offsets = [], [], [], [], []
+        ib = self.input_batch
         for req_id, rs, n in busy:
+            state = self.requests[req_id]  # every busy stream is scheduled this step
             plan = rs.stream.plan(rs.step_start, n)
             sb = rs.layout.sink_blocks
             if plan.evict_tokens:
-                refresh |= evict(self, req_id, rs, plan)
+                refresh |= evict(ib, state, rs, plan)
                 evicted_any = True
                 self.sink_counters["evictions"] += 1
                 self.sink_counters["tokens_evicted"] += plan.evict_tokens
@@ -429,16 +431,17 @@ class SinkRunnerMixin:
                     sinks.append((rs, BlockSpan(rs.rows, 0, sb)))
                     offsets.append(plan.offset)
             if rs.prompt is not None:
-                show_prompt(self, req_id, rs, min(rs.prompt_len, rs.step_start + n + 1))
+                upto = min(rs.prompt_len, rs.step_start + n + 1)
+                show_prompt(ib, state, rs, upto, req_id in self.num_prompt_logprobs)
         if snap or rebase or sinks:
             t = time.perf_counter_ns()
             self._sink_fix_keys(snap, rebase, rebase_by, sinks, offsets)
             self._sink_keys_ns = time.perf_counter_ns() - t
         if refresh:
-            self.input_batch.refresh_metadata()
-        elif evicted_any and not self.input_batch.no_penalties:
+            ib.refresh_metadata()
+        elif evicted_any and not ib.no_penalties:
             # Penalties read the (virtual) prompt from a tensor built at batch changes.
-            self.input_batch.sampling_metadata = self.input_batch._make_sampling_metadata()
+            ib.sampling_metadata = ib._make_sampling_metadata()
 
     def _sink_fix_keys(self, snap, rebase, rebase_by, sinks, offsets) -> None:
         """One step's key edits, each a batched op over all layers and requests:
