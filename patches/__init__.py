@@ -1,15 +1,20 @@
-"""The only code in vllm_sink that touches vLLM. Installed as ``vllm_sink.patches``.
+"""The only code in vllm_sink that touches vLLM's internals. Installed as
+``vllm_sink.patches``.
 
 Grouped by the process each part runs in (vLLM V1 runs a frontend/API process, an
 EngineCore process with the scheduler, and one process per worker):
 
 * ``frontend/``    engine-config hook: reads ``additional_config["sink"]``, sets the
                    engine settings the plugin needs, refuses what it cannot honour,
-                   and selects the two classes below through vLLM's own options;
+                   and selects the two classes below through vLLM's own options; each
+                   request's ``"sink"`` field and session id at admission; the
+                   ``/metrics`` collector; the version guard;
 * ``engine_core/`` scheduler class (``scheduler_cls``) + KV-cache spec and manager
-                   registered in vLLM's KV-spec registry: the sink + ring block policy;
+                   registered in vLLM's KV-spec registry: the sink + ring block policy,
+                   persistent sessions, the host budget of preempted streams' KV;
 * ``worker/``      worker class (``worker_cls``) + model-runner mixin: virtual
-                   sequences, cache-relative positions, key re-rotation.
+                   sequences, cache-relative positions, key re-rotation, preempted
+                   streams' KV saved and restored.
 
 ``patches/README.md`` is the ledger: why, how, verified versions, removal plan.
 """

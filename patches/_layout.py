@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from vllm_sink.core.config import SinkConfig
 from vllm_sink.core.requests import EngineSink
 
 
@@ -18,11 +17,6 @@ def sink_section(vllm_config) -> dict | None:
             "frontend hook; is the plugin installed in this process?"
         )
     return section
-
-
-def sink_config(vllm_config) -> SinkConfig | None:
-    section = sink_section(vllm_config)
-    return None if section is None else SinkConfig.from_section(section)
 
 
 def engine_sink(vllm_config) -> EngineSink | None:

@@ -1,1 +1,2 @@
-"""Worker-process parts: worker class, model-runner mixin, KV key re-rotation."""
+"""Worker-process parts: worker class, model-runner mixin, KV key re-rotation, preempted
+streams' KV saved and restored."""

@@ -10,13 +10,15 @@ runner methods, each wrapping and delegating to vLLM's own:
 ``_update_states``      before: absolute -> virtual token counts, long prompts trimmed
                         to what the step needs, blocks that arrived appended to the
                         rows, the cached KV of preempted streams saved (before vLLM
-                        reuses their blocks) and restored on resume; after: eviction
-                        (rows, block table), the step's key re-rotations batched into a
-                        few device ops, and the next slice of a streamed prompt
+                        reuses their blocks) and restored on resume (``preemption``);
+                        after: eviction (rows, block table), the step's key
+                        re-rotations batched into a few device ops, and the next slice
+                        of a streamed prompt
 ``_prepare_inputs``     adds each request's position offset O to vLLM's persistent
-                        ``positions`` buffer on the device (CUDA graphs replay it)
-``_bookkeeping_sync``   CPU only: rewinds seeded generators of partial-prefill rows by
-                        state (CPU generators have no offset to rewind)
+                        ``positions`` buffer on the device (CUDA graphs replay it);
+                        CPU: remembers the generators of partial-prefill rows
+``_bookkeeping_sync``   CPU only: rewinds those generators by state (CPU generators
+                        have no offset to rewind; ``rng_rewind``)
 ``_get_prompt_logprobs_dict``  runs in absolute coordinates (full prompt)
 
 Nothing here waits for the device: every host-to-device copy is pinned and
@@ -45,13 +47,15 @@ import numpy as np
 import torch
 
 from vllm_sink.core.config import SinkConfigError
-from vllm_sink.core.key_cache import scratch_bytes, to_device, to_host
+from vllm_sink.core.key_cache import scratch_bytes
 from vllm_sink.core.policy import cdiv
 from vllm_sink.core.requests import EngineSink
 from vllm_sink.core.trace import StepRecord
 from vllm_sink.patches import _directives
 from vllm_sink.patches.engine_core.kv_policy import SinkAttentionSpec
+from vllm_sink.patches.worker import preemption
 from vllm_sink.patches.worker.request_state import RequestSink, evict, resume_session, show_prompt
+from vllm_sink.patches.worker.rng_rewind import RngRewind
 from vllm_sink.patches.worker.rope_layers import find_layer_rotaries
 from vllm_sink.patches.worker.sink_keys import BlockSpan, SinkKeys
 
@@ -95,6 +99,7 @@ class SinkRunnerMixin:
         # worker's sink_trace() (vllm_sink.core.trace).
         self.sink_trace: collections.deque[StepRecord] = collections.deque(maxlen=1 << 16)
         self._sink_keys_ns = 0  # this step's time in _sink_fix_keys
+        self.sink_rng = RngRewind()  # CPU: seeded generators of discarded samples
 
     def _sink_board_values(self) -> dict[str, int]:
         """What rank 0 publishes (no walk over the streams)."""
@@ -353,50 +358,17 @@ class SinkRunnerMixin:
             prompt_is_token_ids=None if mask is None else list(mask[:visible]),
         )
 
-    # ---- preemption: save the cached KV, restore it on resume -----------------------
+    # ---- preemption: save the cached KV, restore it on resume (``preemption``) -------
     def _sink_save_preempted(self, scheduler_output, finished: set[str]) -> None:
-        """vLLM reuses a preempted request's blocks in this very step: copy a stream's
-        cached KV out now, before this step's forward writes into them (the copies are
-        queued on the device stream ahead of the forward). The scheduler admitted
-        every such save within its host budget; a stream it could not admit arrives
-        finished as well and is not saved (``_sink_finish`` dropped it)."""
-        preempted = [
-            r
-            for r in (scheduler_output.preempted_req_ids or ())
-            if r in self.sink_requests and r not in finished
-        ]
-        for req_id in preempted:
-            rs = self.sink_requests[req_id]
-            if rs.saved is not None:
-                continue
-            # Everything computed so far: the last step it ran in included.
-            cached = rs.stream.virtual(rs.step_start + rs.step_tokens)
-            rs.saved_blocks = cdiv(cached, rs.layout.block_size)
-            rs.saved = self.sink_keys.save([BlockSpan(rs.rows, 0, rs.saved_blocks)])
-            if rs.snapshot is not None:  # the device reserve covers live streams only
-                rs.snapshot = [to_host(t) for t in rs.snapshot]
-            self.sink_blocks_held -= len(rs.rows[0]) if rs.rows else 0
-            rs.rows = tuple([] for _ in rs.rows)
-            self.sink_counters["kv_saves"] += 1
+        saved, released = preemption.save_preempted(
+            self.sink_requests, scheduler_output.preempted_req_ids or (), finished, self.sink_keys
+        )
+        self.sink_blocks_held -= released
+        self.sink_counters["kv_saves"] += saved
 
     def _sink_restore(self, req_id: str, rs: RequestSink, new_block_ids) -> None:
-        if rs.saved is None:  # the scheduler finishes streams whose KV was not saved
-            raise RuntimeError(
-                f"vllm_sink: stream {req_id} resumed from preemption but "
-                "its KV was not saved; this is a bug"
-            )
-        rows = tuple(list(g) for g in new_block_ids)
-        if any(len(g) < rs.saved_blocks for g in rows):
-            raise RuntimeError(
-                f"stream {req_id} resumed with {[len(g) for g in rows]} "
-                f"blocks, {rs.saved_blocks} needed for its cache"
-            )
-        rs.rows = rows
-        self.sink_blocks_held += len(rows[0]) if rows else 0
-        self.sink_keys.restore([BlockSpan(rows, 0, rs.saved_blocks)], rs.saved)
-        if rs.snapshot is not None:
-            rs.snapshot = [to_device(t, self.device) for t in rs.snapshot]
-        rs.saved = None
+        held = preemption.restore(req_id, rs, new_block_ids, self.sink_keys, self.device)
+        self.sink_blocks_held += held
         self.sink_counters["kv_restores"] += 1
         self.sink_counters["tokens_restored"] += rs.stream.virtual(rs.step_start)
 
@@ -405,11 +377,13 @@ class SinkRunnerMixin:
         """Evictions, rebases and prompt slices of the streams whose step is not quiet."""
         evicted_any = refresh = False
         snap, rebase, rebase_by, sinks, offsets = [], [], [], [], []
+        ib = self.input_batch
         for req_id, rs, n in busy:
+            state = self.requests[req_id]  # every busy stream is scheduled this step
             plan = rs.stream.plan(rs.step_start, n)
             sb = rs.layout.sink_blocks
             if plan.evict_tokens:
-                refresh |= evict(self, req_id, rs, plan)
+                refresh |= evict(ib, state, rs, plan)
                 evicted_any = True
                 self.sink_counters["evictions"] += 1
                 self.sink_counters["tokens_evicted"] += plan.evict_tokens
@@ -429,16 +403,17 @@ class SinkRunnerMixin:
                     sinks.append((rs, BlockSpan(rs.rows, 0, sb)))
                     offsets.append(plan.offset)
             if rs.prompt is not None:
-                show_prompt(self, req_id, rs, min(rs.prompt_len, rs.step_start + n + 1))
+                upto = min(rs.prompt_len, rs.step_start + n + 1)
+                show_prompt(ib, state, rs, upto, req_id in self.num_prompt_logprobs)
         if snap or rebase or sinks:
             t = time.perf_counter_ns()
             self._sink_fix_keys(snap, rebase, rebase_by, sinks, offsets)
             self._sink_keys_ns = time.perf_counter_ns() - t
         if refresh:
-            self.input_batch.refresh_metadata()
-        elif evicted_any and not self.input_batch.no_penalties:
+            ib.refresh_metadata()
+        elif evicted_any and not ib.no_penalties:
             # Penalties read the (virtual) prompt from a tensor built at batch changes.
-            self.input_batch.sampling_metadata = self.input_batch._make_sampling_metadata()
+            ib.sampling_metadata = ib._make_sampling_metadata()
 
     def _sink_fix_keys(self, snap, rebase, rebase_by, sinks, offsets) -> None:
         """One step's key edits, each a batched op over all layers and requests:
@@ -463,6 +438,8 @@ class SinkRunnerMixin:
     def _prepare_inputs(self, scheduler_output, num_scheduled_tokens: np.ndarray, *args, **kwargs):
         result = super()._prepare_inputs(scheduler_output, num_scheduled_tokens, *args, **kwargs)
         t0, c0 = time.perf_counter_ns(), time.thread_time_ns()
+        if self.device.type == "cpu":  # (discard_request_mask is this step's now)
+            self.sink_rng.remember(self.input_batch, self.discard_request_mask.np)
         self._sink_offset_positions(num_scheduled_tokens)
         if self.sink_trace:  # this step's record (_update_states ran first)
             record = self.sink_trace[-1]
@@ -473,8 +450,6 @@ class SinkRunnerMixin:
     def _sink_offset_positions(self, num_scheduled_tokens: np.ndarray) -> None:
         ib = self.input_batch
         num_reqs = ib.num_reqs
-        if self.device.type == "cpu":
-            self._sink_remember_rng()
         if not self.sink_offsets:
             # Every O is 0: positions are the virtual ones vLLM computed, all below
             # span <= position_limit (SinkLayout's invariant).
@@ -500,31 +475,9 @@ class SinkRunnerMixin:
             rows = self.req_indices.gpu[:total]
             self.positions[:total] += self.sink_row_offsets.gpu[rows]
 
-    def _sink_remember_rng(self) -> None:
-        """Seeded requests in a partial prefill step: vLLM rewinds their generator after
-        the discarded sample with set_offset, which CPU generators do not support. Sink
-        mode chunks prompts often (chunk <= window), so remember each such generator's
-        state here and restore it in _bookkeeping_sync instead."""
-        ib = self.input_batch
-        self._sink_rng_rewind = {}
-        if ib.generators:
-            mask = self.discard_request_mask.np[: ib.num_reqs]
-            for i in np.nonzero(mask)[0]:
-                gen = ib.generators.get(int(i))
-                if gen is not None:
-                    self._sink_rng_rewind[int(i)] = (gen, gen.get_state())
-
     def _bookkeeping_sync(self, *args, **kwargs):
-        rewind = getattr(self, "_sink_rng_rewind", {})
-        hidden = {}
-        for i, (gen, state) in rewind.items():
-            gen.set_state(state)  # undo the discarded draw
-            hidden[i] = self.input_batch.generators.pop(i)
-        try:
+        with self.sink_rng.rewound(self.input_batch):
             return super()._bookkeeping_sync(*args, **kwargs)
-        finally:
-            self.input_batch.generators.update(hidden)
-            self._sink_rng_rewind = {}
 
     # ---- prompt logprobs in absolute coordinates ---------------------------------------
     def _get_prompt_logprobs_dict(self, hidden_states, num_scheduled_tokens):

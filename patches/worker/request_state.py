@@ -62,13 +62,13 @@ class RequestSink:
             rotate_row(row, self.layout.sink_blocks, blocks)
 
 
-def evict(runner, req_id: str, rs: RequestSink, plan: StepPlan) -> bool:
-    """Drop virtual tokens S .. S+t-1 from req_state, batch row and block table.
+def evict(ib, state, rs: RequestSink, plan: StepPlan) -> bool:
+    """Drop virtual tokens S .. S+t-1 from the stream's ``CachedRequestState``
+    ``state``, its row of the input batch ``ib`` and its block-table row.
 
     Returns True when logits processors must re-read the request (min_tokens)."""
     S, t = rs.layout.sink_tokens, plan.evict_tokens
-    ib, state = runner.input_batch, runner.requests[req_id]
-    row = ib.req_id_to_index[req_id]
+    row = ib.req_id_to_index[state.req_id]
     total = int(ib.num_tokens_no_spec[row])
     ib.token_ids_cpu[row, S : total - t] = ib.token_ids_cpu[row, S + t : total].copy()
     ib.is_token_ids[row, S : total - t] = ib.is_token_ids[row, S + t : total].copy()
@@ -99,15 +99,16 @@ def evict(runner, req_id: str, rs: RequestSink, plan: StepPlan) -> bool:
     return False
 
 
-def show_prompt(runner, req_id: str, rs: RequestSink, upto: int) -> None:
-    """Append prompt tokens [visible, upto) to the request's virtual prompt."""
+def show_prompt(ib, state, rs: RequestSink, upto: int, prompt_logprobs: bool) -> None:
+    """Append prompt tokens [visible, upto) to the virtual prompt of the stream's
+    ``CachedRequestState`` ``state`` and of its row of the input batch ``ib``.
+    ``prompt_logprobs``: the request wants them (its full prompt is then kept)."""
     if upto <= rs.visible:
         return
     assert rs.prompt is not None
     new = rs.prompt[rs.visible : upto]
-    ib, state = runner.input_batch, runner.requests[req_id]
     assert not state.output_token_ids
-    row = ib.req_id_to_index[req_id]
+    row = ib.req_id_to_index[state.req_id]
     start, k = state.num_tokens, len(new)
     state.prompt_token_ids.extend(new)
     state.num_prompt_tokens += k
@@ -116,7 +117,7 @@ def show_prompt(runner, req_id: str, rs: RequestSink, upto: int) -> None:
     ib.num_prompt_tokens[row] += k
     ib.num_tokens_no_spec[row] += k
     rs.visible = upto
-    if upto == rs.prompt_len and req_id not in runner.num_prompt_logprobs:
+    if upto == rs.prompt_len and not prompt_logprobs:
         rs.prompt = None  # fully shown: the worker no longer needs its own copy
 
 

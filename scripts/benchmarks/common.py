@@ -11,7 +11,7 @@ from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
 ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT))  # this checkout's vllm_sink, ahead of an installed copy
 
 
 def hardware() -> str:
@@ -38,17 +38,17 @@ def hardware() -> str:
 
 
 def make_llm(model: str, sink: dict | None = None, **kw):
-    """The tests' engine factory, with a 1 GiB KV pool by default."""
-    from tests.e2e.conftest import make_llm as make
+    """``harness.make_llm`` (the tests' engine defaults), with a 1 GiB KV pool by default."""
+    from vllm_sink.tools import harness
 
     kw.setdefault("kv_cache_memory_bytes", 1 << 30)
-    return make(model, sink, **kw)
+    return harness.make_llm(model, sink, **kw)
 
 
 def shutdown(llm) -> None:
-    from tests.e2e.conftest import shutdown as stop
+    from vllm_sink.tools import harness
 
-    stop(llm)
+    harness.shutdown(llm)
 
 
 def engine_rss_bytes() -> int:

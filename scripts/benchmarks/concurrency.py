@@ -34,8 +34,8 @@ def main() -> int:
     )
     args = ap.parse_args()
 
-    from tests.e2e.server import Server
     from vllm_sink import default_model
+    from vllm_sink.tools.harness import Server
     from vllm_sink.tools.loadtest import LoadConfig, LoadTest
 
     server = Server(

@@ -20,8 +20,8 @@ from common import RESULTS, save, table
 
 
 def run(sessions_on: bool, args) -> dict:
-    from tests.e2e.server import Server
     from vllm_sink import default_model
+    from vllm_sink.tools.harness import Server
     from vllm_sink.tools.loadtest import LoadConfig, LoadTest
 
     sink = {"sink_tokens": 4, "window_tokens": args.window, "sessions": sessions_on}

@@ -1,8 +1,9 @@
-"""Engine helpers for e2e tests: one engine per module, small fixed KV pool, eager."""
+"""Helpers for e2e tests: the engine fixture, vanilla runs in a fresh process, greedy
+comparisons and the reference check. Engines and servers come from
+``vllm_sink.tools.harness`` (small fixed KV pool, eager), shared with the benchmarks."""
 
 from __future__ import annotations
 
-import gc
 import json
 import os
 import subprocess
@@ -10,38 +11,7 @@ import sys
 
 import pytest
 
-KV_BYTES = 256 * 1024 * 1024
-
-
-def make_llm(model: str, sink: dict | None = None, **kw):
-    from vllm import LLM
-
-    kw.setdefault("enforce_eager", True)
-    kw.setdefault("kv_cache_memory_bytes", KV_BYTES)
-    if os.environ.get("VLLM_SINK_TEST_BLOCK_SIZE"):  # the CPU layouts, on another device
-        kw.setdefault("block_size", int(os.environ["VLLM_SINK_TEST_BLOCK_SIZE"]))
-    kw.setdefault("seed", 0)
-    for k, v in _gpu_share().items():
-        kw.setdefault(k, v)
-    extra = {"sink": sink} if sink is not None else {}
-    return LLM(model, additional_config=extra, **kw)
-
-
-def _gpu_share() -> dict:
-    """Engine settings that let several test engines share one GPU (gpu-verify runs the
-    e2e files side by side): vLLM refuses to start when less memory is free than its
-    gpu_memory_utilization share, and the pool here is fixed (KV_BYTES) anyway."""
-    util = os.environ.get("VLLM_SINK_TEST_GPU_MEMORY_UTILIZATION")
-    return {"gpu_memory_utilization": float(util)} if util else {}
-
-
-def shutdown(llm) -> None:
-    try:
-        llm.llm_engine.engine_core.shutdown()
-    except Exception:
-        pass
-    del llm
-    gc.collect()
+from vllm_sink.tools.harness import KV_BYTES, gpu_share, make_llm, shutdown
 
 
 @pytest.fixture
@@ -79,7 +49,7 @@ def generate_in_subprocess(
                 "kv_cache_memory_bytes": KV_BYTES,
                 "enforce_eager": True,
                 "seed": 0,
-                **_gpu_share(),
+                **gpu_share(),
                 **engine_kw,
             },
         }

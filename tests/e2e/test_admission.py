@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.e2e.conftest import make_llm, shutdown
+from vllm_sink.tools.harness import make_llm, shutdown
 
 pytestmark = pytest.mark.e2e
 

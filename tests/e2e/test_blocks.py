@@ -5,7 +5,7 @@ flat however long it runs, and every block returns after completion and after ab
 
 import pytest
 
-from tests.e2e.conftest import make_llm, shutdown
+from vllm_sink.tools.harness import make_llm, shutdown
 
 pytestmark = pytest.mark.e2e
 

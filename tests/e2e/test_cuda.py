@@ -32,8 +32,9 @@ import os
 import pytest
 import torch
 
-from tests.e2e.conftest import greedy_in_fresh_engine, greedy_with_logprobs, make_llm, shutdown
+from tests.e2e.conftest import greedy_in_fresh_engine, greedy_with_logprobs
 from vllm_sink.reference import StreamingReference
+from vllm_sink.tools.harness import make_llm, shutdown
 
 pytestmark = pytest.mark.gpu
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.e2e.conftest import make_llm, shutdown
+from vllm_sink.tools.harness import make_llm, shutdown
 
 pytestmark = pytest.mark.e2e
 

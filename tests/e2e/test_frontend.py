@@ -24,7 +24,7 @@ from hypothesis import HealthCheck, Phase, example, given, settings
 from hypothesis import strategies as st
 
 from tests.e2e import _fuzz
-from tests.e2e.server import Server
+from vllm_sink.tools.harness import Server
 
 pytestmark = pytest.mark.e2e
 

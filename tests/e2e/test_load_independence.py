@@ -11,7 +11,7 @@ same request attended different tokens under load)."""
 import pytest
 import torch
 
-from tests.e2e.conftest import make_llm, shutdown
+from vllm_sink.tools.harness import make_llm, shutdown
 
 pytestmark = pytest.mark.e2e
 

@@ -8,8 +8,9 @@ layout through ``SamplingParams.extra_args["sink"]``."""
 import pytest
 import torch
 
-from tests.e2e.conftest import check_against_reference, make_llm, shutdown
+from tests.e2e.conftest import check_against_reference
 from vllm_sink.reference import StreamingReference
+from vllm_sink.tools.harness import make_llm, shutdown
 
 pytestmark = pytest.mark.e2e
 

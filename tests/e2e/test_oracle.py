@@ -13,11 +13,10 @@ from tests.e2e.conftest import (
     check_against_reference,
     greedy_in_fresh_engine,
     greedy_with_logprobs,
-    make_llm,
-    shutdown,
 )
 from vllm_sink.core.policy import prefill_steps
 from vllm_sink.reference import StreamingReference
+from vllm_sink.tools.harness import make_llm, shutdown
 
 pytestmark = pytest.mark.e2e
 

@@ -12,7 +12,7 @@ import time
 import pytest
 import requests
 
-from tests.e2e.server import Server, cli
+from vllm_sink.tools.harness import Server, cli
 
 pytestmark = pytest.mark.e2e
 

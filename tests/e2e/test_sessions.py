@@ -12,9 +12,8 @@ import pytest
 import requests
 import torch
 
-from tests.e2e.conftest import make_llm, shutdown
-from tests.e2e.server import Server
 from vllm_sink.reference import StreamingReference
+from vllm_sink.tools.harness import Server, make_llm, shutdown
 
 pytestmark = pytest.mark.e2e
 

@@ -32,7 +32,7 @@ from collections import Counter
 import pytest
 import requests
 
-from tests.e2e.server import Server
+from vllm_sink.tools.harness import Server
 
 pytestmark = pytest.mark.e2e
 

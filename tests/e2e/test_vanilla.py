@@ -17,7 +17,7 @@ PROMPTS = [
 
 @pytest.fixture(scope="module")
 def vanilla(default_model_dir):
-    from tests.e2e.conftest import make_llm, shutdown
+    from vllm_sink.tools.harness import make_llm, shutdown
 
     llm = make_llm(default_model_dir, block_size=32)
     yield llm

@@ -6,6 +6,7 @@ defines it and whose target column gives its full target ``module:Owner.attr``, 
 kind "monkeypatch"; every row of kind "monkeypatch" names the target of a ``Patch``
 that exists in the file it names; and every file that constructs a ``Patch`` exposes
 it at module level (``PATCH``, or a list ``PATCHES``), so none escapes the collection.
+Every file the table's module column names exists.
 
 Imports every module under ``patches/`` (vLLM, no engine)."""
 
@@ -70,6 +71,12 @@ def _files_calling_patch() -> set[str]:
 def test_ledger_table_is_found():
     rows = _rows()
     assert len(rows) >= 10, f"{LEDGER}: the patch table has {len(rows)} numbered rows"
+
+
+def test_every_module_the_ledger_names_exists():
+    named = {f for module, _, _ in _rows() for f in re.findall(r"`([\w/]+\.py)`", module)}
+    missing = sorted(f for f in named if not (ROOT / f).is_file())
+    assert not missing, f"the ledger's table names files that do not exist: {missing}"
 
 
 def test_every_patch_object_is_in_the_ledger():

@@ -4,7 +4,7 @@ Owns the user-facing keys, their defaults, and the *effective layout* every othe
 works from (sink and window rounded up to whole KV blocks, the fixed per-request
 capacity, the position limit). Imports nothing from vLLM.
 
-Semantics (ARCHITECTURE.md), with B the KV block size in effect::
+Semantics (docs/architecture.md), with B the KV block size in effect::
 
     S = ceil(sink_tokens / B) * B        sink tokens kept forever (0 = window-only)
     W = ceil(window_tokens / B) * B      most recent tokens kept

@@ -23,7 +23,7 @@ picked once at construction:
 ``KeyCache.rotate`` moves keys to new positions (RoPE rotations by per-block deltas,
 ``vllm_sink.core.rotary``) for a whole batch of blocks and layers at once, in float32,
 optionally from a ``source`` (the pristine sink snapshot) instead of the cache itself.
-``key_cache_ref.rotate_reference`` is the one-layer, one-block-at-a-time reference.
+``vllm_sink.reference.key_cache.rotate_reference`` is the one-layer, one-block-at-a-time reference.
 """
 
 from __future__ import annotations

@@ -1,6 +1,7 @@
 """Eviction rule, ring order and position offsets of one endless stream. Pure Python.
 
-A request's KV cache is a *virtual sequence* of at most C tokens::
+A request's KV cache is a *virtual sequence* of at most C tokens between chunks (at
+most span = C - 1 + K while one runs, see Prompt chunks)::
 
     virtual index:  0 .. S-1   | S .. L-1
     contents:       sink tokens | the most recent L-S tokens (the window)

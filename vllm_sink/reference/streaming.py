@@ -1,7 +1,7 @@
 """Pure-torch StreamingLLM reference over a Hugging Face Llama-family model. No vLLM.
 
 This is the oracle the vLLM plugin is compared against, token by token. It implements
-the semantics contract of ARCHITECTURE.md in the most direct way possible:
+the semantics contract of docs/architecture.md in the most direct way possible:
 
 * the cache holds *un-rotated* keys and values: at most C - 1 (C = S + W) when a step
   starts, plus the step's own n <= K tokens (the prefill chunk) while it runs;

@@ -1,7 +1,21 @@
-"""A real `vllm serve` process on 127.0.0.1 for tests: start, wait for /health, stop."""
+"""Engines and servers for the tests and the benchmarks, started as a user starts them.
+
+``make_llm`` builds a ``vllm.LLM`` (optionally in sink mode) with the tests' defaults:
+eager, a small fixed KV pool, seed 0. ``Server`` runs a real ``vllm serve`` process on
+127.0.0.1 (start, wait for /health, scrape /metrics, stop). Only vLLM's public ``LLM``
+class and its CLI are used; nothing here touches vLLM's internals.
+
+Environment (``scripts/gpu-verify`` sets these to run the CPU suite's layouts on a GPU):
+
+``VLLM_SINK_TEST_BLOCK_SIZE``              KV block size of every engine and server
+``VLLM_SINK_TEST_GPU_MEMORY_UTILIZATION``  vLLM's memory share, so that several engines
+                                          fit on one GPU side by side
+``VLLM_SINK_TEST_LOG_DIR``                 where server logs go (default: the temp dir)
+"""
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import shutil
@@ -13,7 +27,40 @@ import tempfile
 import time
 from pathlib import Path
 
-import requests
+KV_BYTES = 256 * 1024 * 1024  # make_llm's KV pool unless told
+
+
+def make_llm(model: str, sink: dict | None = None, **kw):
+    """A ``vllm.LLM`` for ``model``; ``sink`` is its ``"sink"`` section (None: vanilla)."""
+    from vllm import LLM
+
+    kw.setdefault("enforce_eager", True)
+    kw.setdefault("kv_cache_memory_bytes", KV_BYTES)
+    if os.environ.get("VLLM_SINK_TEST_BLOCK_SIZE"):  # the CPU layouts, on another device
+        kw.setdefault("block_size", int(os.environ["VLLM_SINK_TEST_BLOCK_SIZE"]))
+    kw.setdefault("seed", 0)
+    for k, v in gpu_share().items():
+        kw.setdefault(k, v)
+    extra = {"sink": sink} if sink is not None else {}
+    return LLM(model, additional_config=extra, **kw)
+
+
+def gpu_share() -> dict:
+    """Engine settings that let several engines share one GPU (gpu-verify runs the e2e
+    files side by side): vLLM refuses to start when less memory is free than its
+    gpu_memory_utilization share, and the pool here is fixed (KV_BYTES) anyway."""
+    util = os.environ.get("VLLM_SINK_TEST_GPU_MEMORY_UTILIZATION")
+    return {"gpu_memory_utilization": float(util)} if util else {}
+
+
+def shutdown(llm) -> None:
+    """Stop ``llm``'s engine core processes now (not at garbage collection)."""
+    try:
+        llm.llm_engine.engine_core.shutdown()
+    except Exception:
+        pass
+    del llm
+    gc.collect()
 
 
 def free_port() -> int:
@@ -43,6 +90,11 @@ def _cuda() -> bool:
 
 
 class Server:
+    """``vllm serve model`` on a free port of 127.0.0.1, served as model name "smol",
+    eager, with ``sink`` as its ``"sink"`` section (None: vanilla) and ``args`` appended.
+    The KV pool is ``kv_gib`` GiB on the CPU and on CUDA alike; the log goes to
+    ``log_path`` (default: ``vllm_sink_test_server_<port>.log`` in the log directory)."""
+
     def __init__(
         self,
         model: str,
@@ -100,6 +152,8 @@ class Server:
 
     def wait_ready(self, timeout: float = 300.0) -> None:
         """Wait for /health; on failure stop the whole process group, then raise."""
+        import requests
+
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -121,6 +175,8 @@ class Server:
         return "".join(open(self.log_path).readlines()[-n:])
 
     def metrics(self) -> dict[str, float]:
+        import requests
+
         from vllm_sink.tools.loadtest import parse_prometheus
 
         return parse_prometheus(requests.get(self.url + "/metrics", timeout=10).text)
