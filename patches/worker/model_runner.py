@@ -264,8 +264,8 @@ class SinkRunnerMixin:
             # outputs as the last ``num_output_tokens`` of all its tokens (its sampled
             # ones are placeholders here); the virtual sequence keeps only its newest.
             outputs[i] = len(requests[req_id].output_token_ids)
-            if rs.prompt is not None or start >= st.evict_from or start + n > st.fill_to:
-                busy.append((req_id, rs, n))  # not SinkStream.quiet (inlined)
+            if rs.prompt is not None or not st.quiet(start, n):
+                busy.append((req_id, rs, n))
         output = dataclasses.replace(
             scheduler_output,
             scheduled_new_reqs=new_reqs,

@@ -218,7 +218,7 @@ class SinkStream:
         # The quiet-step bounds, absolute counts kept in step with E: a step adding n
         # tokens to a absolute computed ones evicts nothing and fits iff
         # a < evict_from (L = a - E < C) and a + n <= fill_to (L + n <= span).
-        # ``quiet`` reads them; the worker inlines that test on its per-step hot path.
+        # ``quiet`` reads them: the worker's per-step test and ``plan``'s fast path.
         self.evict_from = layout.capacity
         self.fill_to = layout.span
 
