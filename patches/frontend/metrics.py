@@ -243,6 +243,6 @@ def _serve_mount_first(routes: list) -> None:
 
 _TARGET = "vllm.entrypoints.serve.instrumentator.metrics"
 PATCHES = [
-    Patch(f"{_TARGET}:get_prometheus_registry", _wrap_registry),
-    Patch(f"{_TARGET}:attach_router", _wrap_attach_router),
+    Patch(f"{_TARGET}:get_prometheus_registry", _wrap_registry, signature="()"),
+    Patch(f"{_TARGET}:attach_router", _wrap_attach_router, signature="(app)"),
 ]

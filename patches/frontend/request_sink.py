@@ -152,4 +152,10 @@ def _bound_dense(request, limit: int, why: str, stream_cap: int) -> None:
         params.max_tokens = room
 
 
-PATCH = Patch("vllm.v1.engine.input_processor:InputProcessor.process_inputs", _wrap)
+PATCH = Patch(
+    "vllm.v1.engine.input_processor:InputProcessor.process_inputs",
+    _wrap,
+    signature="(self, request_id, prompt, params, supported_tasks, arrival_time=None, "
+    "lora_request=None, tokenization_kwargs=None, trace_headers=None, priority=0, "
+    "data_parallel_rank=None, resumable=False, session_id=None, kv_hints=None)",
+)

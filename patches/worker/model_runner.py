@@ -52,6 +52,7 @@ from vllm_sink.core.policy import cdiv
 from vllm_sink.core.requests import EngineSink
 from vllm_sink.core.trace import StepRecord
 from vllm_sink.patches import _directives
+from vllm_sink.patches._patching import Target
 from vllm_sink.patches.engine_core.kv_policy import SinkAttentionSpec
 from vllm_sink.patches.worker import preemption
 from vllm_sink.patches.worker.request_state import RequestSink, evict, resume_session, show_prompt
@@ -60,6 +61,70 @@ from vllm_sink.patches.worker.rope_layers import find_layer_rotaries
 from vllm_sink.patches.worker.sink_keys import BlockSpan, SinkKeys
 
 logger = logging.getLogger("vllm.vllm_sink")
+
+# The runner methods the mixin overrides (each delegating) or calls, and the runner and
+# scheduler-output state it reads, as it expects them in every supported release.
+_RUNNER = "vllm.v1.worker.gpu_model_runner:GPUModelRunner"
+_BATCH = "vllm.v1.worker.gpu_input_batch:InputBatch"
+_OUT = "vllm.v1.core.sched.output"
+TARGETS = [
+    Target(f"{_RUNNER}.{name}", signature)
+    for name, signature in {
+        "get_kv_cache_spec": "(self)",
+        "load_model": "(self, load_dummy_weights=False, *, model=None)",
+        "initialize_kv_cache": "(self, kv_cache_config, is_profiling=False, "
+        "kv_cache_allocation_context=None)",
+        "_update_states": "(self, scheduler_output)",
+        "_prepare_inputs": "(self, scheduler_output, num_scheduled_tokens)",
+        "_bookkeeping_sync": "(self, scheduler_output, sampler_output, logits, hidden_states, "
+        "num_scheduled_tokens)",
+        "_get_prompt_logprobs_dict": "(self, hidden_states, num_scheduled_tokens)",
+        "_make_buffer": "(self, *size, dtype, numpy=True)",
+        "get_model": "(self)",
+        **dict.fromkeys(
+            (
+                "positions",
+                "req_indices",
+                "discard_request_mask",
+                "input_batch",
+                "requests",
+                "num_prompt_logprobs",
+                "max_num_reqs",
+                "kv_caches",
+                "compilation_config",
+                "scheduler_config",
+                "device",
+            )
+        ),
+    }.items()
+] + [
+    Target(f"{_BATCH}.refresh_metadata", "(self)"),
+    Target(f"{_BATCH}._make_sampling_metadata", "(self)"),
+    *(
+        Target(f"{_BATCH}.{name}", None)
+        for name in (
+            "num_computed_tokens_cpu",
+            "generators",
+            "no_penalties",
+            "req_ids",
+            "num_reqs",
+            "sampling_metadata",
+        )
+    ),
+    *(
+        Target(f"{_OUT}:{name}", None)
+        for name in (
+            "CachedRequestData.num_computed_tokens",
+            "CachedRequestData.num_output_tokens",
+            "CachedRequestData.resumed_req_ids",
+            "CachedRequestData.new_block_ids",
+            "SchedulerOutput.preempted_req_ids",
+            "SchedulerOutput.finished_req_ids",
+            "SchedulerOutput.num_scheduled_tokens",
+            "NewRequestData.prompt_is_token_ids",
+        )
+    ),
+]
 
 
 class SinkRunnerMixin:

@@ -20,6 +20,15 @@ from __future__ import annotations
 import torch
 
 from vllm_sink.core.config import SinkConfigError
+from vllm_sink.patches._patching import Target
+
+TARGETS = [
+    Target(
+        "vllm.model_executor.layers.rotary_embedding.base:RotaryEmbeddingBase"
+        "._compute_cos_sin_cache",
+        "(self)",
+    )
+]
 
 # class name -> why it is supported (frequencies fixed; table = _compute_cos_sin_cache)
 SUPPORTED_ROTARY = {

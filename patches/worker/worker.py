@@ -27,8 +27,28 @@ import logging
 from vllm_sink.core.config import SinkConfigError
 from vllm_sink.core.stats_board import StatsBoard, board_path
 from vllm_sink.patches._layout import engine_sink
+from vllm_sink.patches._patching import Target
 
 logger = logging.getLogger("vllm.vllm_sink")
+
+# What the mixin overrides (each delegating) or reads in vLLM's workers, as it expects
+# it in every release each worker runs on.
+_CUDA = "vllm.v1.worker.gpu_worker:Worker"
+_CPU = "vllm.v1.worker.cpu_worker:CPUWorker"
+_INIT = "(self, vllm_config, local_rank, rank, distributed_init_method, is_driver_worker=False)"
+TARGETS = [
+    Target(f"{worker}.{name}", signature, releases)
+    for worker, releases in ((_CUDA, ("0.32.0", "0.33.0")), (_CPU, ("0.32.0",)))
+    for name, signature in {
+        "__init__": _INIT,
+        "determine_available_memory": "(self)",
+        "shutdown": "(self)",
+        "rank": None,
+        "cache_config": None,
+        "model_runner": None,
+        "use_v2_model_runner": None,
+    }.items()
+]
 
 
 class SinkWorkerMixin:
