@@ -62,13 +62,13 @@ def test_unsupported_vllm_stays_inert_and_refuses_a_sink_section(
     from vllm_sink.patches.frontend import version_guard
 
     original = EngineArgs.__dict__["create_engine_config"]
-    monkeypatch.setattr(vllm, "__version__", "0.33.0")
+    monkeypatch.setattr(vllm, "__version__", "0.34.0")
     caplog.set_level(logging.WARNING, logger="vllm.vllm_sink")
     patches.register_plugin()
     assert not engine_args.PATCH.applied  # none of the real patches
     assert version_guard.PATCH.applied
     lines = [r.getMessage() for r in caplog.records if "vllm_sink" in r.getMessage()]
-    assert len(lines) == 1 and "0.33.0" in lines[0] and "inert" in lines[0]
+    assert len(lines) == 1 and "0.34.0" in lines[0] and "inert" in lines[0]
     with pytest.raises(PatchError, match="verified on"):
         engine_args.PATCH.apply()
     # The installed wrapper: with a sink section a startup error naming both versions
@@ -78,7 +78,7 @@ def test_unsupported_vllm_stays_inert_and_refuses_a_sink_section(
     guard = version_guard._wrap(lambda self, *a, **k: ("vanilla", a, k))
     with pytest.raises(SinkConfigError) as e:
         guard(types.SimpleNamespace(additional_config={"sink": {}}))
-    for words in ("0.33.0", "==0.32.0", "remove the 'sink' section"):
+    for words in ("0.34.0", "==0.32.0", "remove the 'sink' section"):
         assert words in str(e.value)
     assert guard(types.SimpleNamespace(additional_config={}), 1, x=2) == ("vanilla", (1,), {"x": 2})
     version_guard.PATCH.revert()

@@ -26,14 +26,21 @@ def hardware() -> str:
     except OSError:
         pass
     import torch
-    import vllm
+
+    try:
+        import vllm
+
+        engine = f"vLLM {vllm.__version__}"
+    except ImportError:  # the pure-torch benchmarks (drift) run without vLLM
+        engine = "no vLLM"
 
     device = "CPU"
     if torch.cuda.is_available():
         device = f"CUDA, {torch.cuda.get_device_name()}"
     return (
         f"{cpu}, {os.cpu_count()} cores, {psutil.virtual_memory().total / 2**30:.0f} GiB "
-        f"RAM; vLLM {vllm.__version__} ({device}), Python {platform.python_version()}"
+        f"RAM; {engine}, torch {torch.__version__} ({device}), Python "
+        f"{platform.python_version()}"
     )
 
 
