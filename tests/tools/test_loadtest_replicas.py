@@ -20,7 +20,10 @@ pytestmark = pytest.mark.cpu
 class Replica:
     """A fake OpenAI chat server with the plugin's session counters on /metrics."""
 
-    def __init__(self, cut: set[tuple[str, int]] = frozenset(), status: int = 200) -> None:
+    def __init__(
+        self, cut: set[tuple[str, int]] = frozenset(), status: int = 200, chunk_usage=True
+    ) -> None:
+        self.chunk_usage = chunk_usage  # False: usage only at the end, as through a router
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.cut = set(cut)  # (session id, nth request of it) whose stream ends early
@@ -39,12 +42,14 @@ class Replica:
         nth = sum(1 for _, s in self.seen if s == sid) - 1
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await resp.prepare(request)
+        usage = {"prompt_tokens": 10, "completion_tokens": 3}
         for n in (1, 2, 3):
-            chunk = {
-                "choices": [{"delta": {"content": f"w{n} "}}],
-                "usage": {"prompt_tokens": 10, "completion_tokens": n},
-            }
+            chunk = {"choices": [{"delta": {"content": f"w{n} "}}]}
+            if self.chunk_usage:
+                chunk["usage"] = {**usage, "completion_tokens": n}
             await resp.write(f"data: {json.dumps(chunk)}\n\n".encode())
+        if not self.chunk_usage:
+            await resp.write(f"data: {json.dumps({'choices': [], 'usage': usage})}\n\n".encode())
         if (sid, nth) not in self.cut:
             await resp.write(b"data: [DONE]\n\n")
         await resp.write_eof()
@@ -151,3 +156,12 @@ def test_every_replica_is_scraped_and_tallied():
     sample = s["samples"][0]
     assert sample["vllm_sink:active_requests"] == 2 and sample["vllm_sink:capacity"] == 256
     assert "per server" in format_table(s)
+
+
+def test_streams_without_per_chunk_usage_are_counted():
+    """vllm-router drops continuous_usage_stats: tokens are counted per streamed delta,
+    and the final usage gives the prompt length."""
+    r = Replica(chunk_usage=False)
+    s = _run([r], sessions=2, max_turns=2, tokens=100, session_ids=True)
+    assert s["error_count"] == 0 and s["total_tokens"] == 2 * 2 * 3
+    assert all(t["ttft"] is not None and t["prompt_tokens"] == 10 for t in s["turns"])

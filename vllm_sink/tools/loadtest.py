@@ -169,6 +169,13 @@ def judge_flat(
     return (len(blocks) == 1 if blocks else None), blocks
 
 
+def _has_text(chunk: dict) -> bool:
+    return any(
+        choice.get("text") or (choice.get("delta") or {}).get("content")
+        for choice in chunk.get("choices") or []
+    )
+
+
 def session_id(seed: int, session: int) -> str:
     """The id chat session ``session`` sends with ``--session-ids``."""
     return f"loadtest-{seed}-{session}"
@@ -269,12 +276,17 @@ class LoadTest:
                     raise RuntimeError(str(chunk["error"])[:200])
                 usage = chunk.get("usage") or {}
                 n = usage.get("completion_tokens")
+                if n is None and _has_text(chunk):
+                    # No per-chunk usage (vllm-router drops continuous_usage_stats):
+                    # vLLM streams one delta per token; the final usage corrects the count.
+                    n = rec.tokens + 1
+                if usage.get("prompt_tokens") and not rec.prompt_tokens:
+                    rec.prompt_tokens = usage["prompt_tokens"]
                 if n is None or n <= rec.tokens:
                     continue
                 now = time.monotonic()
                 if rec.ttft is None:
                     rec.ttft = now - rec.start
-                    rec.prompt_tokens = usage.get("prompt_tokens", 0)
                 elif last is not None:
                     gap = (now - last) / (n - rec.tokens)
                     rec.itl.extend([gap] * (n - rec.tokens))
