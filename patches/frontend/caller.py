@@ -7,7 +7,9 @@ Every way a session id reaches the engine (chat, completions and responses bodie
 That function has no HTTP request, so the caller travels in a ``ContextVar``:
 
 * ``CallerMiddleware`` (pure ASGI, outermost) sets it for each HTTP request to a hash of
-  the ``Authorization`` header (nothing else; the cache salt joins at admission). The
+  the ``Authorization`` header (nothing else; the cache salt joins at admission), and
+  keeps the request's ``X-Session-ID`` header beside it: what a router in front of
+  replicas hashes, which ``session_ids.bind`` holds the id the engine gets to. The
   handler, the body of a streamed response and the tasks they create (beam search's
   sub-requests: ``asyncio`` copies the context into each task) all see it.
   Target: ``vllm.entrypoints.launchers.api_server.entry:build_app`` (the name the OpenAI
@@ -32,12 +34,28 @@ LOCAL = "local"
 _OWNER: contextvars.ContextVar[str | None] = contextvars.ContextVar(
     "vllm_sink_caller", default=None
 )
+_HEADER_SESSION: contextvars.ContextVar[str | None] = contextvars.ContextVar(
+    "vllm_sink_header_session", default=None
+)
+SESSION_HEADER = b"x-session-id"
 
 
 def owner() -> str:
     """The caller of the request being admitted: a hash of its Authorization header, or
     "local" outside an HTTP request. An HTTP caller never gets "local"."""
     return _OWNER.get() or LOCAL
+
+
+def header_session_id() -> str | None:
+    """The X-Session-ID header of the HTTP request being admitted (its first one)."""
+    return _HEADER_SESSION.get()
+
+
+def session_of_headers(headers) -> str | None:
+    for k, v in headers:
+        if k.lower() == SESSION_HEADER:
+            return v.decode("latin-1") or None  # as Starlette decodes header values
+    return None
 
 
 def owner_of_headers(headers) -> str:
@@ -54,10 +72,13 @@ class CallerMiddleware:
         if scope.get("type") not in ("http", "websocket"):
             await self.app(scope, receive, send)
             return
-        token = _OWNER.set(owner_of_headers(scope.get("headers") or ()))
+        headers = scope.get("headers") or ()
+        token = _OWNER.set(owner_of_headers(headers))
+        header_token = _HEADER_SESSION.set(session_of_headers(headers))
         try:
             await self.app(scope, receive, send)
         finally:
+            _HEADER_SESSION.reset(header_token)
             _OWNER.reset(token)
 
 

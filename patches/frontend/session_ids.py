@@ -13,7 +13,9 @@ The owner is ``caller.owner()`` (a hash of the HTTP caller's Authorization heade
 two callers with different API keys (or salts) never share a parked session, whatever
 ids they send; without credentials, every HTTP caller is the same owner (the server is
 open anyway). Refused with an error naming ``session_id``: an id that is not a string,
-one longer than ``MAX_CHARS``, two different ids in one request.
+one longer than ``MAX_CHARS``, two different ids in one request, the ``X-Session-ID``
+header included (vLLM prefers the body field; a router hashes the header, so a request
+whose two differ could reach a replica that never parked its session).
 """
 
 from __future__ import annotations
@@ -48,6 +50,12 @@ def bind(request) -> None:
             "send it once."
         )
     sid = sid or given
+    header = caller.header_session_id()
+    if sid and header and sid != header:
+        raise _refuse(
+            f"{FIELD} {show(sid)} differs from the X-Session-ID header {show(header)}, "
+            "which a router in front of replicas routes by; send one id."
+        )
     if isinstance(extra, dict) and FIELD in extra:
         params.extra_args = {k: v for k, v in extra.items() if k != FIELD}
     if not sid:

@@ -250,6 +250,14 @@ def test_session_id_must_be_a_short_string(server):
         },
     )
     assert r.status_code == 400 and "session_id" in r.text, r.text
+    # A router routes by the header: a body id that differs from it is refused.
+    body = {"model": "smol", "prompt": "Hi", "max_tokens": 1, "session_id": "one"}
+    for path in ("/v1/completions", "/v1/chat/completions"):
+        if path.endswith("chat/completions"):
+            body = {k: v for k, v in body.items() if k != "prompt"} | CHAT
+        r = _post(server, path, body, headers={"X-Session-ID": "two"})
+        assert r.status_code == 400 and "X-Session-ID" in r.text, r.text
+        assert _post(server, path, body, headers={"X-Session-ID": "one"}).status_code == 200
 
 
 # ---- every API server process: metrics, stats boards --------------------------------

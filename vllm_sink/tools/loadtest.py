@@ -7,6 +7,14 @@ chat UI). The run is bounded by ``--duration`` seconds and/or ``--tokens`` per s
 closed, which the server handles as client disconnects. Only the URL given is
 contacted (default: loopback).
 
+Against several replicas behind a router (``scripts/serve-replicas``), give each
+replica's own address with ``--metrics-url`` (repeatable; default ``--url``): samples
+sum over them, and the summary reports each replica's requests, resumes and misses and
+the resume rate. Chat sessions with ``--session-ids`` send the id as the ``X-Session-ID``
+header (what a router hashes) and as the ``session_id`` body field. ``--retries N``
+resends a turn whose request failed (a stream cut by a replica's loss, a 5xx), up to N
+times; such attempts are counted apart from the errors.
+
 ``--dense-fraction F`` turns that share of the sessions into short plain-dense API
 calls (``"sink": false`` in the body, ``--dense-tokens`` each, back to back), next to
 the endless streams in the same batch; figures are then also reported per kind.
@@ -37,6 +45,10 @@ import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from urllib.parse import urlparse
+
+from vllm_sink.tools.servers import SessionTally, merge, parse_prometheus, sample_of
+
+__all__ = ["LoadConfig", "LoadTest", "TurnRecord", "format_table", "parse_prometheus"]
 
 TOPICS = [
     "Tell me a long story about a lighthouse keeper and the sea.",
@@ -71,7 +83,9 @@ class LoadConfig:
     timeout: float = 600.0  # per request
     metrics_interval: float = 1.0
     seed: int = 0
-    session_ids: bool = False  # send a stable session_id per chat session
+    session_ids: bool = False  # send a stable session id per chat session (header + body)
+    metrics_urls: list[str] | None = None  # the servers to scrape (default: [url])
+    retries: int = 0  # resends of a turn whose request failed (not a 4xx)
     dense_fraction: float = 0.0  # share of sessions that are short dense requests
     dense_tokens: int = 64  # max tokens per dense request
     quiet: bool = False
@@ -96,13 +110,20 @@ class LoadConfig:
             raise ValueError("--duration must be > 0")
         if self.tokens is not None and self.tokens < 1:
             raise ValueError("--tokens must be >= 1")
+        if self.retries < 0:
+            raise ValueError("--retries must be >= 0")
         if not 0.0 <= self.dense_fraction <= 1.0:
             raise ValueError("--dense-fraction must be between 0 and 1")
         if self.dense_tokens < 1:
             raise ValueError("--dense-tokens must be >= 1")
-        parsed = urlparse(self.url)
-        if parsed.scheme not in ("http", "https") or not parsed.hostname:
-            raise ValueError(f"--url must be an http(s) URL, got {self.url!r}")
+        for flag, url in [("--url", self.url)] + [("--metrics-url", u) for u in self.scraped]:
+            parsed = urlparse(url)
+            if parsed.scheme not in ("http", "https") or not parsed.hostname:
+                raise ValueError(f"{flag} must be an http(s) URL, got {url!r}")
+
+    @property
+    def scraped(self) -> list[str]:
+        return list(self.metrics_urls or [self.url])
 
 
 @dataclass
@@ -117,6 +138,7 @@ class TurnRecord:
     itl: list[float] = field(default_factory=list)
     error: str | None = None
     detail: str | None = None  # first line of the error message
+    retried: bool = False  # failed, and the turn was sent again
     stopped: bool = False  # closed by the run's end, not an error
     reached: float | None = None  # s since the start when its cache held capacity
 
@@ -147,34 +169,23 @@ def judge_flat(
     return (len(blocks) == 1 if blocks else None), blocks
 
 
+def _has_text(chunk: dict) -> bool:
+    return any(
+        choice.get("text") or (choice.get("delta") or {}).get("content")
+        for choice in chunk.get("choices") or []
+    )
+
+
+def session_id(seed: int, session: int) -> str:
+    """The id chat session ``session`` sends with ``--session-ids``."""
+    return f"loadtest-{seed}-{session}"
+
+
 def _pct(values: list[float], q: float) -> float | None:
     if not values:
         return None
     s = sorted(values)
     return s[min(len(s) - 1, max(0, math.ceil(q / 100 * len(s)) - 1))]
-
-
-def parse_prometheus(text: str) -> dict[str, float]:
-    """``name -> value`` for unlabeled-or-first-labeled samples (sums same-name series)."""
-    out: dict[str, float] = {}
-    for line in text.splitlines():
-        if not line or line.startswith("#"):
-            continue
-        try:
-            name_part, value = line.rsplit(" ", 1)
-            name = name_part.split("{", 1)[0]
-            out[name] = out.get(name, 0.0) + float(value)
-        except ValueError:
-            continue
-    return out
-
-
-def _pool_blocks(metrics_text: str) -> int | None:
-    """num_gpu_blocks from vLLM's ``vllm:cache_config_info`` labels."""
-    import re
-
-    m = re.search(r'vllm:cache_config_info\{[^}]*num_gpu_blocks="(\d+)"', metrics_text)
-    return int(m.group(1)) if m else None
 
 
 def _local_server_pid(port: int) -> int | None:
@@ -211,12 +222,16 @@ class LoadTest:
         self.session_tokens = [0] * config.sessions
         self.stop = asyncio.Event()
         self.capacity: int | None = None  # the engine's vllm_sink:capacity, if served
+        self.tally = SessionTally(config.scraped)
 
     # ---- HTTP ------------------------------------------------------------------------
-    def _headers(self) -> dict[str, str]:
+    def _headers(self, session_id: str | None = None) -> dict[str, str]:
         h = {"Content-Type": "application/json"}
         if self.cfg.api_key:
             h["Authorization"] = f"Bearer {self.cfg.api_key}"
+        if session_id:
+            # What vllm-router's consistent_hash hashes (it ignores the body field).
+            h["X-Session-ID"] = session_id
         return h
 
     async def _model(self, http) -> str:
@@ -237,9 +252,11 @@ class LoadTest:
         }
         text_parts: list[str] = []
         last = None
+        done = False
         timeout = aiohttp.ClientTimeout(total=self.cfg.timeout)
+        headers = self._headers(body.get("session_id"))
         async with http.post(
-            self.cfg.url.rstrip("/") + path, json=body, headers=self._headers(), timeout=timeout
+            self.cfg.url.rstrip("/") + path, json=body, headers=headers, timeout=timeout
         ) as r:
             if r.status != 200:
                 detail = (await r.text())[:200]
@@ -251,6 +268,7 @@ class LoadTest:
                     continue
                 data = line[5:].strip()
                 if data == "[DONE]":
+                    done = True
                     break
                 chunk = json.loads(data)
                 if "error" in chunk:
@@ -258,12 +276,17 @@ class LoadTest:
                     raise RuntimeError(str(chunk["error"])[:200])
                 usage = chunk.get("usage") or {}
                 n = usage.get("completion_tokens")
+                if n is None and _has_text(chunk):
+                    # No per-chunk usage (vllm-router drops continuous_usage_stats):
+                    # vLLM streams one delta per token; the final usage corrects the count.
+                    n = rec.tokens + 1
+                if usage.get("prompt_tokens") and not rec.prompt_tokens:
+                    rec.prompt_tokens = usage["prompt_tokens"]
                 if n is None or n <= rec.tokens:
                     continue
                 now = time.monotonic()
                 if rec.ttft is None:
                     rec.ttft = now - rec.start
-                    rec.prompt_tokens = usage.get("prompt_tokens", 0)
                 elif last is not None:
                     gap = (now - last) / (n - rec.tokens)
                     rec.itl.extend([gap] * (n - rec.tokens))
@@ -278,6 +301,9 @@ class LoadTest:
                 if self._session_done(rec.session):
                     rec.stopped = True
                     break
+        if not done and not rec.stopped:
+            rec.error = "incomplete_stream"  # the body ended before [DONE]
+            raise RuntimeError("the stream ended before [DONE]")
         return "".join(text_parts)
 
     def _session_done(self, session: int) -> bool:
@@ -287,10 +313,26 @@ class LoadTest:
 
     # ---- sessions ----------------------------------------------------------------------
     async def _turn(self, http, session: int, turn: int, path: str, body: dict) -> str | None:
-        rec = TurnRecord(
-            session, turn, time.monotonic(), kind="dense" if body.get("sink") is False else "sink"
-        )
-        self.turns.append(rec)
+        """One turn: its reply, or None when it failed (after ``retries`` resends) or the
+        run ended. A 4xx is the request's own fault and is not resent."""
+        for attempt in range(self.cfg.retries + 1):
+            rec = TurnRecord(
+                session,
+                turn,
+                time.monotonic(),
+                kind="dense" if body.get("sink") is False else "sink",
+            )
+            self.turns.append(rec)
+            reply = await self._attempt(http, path, body, rec)
+            failed = rec.error is not None and not rec.error.startswith("http_4")
+            if reply is not None or not failed or attempt == self.cfg.retries:
+                return reply
+            if self._session_done(session):
+                return None
+            rec.retried = True
+        return None
+
+    async def _attempt(self, http, path: str, body: dict, rec: TurnRecord) -> str | None:
         remaining = self.deadline - time.monotonic()
         try:
             return await asyncio.wait_for(
@@ -371,7 +413,7 @@ class LoadTest:
                 "seed": self.cfg.seed + 7919 * session + turn,
             }
             if self.cfg.session_ids:
-                body["session_id"] = f"loadtest-{self.cfg.seed}-{session}"
+                body["session_id"] = session_id(self.cfg.seed, session)
             reply = await self._turn(http, session, turn, "/v1/chat/completions", body)
             if reply is None:
                 return
@@ -380,16 +422,34 @@ class LoadTest:
                 {"role": "user", "content": rng.choice(FOLLOW_UPS)},
             ]
 
-    async def _capacity(self, http) -> int | None:
+    async def _scrape(self, http, url: str) -> str | None:
+        """``url``'s /metrics text, or None when it does not answer."""
+        import aiohttp
+
         try:
             async with http.get(
-                self.cfg.url.rstrip("/") + "/metrics", headers=self._headers()
+                url.rstrip("/") + "/metrics",
+                headers=self._headers(),
+                timeout=aiohttp.ClientTimeout(total=10),
             ) as r:
-                text = await r.text() if r.status == 200 else ""
-        except Exception:  # noqa: BLE001 - then flatness is not judged
+                return await r.text() if r.status == 200 else None
+        except Exception:  # noqa: BLE001 - a server that does not answer is recorded
             return None
-        value = parse_prometheus(text).get("vllm_sink:capacity")
-        return int(value) if value else None
+
+    async def _scrape_all(self, http) -> list[str | None]:
+        urls = self.cfg.scraped
+        texts = await asyncio.gather(*(self._scrape(http, u) for u in urls))
+        for url, text in zip(urls, texts):
+            self.tally.seen(url, text)
+        return texts
+
+    async def _capacity(self, http) -> int | None:
+        """The engine's capacity (None: flatness is not judged); starts the tally."""
+        texts = await self._scrape_all(http)
+        value = max(
+            (parse_prometheus(t).get("vllm_sink:capacity") or 0 for t in texts if t), default=0
+        )
+        return int(value) or None
 
     def _plateau(self) -> float | None:
         """When every stream held its capacity, for runs of one request per stream."""
@@ -401,45 +461,22 @@ class LoadTest:
 
     # ---- sampling and display ----------------------------------------------------------
     async def _sampler(self, http) -> None:
-        parsed = urlparse(self.cfg.url)
-        local = parsed.hostname in ("127.0.0.1", "localhost", "::1")
-        pid = _local_server_pid(parsed.port or 80) if local else None
+        pids = []
+        for url in self.cfg.scraped:
+            parsed = urlparse(url)
+            if parsed.hostname in ("127.0.0.1", "localhost", "::1"):
+                pids.append(_local_server_pid(parsed.port or 80))
+        pids = [p for p in pids if p is not None]
         while True:
-            sample = {"t": round(time.monotonic() - self.t0, 3)}
-            try:
-                async with http.get(
-                    self.cfg.url.rstrip("/") + "/metrics", headers=self._headers()
-                ) as r:
-                    text = await r.text() if r.status == 200 else ""
-                m = parse_prometheus(text)
-                pool = _pool_blocks(text)
-                if pool and "vllm:kv_cache_usage_perc" in m:
-                    # Blocks in use in the scheduler's pool (the null block excluded).
-                    sample["pool_blocks_used"] = round(m["vllm:kv_cache_usage_perc"] * (pool - 1))
-                for key in (
-                    "vllm_sink:kv_blocks_reserved",
-                    "vllm_sink:active_requests",
-                    "vllm:kv_cache_usage_perc",
-                    "vllm:num_requests_running",
-                    "vllm:num_requests_waiting",
-                    "vllm_sink:capacity",
-                    "vllm_sink:block_size",
-                    "vllm_sink:tokens_evicted_total",
-                    "vllm:num_preemptions_total",
-                    "vllm_sink:running_requests",
-                    "vllm_sink:pool_blocks_in_use",
-                    "vllm_sink:blocks_parked",
-                    "vllm_sink:blocks_per_request",
-                    "vllm_sink:blocks_sink",
-                    "vllm_sink:blocks_dense",
-                    "vllm_sink:running_sink",
-                ):
-                    if key in m:
-                        sample[key] = m[key]
-            except Exception as e:  # noqa: BLE001
-                sample["error"] = type(e).__name__
-            if pid is not None:
-                sample["server_rss_bytes"] = _tree_rss(pid)
+            sample: dict = {"t": round(time.monotonic() - self.t0, 3)}
+            texts = await self._scrape_all(http)
+            sample.update(merge([sample_of(t) for t in texts if t is not None]))
+            lost = [u for u, t in zip(self.cfg.scraped, texts) if t is None]
+            if lost:
+                sample["unreachable"] = lost
+            rss = [_tree_rss(p) for p in pids]
+            if pids and all(r is not None for r in rss):
+                sample["server_rss_bytes"] = sum(rss)
             self.samples.append(sample)
             if not self.cfg.quiet:
                 self._progress(sample)
@@ -448,7 +485,7 @@ class LoadTest:
     def _progress(self, sample: dict) -> None:
         elapsed = max(time.monotonic() - self.t0, 1e-9)
         tokens = sum(self.session_tokens)
-        errors = sum(1 for t in self.turns if t.error)
+        errors = sum(1 for t in self.turns if t.error and not t.retried)
         blocks = sample.get("vllm_sink:kv_blocks_reserved")
         rss = sample.get("server_rss_bytes")
         sys.stderr.write(
@@ -499,7 +536,10 @@ class LoadTest:
     def summary(self, model: str, elapsed: float) -> dict:
         ttft = [t.ttft for t in self.turns if t.ttft is not None]
         itl = [g for t in self.turns for g in t.itl]
-        errors = Counter(t.error for t in self.turns if t.error)
+        errors = Counter(t.error for t in self.turns if t.error and not t.retried)
+        retried = Counter(t.error for t in self.turns if t.retried)
+        chat_ids = self.cfg.mode == "chat" and self.cfg.session_ids
+        first_turns = len({t.session for t in self.turns if t.kind == "sink"}) if chat_ids else 0
         tokens = sum(self.session_tokens)
         streams = self.cfg.sessions - self.cfg.dense_sessions
         full = [
@@ -551,6 +591,9 @@ class LoadTest:
             "errors": dict(errors),
             "error_count": sum(errors.values()),
             "error_examples": {t.error: t.detail for t in self.turns if t.error},
+            "retried": dict(retried),
+            "retried_count": sum(retried.values()),
+            **self.tally.summary(first_turns),
             "kv_blocks_while_all_active": blocks_full,
             "kv_plateau_s": plateau,
             "kv_blocks_at_plateau": blocks_plateau,
@@ -588,7 +631,7 @@ class LoadTest:
                 "tokens_per_s": round(tokens / elapsed, 2) if elapsed > 0 else 0.0,
                 "ttft_ms_p50": None if not ttft else round(_pct(ttft, 50) * 1000, 2),
                 "itl_ms_p50": None if not itl else round(_pct(itl, 50) * 1000, 2),
-                "errors": sum(1 for t in turns if t.error),
+                "errors": sum(1 for t in turns if t.error and not t.retried),
             }
         return out
 
@@ -608,6 +651,15 @@ def _blocks_line(blocks: list[int]) -> str:
     return f"{len(blocks)} values, {blocks[0]}..{blocks[-1]}"
 
 
+def _servers_line(servers: dict) -> str:
+    return "  ".join(
+        f"{url}: "
+        + ("-" if v is None else f"{v['requests']}/{v['resumes']}")
+        + ("" if v is None or v["answered_last_scrape"] else " (lost)")
+        for url, v in servers.items()
+    )
+
+
 def format_table(s: dict) -> str:
     rows = [
         ("sessions", s["sessions"]),
@@ -623,6 +675,17 @@ def format_table(s: dict) -> str:
             s["error_count"]
             if not s["errors"]
             else f"{s['error_count']} " + json.dumps(s["errors"]),
+        ),
+        *(
+            [("failed and resent (--retries)", f"{s['retried_count']} " + json.dumps(s["retried"]))]
+            if s.get("retried_count")
+            else []
+        ),
+        *([("resume rate (follow-up turns)", s["resume_rate"])] if s.get("resume_rate") else []),
+        *(
+            [("session requests / resumes per server", _servers_line(s["servers"]))]
+            if len(s.get("servers") or {}) > 1
+            else []
         ),
         *[
             (
@@ -679,7 +742,22 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--timeout", type=float, default=d.timeout, help="per request (s)")
     p.add_argument("--metrics-interval", type=float, default=d.metrics_interval)
     p.add_argument(
-        "--session-ids", action="store_true", help="send a stable session_id per chat session"
+        "--session-ids",
+        action="store_true",
+        help="send a stable session id per chat session (X-Session-ID header and body field)",
+    )
+    p.add_argument(
+        "--metrics-url",
+        action="append",
+        default=None,
+        help="a server to scrape /metrics from (repeatable; default --url): each replica "
+        "behind a router",
+    )
+    p.add_argument(
+        "--retries",
+        type=int,
+        default=d.retries,
+        help="resend a turn whose request failed (not a 4xx) up to N times",
     )
     p.add_argument(
         "--dense-fraction",
@@ -714,6 +792,8 @@ def run_from_args(args: argparse.Namespace) -> int:
         metrics_interval=args.metrics_interval,
         seed=args.seed,
         session_ids=args.session_ids,
+        metrics_urls=args.metrics_url,
+        retries=args.retries,
         dense_fraction=args.dense_fraction,
         dense_tokens=args.dense_tokens,
         quiet=args.quiet,
