@@ -11,7 +11,7 @@ import json
 
 import pytest
 
-from tests.e2e.server import free_port
+from vllm_sink.tools.harness import free_port
 from vllm_sink.tools.loadtest import LoadConfig, LoadTest, format_table
 
 pytestmark = pytest.mark.cpu

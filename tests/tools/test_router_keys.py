@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from tests.e2e.server import free_port
+from vllm_sink.tools.harness import free_port
 
 pytestmark = pytest.mark.cpu
 
