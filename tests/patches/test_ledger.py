@@ -40,7 +40,7 @@ def _rows() -> list[tuple[str, str, str]]:
     rows = []
     for line in LEDGER.read_text().splitlines():
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
-        if len(cells) == 5 and cells[0].isdigit():
+        if len(cells) >= 5 and cells[0].isdigit():
             rows.append((cells[2], cells[3], cells[4]))
     return rows
 
@@ -118,3 +118,16 @@ def test_every_patch_construction_is_collected():
         f"{sorted(hidden)} construct a Patch that is not a module-level "
         "PATCH / PATCHES object, so the ledger check cannot see it"
     )
+
+
+def test_the_ledger_has_a_column_per_supported_release():
+    from vllm_sink.patches._patching import RELEASES
+
+    lines = LEDGER.read_text().splitlines()
+    header = next(line for line in lines if line.startswith("| # |"))
+    columns = [c.strip() for c in header.strip().strip("|").split("|")]
+    assert [f"vLLM {r}" for r in RELEASES] == columns[5:], header
+    for line in lines:
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if cells[0].isdigit():
+            assert len(cells) == len(columns) and all(cells[5:]), line

@@ -17,6 +17,7 @@ without importing it), a release's wheel, or a zip of a wheel's ``vllm/**/*.py``
                                                          installed one, the others from
                                                          the cache
     python -m vllm_sink.tools.vllm_drift --fetch         first download the missing ones
+    python -m vllm_sink.tools.vllm_drift --fetch-only    only that (scripts/setup runs it)
     python -m vllm_sink.tools.vllm_drift --source vllm-0.34.0-...whl --expect 0.33.0
                                                          a new release against what the
                                                          0.33.0 adapters expect
@@ -374,7 +375,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--source", help="a directory holding vllm/, a wheel or a source zip")
     ap.add_argument("--expect", help="check --source against this release's adapters")
     ap.add_argument("--fetch", action="store_true", help="download missing releases first")
+    ap.add_argument("--fetch-only", action="store_true", help="download missing releases, no check")
     args = ap.parse_args(argv)
+    if args.fetch_only:
+        for name in args.release or list(RELEASES):
+            if source_for(name) is None:
+                print(f"vLLM {name}: {fetch(name)}")
+        return 0
     if args.source:
         source = Source(args.source)
         names = [args.expect or source.version() or ""]
