@@ -1,5 +1,5 @@
 """The user's documents say what the code does: README.md's configuration table lists
-exactly the keys of ``vllm_sink.core.config._KEYS``, its metrics table exactly the
+exactly the keys of ``vllm_sink.core.config._KEYS``, docs/metrics.md's table exactly the
 series the ``/metrics`` collector publishes, and every repository path the README and
 docs/ name exists."""
 
@@ -17,9 +17,9 @@ README = ROOT / "README.md"
 DOCS = [README, *sorted((ROOT / "docs").glob("*.md"))]
 
 
-def _section(heading: str) -> str:
-    """The README's text under ``heading`` (a ``## `` or ``### `` line), to the next one."""
-    text = README.read_text()
+def _section(heading: str, doc: Path = README) -> str:
+    """``doc``'s text under ``heading`` (a ``#`` line), to the next ``##`` one."""
+    text = doc.read_text()
     start = text.index(heading + "\n")
     end = re.search(r"^##", text[start + len(heading) :], re.M)
     return text[start : start + len(heading) + end.start()] if end else text[start:]
@@ -47,12 +47,12 @@ def test_metrics_table_lists_every_series():
     published.add("session_misses_total")
     published.discard("session_misses")
     listed = set()
-    for cell in _first_cells(_section("### Metrics")):
+    for cell in _first_cells(_section("# Metrics", ROOT / "docs" / "metrics.md")):
         # `vllm_sink:name`, `:name` (same prefix), `vllm_sink:name_total{reason}`
         listed.add(re.sub(r"\{.*\}$", "", cell).removeprefix("vllm_sink").removeprefix(":"))
     assert listed == published, (
-        f"in README, not published: {sorted(listed - published)}; "
-        f"published, not in README: {sorted(published - listed)}"
+        f"in docs/metrics.md, not published: {sorted(listed - published)}; "
+        f"published, not in docs/metrics.md: {sorted(published - listed)}"
     )
 
 

