@@ -1,9 +1,10 @@
 """Adversarial concurrency against a real server with a small KV pool.
 
-Fifteen clients at once, for a fixed time: eight conversations (six of them two per
+Sixteen clients at once, for a fixed time: eight conversations (six of them two per
 session id, each its own conversation; a turn is now and then sent twice, as a client
-retry), n = 2 samples and beam search (three one-token requests per beam step) under
-the conversations' ids, streams cut by the client mid-way, requests abandoned by a
+retry), floods of streams past their capacity that outnumber the pool, n = 2 samples
+and beam search (three one-token requests per beam step) under the conversations' ids,
+streams cut by the client mid-way, requests abandoned by a
 client timeout, dense requests (``"sink": false``) and bad ones, and a second API key
 sending the first key's session ids with the first key's conversations. All but the
 conversations and the second key come in storms (PHASE_S seconds on, PHASE_S off): in
@@ -49,6 +50,7 @@ SINK = {
     "max_saved_kv_gib": 0.25,
 }
 STRESS_SECONDS = 60
+FLOOD, FLOOD_TOKENS = 12, 120  # 12 streams x 7 blocks > the pool's 63
 PHASE_S = 6
 RSS_GROWTH_MIB = 512  # (60 s runs here grew 115-250 MiB after warm-up: allocator pools)
 SESSIONS = ("c0", "c1", "c2", "c3")
@@ -309,6 +311,41 @@ class Stress:
                 max_tokens=16,
             )
 
+    def flood(self) -> None:
+        """key-a: FLOOD streams at once, each past its capacity (7 blocks): more than the
+        pool holds, whatever else is running, so parked sessions are dropped for room and
+        running streams are preempted (KV saved, restored, each completion whole)."""
+        rng = random.Random(self.seed * 100 + 90)
+        last = -1
+        while self.storm():
+            phase = int((time.monotonic() - self.start) / PHASE_S)
+            if phase == last:  # one flood per storm: the calm spells stay calm
+                time.sleep(0.2)
+                continue
+            last = phase
+            bodies = [
+                {
+                    "prompt": [rng.randrange(*VOCAB) for _ in range(rng.randrange(4, 40))],
+                    "max_tokens": FLOOD_TOKENS,
+                    "temperature": 0,
+                    "ignore_eos": True,
+                }
+                for _ in range(FLOOD)
+            ]
+            threads = [
+                threading.Thread(
+                    target=lambda b=b: self.answered(
+                        "flood", self.post("key-a", b), max_tokens=FLOOD_TOKENS
+                    ),
+                    daemon=True,
+                )
+                for b in bodies
+            ]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+
     def spy(self) -> None:
         """key-b sends key-a's ids with key-a's conversations. It may only ever resume
         its own history (what it parked under that id itself), never key-a's."""
@@ -385,6 +422,7 @@ class Stress:
             [(self.conversation, i) for i in range(8)]
             + [(self.samples, 0), (self.beams, 0), (self.disconnect, 0), (self.abandon, 0)]
             + [(self.dense, 0), (self.dense, 1), (self.spy, None), (self.monitor, None)]
+            + [(self.flood, None)]
         )
         threads = [threading.Thread(target=self._guard, args=c, daemon=True) for c in clients]
         for t in threads:
@@ -440,7 +478,17 @@ def _stress(srv: Server, seconds: float, seed: int) -> None:
         if k.startswith("vllm_sink:") and k.endswith("_total")
     }
     print(f"\n{seconds:.0f} s: {dict(stress.counts)}\nsink counters: {delta}")
-    for kind in ("turn", "n=2", "beams", "disconnect", "abandon", "dense", "refused", "spy"):
+    for kind in (
+        "turn",
+        "n=2",
+        "beams",
+        "disconnect",
+        "abandon",
+        "dense",
+        "refused",
+        "spy",
+        "flood",
+    ):
         assert stress.counts[kind] > 0, (kind, stress.counts)
     assert delta["preempted_sink_total"] > 0 and delta["parked_evictions_total"] > 0, delta
     assert delta["resumes_total"] > 0, delta
