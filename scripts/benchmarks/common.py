@@ -15,8 +15,6 @@ sys.path.insert(0, str(ROOT))  # this checkout's vllm_sink, ahead of an installe
 
 
 def hardware() -> str:
-    import psutil
-
     cpu = platform.processor() or platform.machine()
     try:
         for line in open("/proc/cpuinfo"):
@@ -34,11 +32,12 @@ def hardware() -> str:
     except ImportError:  # the pure-torch benchmarks (drift) run without vLLM
         engine = "no vLLM"
 
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     device = "CPU"
     if torch.cuda.is_available():
         device = f"CUDA, {torch.cuda.get_device_name()}"
     return (
-        f"{cpu}, {os.cpu_count()} cores, {psutil.virtual_memory().total / 2**30:.0f} GiB "
+        f"{cpu}, {os.cpu_count()} cores, {ram / 2**30:.0f} GiB "
         f"RAM; {engine}, torch {torch.__version__} ({device}), Python "
         f"{platform.python_version()}"
     )

@@ -2,8 +2,10 @@
 
 ``make_llm`` builds a ``vllm.LLM`` (optionally in sink mode) with the tests' defaults:
 eager, a small fixed KV pool, seed 0. ``Server`` runs a real ``vllm serve`` process on
-127.0.0.1 (start, wait for /health, scrape /metrics, stop). Only vLLM's public ``LLM``
-class and its CLI are used; nothing here touches vLLM's internals.
+127.0.0.1 (start, wait for /health, scrape /metrics, stop); ``Router`` runs the project's
+``scripts/router`` (vllm-router, consistent hash of ``X-Session-ID``) in front of
+servers. Only vLLM's public ``LLM`` class and its CLI are used; nothing here touches
+vLLM's internals.
 
 Environment (``scripts/gpu-verify`` sets these to run the CPU suite's layouts on a GPU):
 
@@ -93,7 +95,8 @@ class Server:
     """``vllm serve model`` on a free port of 127.0.0.1, served as model name "smol",
     eager, with ``sink`` as its ``"sink"`` section (None: vanilla) and ``args`` appended.
     The KV pool is ``kv_gib`` GiB on the CPU and on CUDA alike; the log goes to
-    ``log_path`` (default: ``vllm_sink_test_server_<port>.log`` in the log directory)."""
+    ``log_path`` (default: ``vllm_sink_test_server_<port>.log`` in the log directory);
+    ``port`` a given port instead of a free one."""
 
     def __init__(
         self,
@@ -103,8 +106,9 @@ class Server:
         env: dict | None = None,
         kv_gib: int = 1,
         log_path: str | None = None,
+        port: int | None = None,
     ) -> None:
-        self.port = free_port()
+        self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.model = model
         cmd = [
@@ -181,6 +185,13 @@ class Server:
 
         return parse_prometheus(requests.get(self.url + "/metrics", timeout=10).text)
 
+    def kill(self) -> None:
+        """SIGKILL the server's whole process group (API server, engine, workers) at
+        once: a replica lost without a goodbye."""
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(30)
+
     def stop(self, timeout: float = 60.0) -> int:
         if self.log.closed:
             return self.proc.returncode
@@ -193,3 +204,129 @@ class Server:
                 self.proc.wait(10)
         self.log.close()
         return self.proc.returncode
+
+
+ROUTER_SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "router"
+
+
+class Router:
+    """``scripts/router`` (vllm-router, ``--policy consistent_hash``) on a free port of
+    127.0.0.1 in front of ``urls``, its own process group, its log in the log directory.
+    Needs the repository checkout (the script and ``.venv/bin/vllm-router``)."""
+
+    def __init__(self, urls: list[str], log_path: str | None = None) -> None:
+        if not ROUTER_SCRIPT.exists():
+            raise FileNotFoundError(f"{ROUTER_SCRIPT} missing: run from the repository")
+        self.port = free_port()
+        self.metrics_port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        log_dir = os.environ.get("VLLM_SINK_TEST_LOG_DIR") or tempfile.gettempdir()
+        os.makedirs(log_dir, exist_ok=True)
+        self.log_path = log_path or os.path.join(log_dir, f"vllm_sink_router_{self.port}.log")
+        self.log = open(self.log_path, "w")
+        env = {
+            **os.environ,
+            "PORT": str(self.port),
+            "ROUTER_METRICS_PORT": str(self.metrics_port),
+        }
+        self.proc = subprocess.Popen(
+            [str(ROUTER_SCRIPT), *urls],
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            env=env,
+            start_new_session=True,
+        )
+
+    def wait_ready(self, timeout: float = 60.0) -> None:
+        """Wait until the router answers /health."""
+        import requests
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"router exited with {self.proc.returncode}:\n{self.tail()}")
+            try:
+                if requests.get(self.url + "/health", timeout=2).status_code == 200:
+                    return
+            except requests.RequestException:
+                pass
+            time.sleep(0.5)
+        tail = self.tail()
+        self.stop()
+        raise TimeoutError(f"router not ready after {timeout}s:\n{tail}")
+
+    def tail(self, n: int = 40) -> str:
+        self.log.flush()
+        return "".join(open(self.log_path).readlines()[-n:])
+
+    def stop(self) -> None:
+        if self.log.closed:
+            return
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(10)
+        self.log.close()
+
+
+def replica_ports(n: int, base: int = 18600) -> list[int]:
+    """``n`` consecutive ports from ``base`` when all are free, else free ones. The
+    router's hash ring is built from the replicas' URLs: fixed ports give the same
+    split of the same session ids on every run."""
+    ports = list(range(base, base + n))
+    for port in ports:
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                return [free_port() for _ in range(n)]
+    return ports
+
+
+class Replicas:
+    """``n`` sink-mode ``Server`` replicas of ``model`` behind a ``Router``. On the CPU
+    build replica i runs on core ``cores[i]`` (one OpenMP thread each; default: this
+    process's cores, one per replica). ``args`` go to every replica."""
+
+    def __init__(self, model: str, sink: dict, n: int, *args: str, cores=None) -> None:
+        cpus = list(cores if cores is not None else sorted(os.sched_getaffinity(0)))
+        if len(cpus) < n:
+            raise ValueError(f"{n} replicas need {n} cores, have {cpus}")
+        per = len(cpus) // n
+        self.servers = [
+            Server(
+                model,
+                sink,
+                *args,
+                port=port,
+                env={
+                    "VLLM_CPU_OMP_THREADS_BIND": ",".join(map(str, cpus[i * per : (i + 1) * per]))
+                },
+            )
+            for i, port in enumerate(replica_ports(n))
+        ]
+        self.router: Router | None = None
+
+    @property
+    def urls(self) -> list[str]:
+        return [s.url for s in self.servers]
+
+    def start(self, timeout: float = 600.0) -> Replicas:
+        try:
+            for s in self.servers:
+                s.wait_ready(timeout)
+            self.router = Router(self.urls)
+            self.router.wait_ready()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def stop(self) -> None:
+        if self.router is not None:
+            self.router.stop()
+        for s in self.servers:
+            s.stop()
