@@ -19,6 +19,7 @@ pytestmark = pytest.mark.e2e
 
 SINK = {"sink_tokens": 4, "window_tokens": 96}  # C = 128, 4 blocks
 BLOCK_BYTES = 2 * 30 * 3 * 32 * 64 * 2
+IDLE_S = 20  # the server fixture's session_idle_timeout
 
 
 def test_resumed_conversation_equals_one_stream(default_model_dir):
@@ -87,6 +88,7 @@ def _session_stats(server) -> dict[str, float]:
         "parked_evictions_total",
         "parked_expired_total",
         "active_requests",
+        "preempted_sink_total",
     ):
         m = re.search(rf"^vllm_sink:{name}\{{[^}}]*\}} ([0-9.e+]+)$", text, re.M)
         out[name] = float(m.group(1)) if m else None
@@ -99,8 +101,10 @@ def _session_stats(server) -> dict[str, float]:
 
 @pytest.fixture(scope="module")
 def server(default_model_dir):
-    # Pool: null block + 6 full streams of 4 blocks. Up to 3 parked sessions, 5 s idle.
-    sink = {**SINK, "max_parked_sessions": 3, "session_idle_timeout": 5}
+    # Pool: null block + 6 full streams of 4 blocks. Up to 3 parked sessions, IDLE_S idle:
+    # long enough that a session outlives the few turns a test runs between its own on a
+    # slow machine, short enough to wait for in test_idle_sessions_expire.
+    sink = {**SINK, "max_parked_sessions": 3, "session_idle_timeout": IDLE_S}
     srv = Server(
         default_model_dir,
         sink,
@@ -188,7 +192,9 @@ def test_parking_is_bounded_and_running_requests_win(server):
     high = sum(-(-n // 32) for n in tokens)
     assert s["parked_sessions"] == 3 and low <= s["blocks_parked"] <= high, (s, tokens)
     assert s["parked_evictions_total"] > before["parked_evictions_total"]
-    # Six plain requests need 24 blocks; the pool has 24: parked sessions must go.
+    # Six plain streams need 24 blocks; the pool has 24: parked sessions must go. One
+    # request with n=6 puts all six in the scheduler at once (six clients' requests may
+    # reach a busy engine far apart on a slow machine).
     import threading
 
     done = []
@@ -198,22 +204,23 @@ def test_parking_is_bounded_and_running_requests_win(server):
             server.url + "/v1/completions",
             timeout=300,
             headers={"Authorization": "Bearer key-a"},
-            json={"model": "smol", "prompt": "Count:", "max_tokens": 200, "ignore_eos": True},
+            json={"model": "smol", "prompt": "Count:", "max_tokens": 200, "n": 6, "ignore_eos": True},
         )
-        done.append(r.status_code)
+        done.append(r)
 
-    threads = [threading.Thread(target=run) for _ in range(6)]
-    for t in threads:
-        t.start()
+    thread = threading.Thread(target=run)
+    thread.start()
     peak = 0
-    while any(t.is_alive() for t in threads):
+    while thread.is_alive():
         peak = max(peak, _session_stats(server)["active_requests"] or 0)
         time.sleep(0.2)
     s2 = _session_stats(server)
-    assert done == [200] * 6
+    assert done[0].status_code == 200, done[0].text
+    assert [c["finish_reason"] for c in done[0].json()["choices"]] == ["length"] * 6
     assert peak == 6  # all six ran at once: they took the parked blocks
+    assert s2["preempted_sink_total"] == s["preempted_sink_total"]  # running streams won
     assert s2["parked_sessions"] == 0 and s2["blocks_parked"] == 0
-    # Dropped for room (or, on a slow machine, by the 5 s idle timeout first).
+    # Dropped for room (or, on a slow machine, by the idle timeout first).
     assert (
         s2["parked_evictions_total"]
         - s["parked_evictions_total"]
@@ -239,7 +246,7 @@ def test_idle_sessions_expire(server):
     _chat(server, "key-a", "idle-1", [{"role": "user", "content": "Hi there"}], 8)
     before = _session_stats(server)
     assert before["parked_sessions"] >= 1
-    time.sleep(6)  # idle timeout is 5 s
+    time.sleep(IDLE_S + 1)
     _chat(server, "key-a", None, [{"role": "user", "content": "ping"}], 4)
     after = _session_stats(server)
     assert after["parked_expired_total"] > before["parked_expired_total"]
