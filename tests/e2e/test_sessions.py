@@ -204,7 +204,13 @@ def test_parking_is_bounded_and_running_requests_win(server):
             server.url + "/v1/completions",
             timeout=300,
             headers={"Authorization": "Bearer key-a"},
-            json={"model": "smol", "prompt": "Count:", "max_tokens": 200, "n": 6, "ignore_eos": True},
+            json={
+                "model": "smol",
+                "prompt": "Count:",
+                "max_tokens": 200,
+                "n": 6,
+                "ignore_eos": True,
+            },
         )
         done.append(r)
 
