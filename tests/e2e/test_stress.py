@@ -50,7 +50,7 @@ SINK = {
     "max_saved_kv_gib": 0.25,
 }
 STRESS_SECONDS = 60
-FLOOD, FLOOD_TOKENS = 12, 120  # 12 streams x 7 blocks > the pool's 63
+FLOOD, FLOOD_TOKENS = 16, 120  # 16 decoding streams past capacity x 5 blocks > the pool's 63
 PHASE_S = 6
 RSS_GROWTH_MIB = 512  # (60 s runs here grew 115-250 MiB after warm-up: allocator pools)
 SESSIONS = ("c0", "c1", "c2", "c3")
@@ -287,8 +287,10 @@ class Stress:
         """Dense requests, and now and then a bad one (a clean 400)."""
         rng = random.Random(self.seed * 100 + 80 + i)
         key = ("key-a", "key-b")[i % 2]
+        first = True
         while self.storm():
-            if rng.random() < 0.1:
+            if first or rng.random() < 0.1:  # at least one each, on any machine speed
+                first = False
                 r = self.post(key, {"prompt": [1, 2, 3], "max_tokens": 4, "n": 0})
                 if r.status_code != 400:
                     self.fail(f"bad request: HTTP {r.status_code} {r.text[:300]}")
@@ -312,9 +314,11 @@ class Stress:
             )
 
     def flood(self) -> None:
-        """key-a: FLOOD streams at once, each past its capacity (7 blocks): more than the
-        pool holds, whatever else is running, so parked sessions are dropped for room and
-        running streams are preempted (KV saved, restored, each completion whole)."""
+        """key-a: more sessions parked at once than max_parked_sessions (the oldest are
+        dropped, whatever the idle timeout did meanwhile), then FLOOD streams at once,
+        each past its capacity (5 blocks while decoding): more than the pool holds,
+        whatever else is running, so parked sessions are dropped for room and running
+        streams are preempted (KV saved, restored, each completion whole)."""
         rng = random.Random(self.seed * 100 + 90)
         last = -1
         while self.storm():
@@ -323,28 +327,25 @@ class Stress:
                 time.sleep(0.2)
                 continue
             last = phase
-            bodies = [
-                {
-                    "prompt": [rng.randrange(*VOCAB) for _ in range(rng.randrange(4, 40))],
-                    "max_tokens": FLOOD_TOKENS,
-                    "temperature": 0,
+            for j in range(SINK["max_parked_sessions"] + 2):
+                park = {
+                    "prompt": [rng.randrange(*VOCAB) for _ in range(8)],
+                    "max_tokens": 2,
                     "ignore_eos": True,
+                    "session_id": f"flood-{phase}-{j}",
                 }
-                for _ in range(FLOOD)
-            ]
-            threads = [
-                threading.Thread(
-                    target=lambda b=b: self.answered(
-                        "flood", self.post("key-a", b), max_tokens=FLOOD_TOKENS
-                    ),
-                    daemon=True,
-                )
-                for b in bodies
-            ]
-            for t in threads:
-                t.start()
-            for t in threads:
-                t.join()
+                self.answered("flood", self.post("key-a", park), max_tokens=2)
+            # One request with n = FLOOD: its streams reach the scheduler together (a
+            # slow machine serves FLOOD clients' requests too far apart to overlap).
+            body = {
+                "prompt": [rng.randrange(*VOCAB) for _ in range(rng.randrange(4, 40))],
+                "n": FLOOD,
+                "max_tokens": FLOOD_TOKENS,
+                "temperature": 0.8,
+                "seed": rng.randrange(1 << 30),
+                "ignore_eos": True,
+            }
+            self.answered("flood", self.post("key-a", body), n=FLOOD, max_tokens=FLOOD_TOKENS)
 
     def spy(self) -> None:
         """key-b sends key-a's ids with key-a's conversations. It may only ever resume
