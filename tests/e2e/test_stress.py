@@ -334,7 +334,7 @@ class Stress:
                     "ignore_eos": True,
                     "session_id": f"flood-{phase}-{j}",
                 }
-                self.answered("flood", self.post("key-a", park), max_tokens=2)
+                self.answered("park", self.post("key-a", park), max_tokens=2)
             # One request with n = FLOOD: its streams reach the scheduler together (a
             # slow machine serves FLOOD clients' requests too far apart to overlap).
             body = {
@@ -488,6 +488,7 @@ def _stress(srv: Server, seconds: float, seed: int) -> None:
         "dense",
         "refused",
         "spy",
+        "park",
         "flood",
     ):
         assert stress.counts[kind] > 0, (kind, stress.counts)
