@@ -86,6 +86,7 @@ def _same(a, b):
         assert diff.mean() <= 0.01 and diff.max() <= 0.1
 
 
+@pytest.mark.slow
 def test_tensor_parallel_matches_single_worker(padded, single, monkeypatch):
     outs, stats = _run(
         padded, monkeypatch, tensor_parallel_size=2, distributed_executor_backend="mp"

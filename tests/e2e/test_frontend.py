@@ -299,7 +299,7 @@ def test_stats_boards_are_private(server):
 # Fixed examples in the default run (same requests every time); no shrinking (each
 # shrink step is another request to the server; the first failure is reported as is).
 FUZZ = settings(
-    max_examples=400,
+    max_examples=100,
     deadline=None,
     derandomize=True,
     database=None,

@@ -30,6 +30,7 @@ def reference_model(default_model_dir):
     return AutoModelForCausalLM.from_pretrained(default_model_dir, dtype=torch.float32).eval()
 
 
+@pytest.mark.slow
 def test_concurrent_streams_match_reference(default_model_dir, reference_model, kjv):
     # Four prompts of different lengths, all <= C (no eviction inside the prompt,
     # so vLLM's choice of prefill chunks does not change any score).
@@ -101,6 +102,7 @@ def test_window_only_matches_reference(default_model_dir, reference_model, kjv):
         check_against_reference(ref, prompt, toks, lps, len(prompt), min_agree_after_evict=150)
 
 
+@pytest.mark.slow
 def test_several_sink_blocks_and_block_64_match_reference(default_model_dir, reference_model, kjv):
     """Block size 64, sink_tokens 70 -> 2 sink blocks (128 tokens), window 100 -> 2 blocks
     (128), C = 256, max_position_embeddings 320: the rotary range is then two rows of five

@@ -95,6 +95,7 @@ def test_garbage_bodies_get_vanillas_errors(servers):
         assert got.status_code == want.status_code >= 400
 
 
+@pytest.mark.slow
 def test_what_vanilla_refuses_for_length_sink_mode_streams(servers):
     """Past the context limit vanilla answers 400; sink mode serves the request."""
     sink, vanilla = servers
@@ -192,6 +193,7 @@ def test_no_new_endpoints(servers):
     assert paths[0] == paths[1]
 
 
+@pytest.mark.slow
 def test_soak_command_short(servers, tmp_path):
     """The CI-sized soak: 8 sessions, 60 s, back-to-back 300-token requests."""
     sink, _ = servers

@@ -87,6 +87,7 @@ def test_sessions_resume_on_their_replica(replicas):
     assert all(even / 2 <= n <= 2 * even for n in per), s["servers"]
 
 
+@pytest.mark.slow
 def test_a_lost_replica_costs_a_reread_not_an_error(replicas):
     survivor, victim = replicas.servers
     start = _session_requests(replicas)

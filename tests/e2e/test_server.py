@@ -231,6 +231,7 @@ def test_loadtest_mixes_dense_and_streams(server, tmp_path):
     assert m["vllm_sink:requests_dense_total"] >= dense["requests"]
 
 
+@pytest.mark.slow
 def test_vllm_bench_serve_interop(server, tmp_path):
     """vLLM's own benchmark client runs against the sink server without errors."""
     cmd = [
