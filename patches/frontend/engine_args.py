@@ -163,11 +163,12 @@ def _check_release(platform: str) -> None:
         )
     if name in UNVERIFIED_ON_GPU and platform == "cuda":
         logger.warning(
-            "vllm_sink: vLLM %s is supported from its source (every patched and called "
-            "vLLM function checked against the release), but the plugin's GPU tests have "
-            "not run on it yet; vllm==0.32.0 (pip install 'vllm_sink[cuda-0.32]') is the "
-            "release verified on a GPU.",
+            "vllm_sink: vLLM %s is supported (every patched and called vLLM function "
+            "checked against the release's source), but its GPU verification is not "
+            "complete: not yet run: %s. vllm==0.32.0 (pip install 'vllm_sink[cuda-0.32]') "
+            "is the release fully verified on a GPU.",
             name,
+            UNVERIFIED_ON_GPU[name],
         )
 
 
@@ -186,10 +187,10 @@ def _check_attention_backend(args, platform: str) -> None:
     if chosen is None or str(chosen).lower() == "auto":
         return
     name = getattr(chosen, "name", str(chosen)).upper()
-    why = backends.refusal(name, platform)
+    why = backends.refusal(name, platform, release())
     if why is not None:
         raise _refuse(f"--attention-backend {name}", why)
-    if name not in backends.VERIFIED[platform]:
+    if name not in backends.verified(platform, release()):
         logger.warning(
             "vllm_sink: running on the unverified %s attention backend (%s)", name, backends.ENV
         )

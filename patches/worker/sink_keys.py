@@ -20,6 +20,7 @@ import torch
 
 from vllm_sink.core import backends
 from vllm_sink.core.key_cache import BlockStack, KeyCache, to_device
+from vllm_sink.patches._patching import release
 from vllm_sink.patches.worker.kv_keys import probe_key_layout
 
 
@@ -60,7 +61,7 @@ class SinkKeys:
             by_table: dict[tuple[int, bool], tuple[torch.Tensor, list[str]]] = {}
             for name in group.layer_names:
                 backend = forward_context[name].attn_backend.get_name()
-                why = backends.refusal(backend)
+                why = backends.refusal(backend, None, release())
                 if why is not None:
                     raise SinkConfigError(
                         f"Layer {name} runs on the {backend} attention backend (vLLM's "

@@ -39,3 +39,18 @@ def test_unknown_backend_refused_even_when_named(monkeypatch):
     monkeypatch.setenv(backends.ENV, "FLEX_ATTENTION")
     why = backends.refusal("FLEX_ATTENTION", "cuda")
     assert why is not None and "verified on FLASH_ATTN, TRITON_ATTN, FLASHINFER" in why
+
+
+def test_verification_is_per_release(monkeypatch):
+    """vLLM 0.33.0 on CUDA: FLASH_ATTN and TRITON_ATTN verified, FLASHINFER (verified on
+    0.32.0) refused until its oracle has passed on 0.33.0, unless opted in."""
+    monkeypatch.delenv(backends.ENV, raising=False)
+    assert backends.verified("cuda", "0.33.0") == ("FLASH_ATTN", "TRITON_ATTN")
+    assert backends.refusal("FLASHINFER", "cuda", "0.32.0") is None
+    assert backends.refusal("TRITON_ATTN", "cuda", "0.33.0") is None
+    why = backends.refusal("FLASHINFER", "cuda", "0.33.0")
+    assert why is not None and "vLLM 0.33.0" in why and backends.ENV in why
+    assert "FLASH_ATTN, TRITON_ATTN" in why and "FLASHINFER," not in why
+    assert backends.refusal("CPU_ATTN", "cpu", "0.32.0") is None  # default lists elsewhere
+    monkeypatch.setenv(backends.ENV, "FLASHINFER")
+    assert backends.refusal("FLASHINFER", "cuda", "0.33.0") is None

@@ -193,8 +193,9 @@ def test_release_and_platform_are_checked(monkeypatch, caplog):
     ):
         engine_args._check_release("cpu")
     engine_args._check_release("cuda")
-    warned = [r.getMessage() for r in caplog.records if "GPU tests" in r.getMessage()]
+    warned = [r.getMessage() for r in caplog.records if "GPU verification" in r.getMessage()]
     assert len(warned) == ("0.33.0" in UNVERIFIED_ON_GPU)
+    assert all("not yet run: the GPU benchmarks" in w for w in warned), warned
     caplog.clear()
     monkeypatch.setattr(vllm, "__version__", "0.32.0+cpu")
     for platform in ("cpu", "cuda"):
