@@ -236,6 +236,7 @@ def tiny_pool_server(small_model):
         srv.stop()
 
 
+@pytest.mark.slow
 def test_pool_too_small_for_all_streams(tiny_pool_server):
     """Six 400-token streams in a pool that holds three at full size: blocks are taken
     on demand, so more than three run at once; when the pool runs dry vLLM preempts

@@ -76,6 +76,7 @@ def _idle(server, timeout: float = 60.0) -> dict[str, float]:
         time.sleep(0.5)
 
 
+@pytest.mark.slow
 def test_sessions_resume_on_their_replica(replicas):
     s = asyncio.run(_load(replicas, seed=0).run())
     assert s["error_count"] == 0, s["error_examples"]

@@ -275,6 +275,7 @@ def test_vllm_bench_serve_interop(server, tmp_path):
     _wait_idle(server)
 
 
+@pytest.mark.slow
 def test_seeded_sampling_with_chunked_prompt_is_deterministic(server):
     """Seeded sampling over a prompt streamed in many chunks: no engine error (vLLM's
     CPU generators cannot rewind by offset) and the same seed gives the same text."""
@@ -287,6 +288,7 @@ def test_seeded_sampling_with_chunked_prompt_is_deterministic(server):
     assert requests.get(server.url + "/health", timeout=5).status_code == 200
 
 
+@pytest.mark.slow
 def test_chat_client_example(server):
     script = Path(__file__).resolve().parents[2] / "examples" / "chat_client.py"
     done = subprocess.run(

@@ -259,6 +259,7 @@ def test_idle_sessions_expire(server):
     assert after["parked_sessions"] == 0
 
 
+@pytest.mark.slow
 def test_sessions_off_is_the_ablation(default_model_dir):
     srv = Server(default_model_dir, {**SINK, "sessions": False})
     try:
