@@ -299,10 +299,14 @@ def test_unverified_backends_are_refused(small_model, monkeypatch):
         make_llm(small_model, SINK, attention_backend="FLEX_ATTENTION")
 
 
-def test_triton_attn_matches_reference_bf16(small_model, reference_model, prompts):
+# These oracles are what verifies a backend on a vLLM release, so each opts its backend
+# in (VLLM_SINK_UNVERIFIED_BACKENDS; a no-op where it is verified already).
+def test_triton_attn_matches_reference_bf16(small_model, reference_model, prompts, monkeypatch):
+    monkeypatch.setenv("VLLM_SINK_UNVERIFIED_BACKENDS", "TRITON_ATTN")
     check_backend("TRITON_ATTN", small_model, reference_model, prompts)
 
 
-def test_flashinfer_matches_reference_bf16(small_model, reference_model, prompts):
+def test_flashinfer_matches_reference_bf16(small_model, reference_model, prompts, monkeypatch):
     """Last: FlashInfer may compile its kernels at first use."""
+    monkeypatch.setenv("VLLM_SINK_UNVERIFIED_BACKENDS", "FLASHINFER")
     check_backend("FLASHINFER", small_model, reference_model, prompts)
