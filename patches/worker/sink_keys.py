@@ -58,10 +58,11 @@ class SinkKeys:
                 )
             factors.append(r)
             kernel_block = spec.block_size // r
+            installed = release()  # backends are verified per vLLM release
             by_table: dict[tuple[int, bool], tuple[torch.Tensor, list[str]]] = {}
             for name in group.layer_names:
                 backend = forward_context[name].attn_backend.get_name()
-                why = backends.refusal(backend, None, release())
+                why = backends.refusal(backend, None, installed)
                 if why is not None:
                     raise SinkConfigError(
                         f"Layer {name} runs on the {backend} attention backend (vLLM's "
