@@ -394,13 +394,25 @@ class Stress:
                 if requests.get(self.srv.url + "/health", timeout=10).status_code != 200:
                     self.fail("health check failed")
                 self.check_pool()
-                rss = proc.memory_info().rss + sum(
-                    c.memory_info().rss for c in proc.children(recursive=True)
-                )
-                self.rss.append(rss)
+                self.rss.append(proc.memory_info().rss + self.children_rss(proc))
             except (requests.RequestException, psutil.Error) as e:
                 self.fail(f"monitor: {e!r}")
             time.sleep(0.5)
+
+    @staticmethod
+    def children_rss(proc) -> int:
+        """RSS of the server's children. A short-lived child (a compile worker, a
+        tokenizer helper) may exit between the listing and the read: it holds no
+        memory any more, so it counts 0. The engine core dying fails /health."""
+        import psutil
+
+        total = 0
+        for child in proc.children(recursive=True):
+            try:
+                total += child.memory_info().rss
+            except psutil.NoSuchProcess:
+                pass
+        return total
 
     def check_pool(self) -> dict[str, float]:
         """pool_blocks_in_use = running requests' blocks + parked blocks (one board
