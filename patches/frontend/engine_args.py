@@ -31,6 +31,7 @@ from typing import Any
 from vllm_sink.core import backends
 from vllm_sink.core.config import RESOLVED, SinkConfig, SinkConfigError, SinkLayout
 from vllm_sink.patches._patching import RELEASES, UNVERIFIED_ON_GPU, Patch, Target, release
+from vllm_sink.patches._layout import engine_sink
 
 logger = logging.getLogger("vllm.vllm_sink")
 
@@ -356,10 +357,19 @@ def _create_sink_engine_config(original, args, section, call_args, call_kwargs):
         **vllm_config.additional_config,
         "sink": {**sink.resolved_section(layout), RESOLVED: {"dense_max_model_len": dense_len}},
     }
-    from vllm_sink.patches.frontend import body_field, caller, metrics, request_sink
+    # Every process resolves its requests from this section: the requests' default
+    # layout (pinned, with an engine pin_prompt_tokens) must resolve, here at startup.
+    engine_sink(vllm_config)
+    from vllm_sink.patches.frontend import body_field, caller, chat_pin, metrics, request_sink
 
     metrics.watch_engine(vllm_config, args)
-    for patch in [request_sink.PATCH, *metrics.PATCHES, *caller.PATCHES, *body_field.PATCHES]:
+    for patch in [
+        request_sink.PATCH,
+        chat_pin.PATCH,
+        *metrics.PATCHES,
+        *caller.PATCHES,
+        *body_field.PATCHES,
+    ]:
         patch.apply()
     for name, old, new in changed:
         logger.info("vllm_sink: %s %r -> %r", name, old, new)

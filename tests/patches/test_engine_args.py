@@ -37,6 +37,8 @@ def test_sink_mode_sets_what_it_needs(default_model_dir):
         "default": "sink",
         "sessions": True,
         "max_request_sink_tokens": 32,
+        "pin": "none",
+        "pin_prompt_tokens": 0,
         "max_parked_sessions": 256,
         "session_idle_timeout": 600.0,
         "_resolved": {"dense_max_model_len": 8192},

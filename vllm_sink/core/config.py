@@ -74,6 +74,21 @@ _KEYS: dict[str, tuple[type, Any, str]] = {
         "of its sink keys, reserved in vLLM's memory "
         "profile for this many",
     ),
+    "pin": (
+        str,
+        ("none", "system"),
+        "what a stream keeps forever beside its sinks by default: nothing "
+        "(\"none\", default) or, for a chat request, the tokens its chat template renders "
+        "before the first non-system message (\"system\"); pinned blocks come out of the "
+        "window unless the request sets window_tokens",
+    ),
+    "pin_prompt_tokens": (
+        int,
+        0,
+        "first tokens of the prompt a stream keeps forever with its sinks by default "
+        "(0 = sinks only); pinned blocks come out of the window unless the request sets "
+        "window_tokens",
+    ),
     "max_parked_sessions": (int, 0, "parked sessions kept at most (default 256, at most 65536)"),
     "session_idle_timeout": (float, 0.001, "seconds a parked session may stay idle (default 600)"),
     "max_saved_kv_gib": (
@@ -91,7 +106,7 @@ _KEYS: dict[str, tuple[type, Any, str]] = {
 # scheduler and every worker, and each holds at least one KV block).
 _MAXIMA: dict[str, int] = {"max_parked_sessions": 65536}
 # Keys a single request may set in its own "sink" field (the engine's are its maximum).
-REQUEST_KEYS = ("sink_tokens", "window_tokens", "prefill_chunk_tokens")
+REQUEST_KEYS = ("sink_tokens", "window_tokens", "prefill_chunk_tokens", "pin", "pin_prompt_tokens")
 # Written by the frontend into the resolved section, never by users.
 RESOLVED = "_resolved"
 
@@ -205,6 +220,8 @@ class SinkConfig:
     default: str = "sink"
     position_limit: int | None = None
     max_request_sink_tokens: int | None = None
+    pin: str = "none"
+    pin_prompt_tokens: int = 0
     sessions: bool = True
     max_parked_sessions: int = 256
     session_idle_timeout: float = 600.0
@@ -222,6 +239,8 @@ class SinkConfig:
             "default": self.default,
             "sessions": self.sessions,
             "max_request_sink_tokens": self.request_sink_limit(layout),
+            "pin": self.pin,
+            "pin_prompt_tokens": self.pin_prompt_tokens,
             "max_parked_sessions": self.max_parked_sessions,
             "session_idle_timeout": self.session_idle_timeout,
         }
@@ -239,8 +258,24 @@ class SinkConfig:
                 f'own sink_tokens = {self.sink_tokens}, which every request may use. '
                 "Raise it or remove it."
             )
+        if self.pin == "system" and self.pin_prompt_tokens:
+            raise SinkConfigError(
+                f'{ENGINE} sets both "pin": "system" and "pin_prompt_tokens"; keep one.'
+            )
         B = layout.block_size
-        return max(layout.sink_tokens, math.ceil((asked or 0) / B) * B)
+        limit = max(
+            layout.sink_tokens,
+            math.ceil((asked or 0) / B) * B,
+            math.ceil(self.pin_prompt_tokens / B) * B,
+        )
+        if self.pin == "system" and limit <= layout.sink_tokens:
+            raise SinkConfigError(
+                f'{ENGINE}["pin"] = "system" pins each chat request\'s system part with its '
+                f"sinks, but max_request_sink_tokens allows no more than the engine's own "
+                f"{layout.sink_tokens} sink tokens, so every such request would be refused. "
+                'Set "max_request_sink_tokens" to the longest system part to pin (e.g. 1024).'
+            )
+        return limit
 
     def resolve(self, block_size: int, model_position_limit: int) -> SinkLayout:
         """Round to whole blocks of ``block_size`` and check against the model."""
@@ -305,6 +340,28 @@ class SinkConfig:
                     f'most {limit - C + 1}, or lower "window_tokens".'
                 )
         return SinkLayout(B, sink_blocks, window_blocks, limit, K)
+
+
+def pinned_region(
+    sink_tokens: int, window_tokens: int, pin_tokens: int, block_size: int
+) -> tuple[int, int]:
+    """Sink and window tokens once the first ``pin_tokens`` tokens are kept forever.
+
+    The sink region grows to cover them, ``S' = max(ceil(sink/B), ceil(pin/B)) * B``, and
+    the blocks it gains come out of the window, ``W' = ceil(window/B) * B - (S' - S)``, so
+    the capacity and the KV blocks per request stay what they were. Raises when no whole
+    window block would be left."""
+    B = block_size
+    S = -(-sink_tokens // B) * B
+    pinned = max(S, -(-pin_tokens // B) * B)
+    W = -(-window_tokens // B) * B
+    if W - (pinned - S) < B:
+        raise SinkConfigError(
+            f"pinning {pin_tokens} tokens takes the sink region from {S} to {pinned} tokens "
+            f"(whole KV blocks of {B}); out of a window of {W} that leaves no window block. "
+            "Pin fewer tokens, or set a larger window_tokens."
+        )
+    return pinned, W - (pinned - S)
 
 
 @dataclass(frozen=True)

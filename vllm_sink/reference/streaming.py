@@ -13,7 +13,8 @@ the semantics contract of docs/architecture.md in the most direct way possible:
 It uses only the HF model's weights and modules (embeddings, norms, projections, MLP,
 rotary table), never its attention or cache code. Supported: Llama-style decoders
 (Llama, Mistral, Qwen2/3, SmolLM, ...) with full neox rotary. ``sink_tokens=0`` gives
-the window-only ablation. Use float32 for comparisons.
+the window-only ablation; ``pin_prompt_tokens=N`` keeps the first N tokens with the
+sinks (the sink region grows to cover them, the window shrinks by as much). Use float32 for comparisons.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from collections.abc import Iterable, Sequence
 
 import torch
 
-from vllm_sink.core.config import SinkConfig, SinkLayout
+from vllm_sink.core.config import SinkConfig, SinkLayout, pinned_region
 from vllm_sink.core.policy import eviction_for_step
 from vllm_sink.core.policy import prefill_steps as prefill_steps_for
 
@@ -45,10 +46,16 @@ class StreamingReference:
         block_size: int = 32,
         position_limit: int | None = None,
         prefill_chunk_tokens: int | None = None,
+        pin_prompt_tokens: int = 0,
     ) -> None:
         self.model = model.eval()
         self.config = model.config
         limit = position_limit or int(self.config.max_position_embeddings)
+        # A pinned prefix is part of the sink region; the blocks it adds come out of the
+        # window (the plugin's rule for a request that pins without its own window).
+        sink_tokens, window_tokens = pinned_region(
+            sink_tokens, window_tokens, pin_prompt_tokens, block_size
+        )
         self.layout: SinkLayout = SinkConfig(
             sink_tokens, window_tokens, prefill_chunk_tokens
         ).resolve(block_size, limit)
