@@ -30,8 +30,8 @@ from typing import Any
 
 from vllm_sink.core import backends
 from vllm_sink.core.config import RESOLVED, SinkConfig, SinkConfigError, SinkLayout
-from vllm_sink.patches._patching import RELEASES, UNVERIFIED_ON_GPU, Patch, Target, release
 from vllm_sink.patches._layout import engine_sink
+from vllm_sink.patches._patching import RELEASES, UNVERIFIED_ON_GPU, Patch, Target, release
 
 logger = logging.getLogger("vllm.vllm_sink")
 

@@ -88,17 +88,16 @@ def test_which_chat_requests_pin_their_system_part():
     plain = _engine(max_request_sink_tokens=512)
     system = _engine(pin="system", max_request_sink_tokens=512)
     assert plain.system_pin_field(ABSENT) is None and plain.system_pin_field(True) is None
-    assert plain.system_pin_field({"pin": "system", "window_tokens": 512}) == {
-        "window_tokens": 512
-    }
+    assert plain.system_pin_field({"pin": "system", "window_tokens": 512}) == {"window_tokens": 512}
     assert plain.system_pin_field('{"pin": "system"}') == {}
     assert system.system_pin_field(ABSENT) == {} == system.system_pin_field(None)
     assert system.system_pin_field("sink") == {} == system.system_pin_field({})
     for none in (False, "dense", {"pin": "none"}, {"pin_prompt_tokens": 7}):
         assert system.system_pin_field(none) is None, none
-    assert _engine(pin="system", default="dense", max_request_sink_tokens=64).system_pin_field(
-        ABSENT
-    ) is None
+    assert (
+        _engine(pin="system", default="dense", max_request_sink_tokens=64).system_pin_field(ABSENT)
+        is None
+    )
     # A system-pinned completion request (no chat template) is not pinned by the engine's
     # default; a request that asks for it itself is refused (test above).
     assert system.layout_for(None) == system.layout

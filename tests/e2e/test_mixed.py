@@ -85,6 +85,9 @@ def test_mixed_batch_each_matches_its_own_reference(default_model_dir, reference
     assert stats["requests"] == 3 and stats["evictions"] > 0 and stats["active_requests"] == 0
 
 
+# slow: tests/e2e/test_pin.py's oracle preempts streams (pinned ones among them) in a
+# tiny pool and holds each to its reference in the default run.
+@pytest.mark.slow
 def test_preempted_streams_continue_exactly(default_model_dir, reference_model, kjv):
     """A pool of 10 blocks for three streams that each grow to 4: vLLM preempts streams
     to let others run; each preempted stream's cached KV is saved and restored on resume

@@ -155,6 +155,10 @@ class EngineSink:
         sink = -(-values.get("sink_tokens", self.config.sink_tokens) // B) * B
         try:
             pin = self.pin_tokens(values)
+        except SinkConfigError as e:
+            raise SinkConfigError(f"{where}: {e}") from None
+        self._check_sinks(max(sink, -(-pin // B) * B), where)
+        try:
             if "window_tokens" in values:
                 window = -(-values["window_tokens"] // B) * B
                 sink = max(sink, -(-pin // B) * B)
@@ -177,6 +181,15 @@ class EngineSink:
         except KeyError:
             pass
         return layout
+
+    def _check_sinks(self, sink_tokens: int, where: str) -> None:
+        if sink_tokens > self.max_sink_tokens:
+            raise SinkConfigError(
+                f"{where} asks for {sink_tokens} sink tokens (sinks and pinned tokens, "
+                f"whole KV blocks of {self.layout.block_size}); this engine allows at most "
+                f"{self.max_sink_tokens} per request ({ENGINE}[\"max_request_sink_tokens\"] "
+                "raises it). Ask for fewer sink_tokens or pin fewer tokens."
+            )
 
     @staticmethod
     def _parse_text(value: str) -> Any:
@@ -211,13 +224,7 @@ class EngineSink:
                 layout = dataclasses.replace(asked, prefill_chunk_tokens=chunk).resolve(B, limit)
         except SinkConfigError as e:
             raise SinkConfigError(f"{where}: {e}") from None
-        if layout.sink_tokens > self.max_sink_tokens:
-            raise SinkConfigError(
-                f"{where} asks for {layout.sink_tokens} sink tokens (sinks and pinned "
-                f"tokens, whole KV blocks of {B}); this engine allows at most "
-                f"{self.max_sink_tokens} per request ({ENGINE}[\"max_request_sink_tokens\"] "
-                "raises it). Ask for fewer sink_tokens or pin fewer tokens."
-            )
+        self._check_sinks(layout.sink_tokens, where)
         if layout.blocks_per_request > self.layout.blocks_per_request:
             raise SinkConfigError(
                 f"{where} needs {layout.blocks_per_request} KV blocks "
