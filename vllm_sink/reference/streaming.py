@@ -14,7 +14,8 @@ It uses only the HF model's weights and modules (embeddings, norms, projections,
 rotary table), never its attention or cache code. Supported: Llama-style decoders
 (Llama, Mistral, Qwen2/3, SmolLM, ...) with full neox rotary. ``sink_tokens=0`` gives
 the window-only ablation; ``pin_prompt_tokens=N`` keeps the first N tokens with the
-sinks (the sink region grows to cover them, the window shrinks by as much). Use float32 for comparisons.
+sinks (the sink region grows to cover them, the window shrinks by as much). Use float32
+for comparisons.
 """
 
 from __future__ import annotations
@@ -104,6 +105,7 @@ class ReferenceStream:
         t = eviction_for_step(self.layout, len(self.cached_ids), n)
         if t:
             self._evict(t)
+        self._before_forward(n)
         device = self.ref.model.lm_head.weight.device
         logits = self._forward(torch.tensor(list(token_ids), dtype=torch.long, device=device))
         self.cached_ids.extend(int(x) for x in token_ids)
@@ -115,7 +117,9 @@ class ReferenceStream:
     def _forward(self, ids: torch.Tensor) -> torch.Tensor:
         model = self.ref.model
         body = model.model
-        n, L = ids.shape[0], len(self.cached_ids)
+        # L: tokens attended before this step's (a subclass may attend to more than the
+        # cache holds: vllm_sink.reference.recall inserts recalled blocks after the sinks).
+        n, L = ids.shape[0], len(self.cached_ids) + self._inserted_tokens()
         h = body.embed_tokens(ids)  # [n, hidden]
         positions = torch.arange(L + n, device=ids.device)[None]  # cache-relative
         cos, sin = body.rotary_emb(h[None], positions)  # [1, L+n, D]
@@ -133,6 +137,8 @@ class ReferenceStream:
             K = k if self.keys[i] is None else torch.cat((self.keys[i], k))
             V = v if self.values[i] is None else torch.cat((self.values[i], v))
             self.keys[i], self.values[i] = K, V
+            self._seen_query(i, q[-1])
+            K, V = self._attended(i, K, V)
             # RoPE at cache-relative positions: queries L.., all keys 0..L+n-1.
             qf = q.float() * cos[L:, None] + _rotate_half(q.float()) * sin[L:, None]
             kf = K.float() * cos[:, None] + _rotate_half(K.float()) * sin[:, None]
@@ -146,6 +152,21 @@ class ReferenceStream:
             h = h + attn.o_proj(out.reshape(n, -1).to(h.dtype))
             h = h + layer.mlp(layer.post_attention_layernorm(h))
         return model.lm_head(body.norm(h))
+
+    # Extension points (no-ops here): a step of n tokens about to run (after eviction),
+    # tokens attended beyond the cache, the keys and values a layer attends to given its
+    # cache's, and each layer's last-token query.
+    def _before_forward(self, n: int) -> None:
+        pass
+
+    def _inserted_tokens(self) -> int:
+        return 0
+
+    def _attended(self, layer: int, K: torch.Tensor, V: torch.Tensor):
+        return K, V
+
+    def _seen_query(self, layer: int, q: torch.Tensor) -> None:
+        pass
 
     # -- drivers -------------------------------------------------------------------------
     def teacher_force(self, tokens: Sequence[int], steps: int | Iterable[int]) -> torch.Tensor:
