@@ -18,7 +18,7 @@ from vllm_sink.core.config import SinkConfigError
 from vllm_sink.core.pin import common_prefix, probe_conversations
 from vllm_sink.core.requests import ABSENT, FIELD
 from vllm_sink.patches._layout import engine_sink
-from vllm_sink.patches._patching import Patch
+from vllm_sink.patches._patching import Patch, Target
 
 
 def _wrap(original):
@@ -36,7 +36,8 @@ def _wrap(original):
         n = await _system_part(self, request, result[1])
         if n is None:
             return self.create_error_response(
-                '"pin": "system": the chat template could not render this conversation\'s '
+                'request field "sink" asks for "pin": "system", but the chat template could '
+                "not render this conversation's "
                 "system messages on their own, so the tokens to pin are unknown. Send "
                 '"pin_prompt_tokens": N instead, or "pin": "none".'
             )
@@ -95,8 +96,17 @@ async def _system_part(serving, request, engine_inputs) -> int | None:
     return common_prefix(*tokens)
 
 
-PATCH = Patch(
-    "vllm.entrypoints.openai.chat_completion.serving:OpenAIServingChat.render_chat_request",
-    _wrap,
-    signature="(self, request)",
-)
+_CHAT = "vllm.entrypoints.openai.chat_completion.serving:OpenAIServingChat"
+PATCH = Patch(f"{_CHAT}.render_chat_request", _wrap, signature="(self, request)")
+# What the wrapper calls on the serving object and its renderer.
+TARGETS = [
+    Target(
+        "vllm.renderers.online_renderer:OnlineRenderer.render_chat",
+        "(self, request, *, skip_mm_cache=False)",
+    ),
+    Target(f"{_CHAT}._extract_prompt_components", "(self, prompt)"),
+    Target(
+        f"{_CHAT}.create_error_response",
+        "(message, err_type='BadRequestError', status_code=HTTPStatus.BAD_REQUEST, param=None)",
+    ),
+]

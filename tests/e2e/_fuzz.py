@@ -32,7 +32,7 @@ EDGE_NUMBERS = [
     float("-inf"),
     float("nan"),
 ]
-LAYOUT_KEYS = ["sink_tokens", "window_tokens", "prefill_chunk_tokens"]
+LAYOUT_KEYS = ["sink_tokens", "window_tokens", "prefill_chunk_tokens", "pin", "pin_prompt_tokens"]
 
 numbers = st.sampled_from(EDGE_NUMBERS) | st.integers() | st.floats()
 texts = st.text(max_size=40) | st.sampled_from(
@@ -99,6 +99,10 @@ sink_values = (
             {"window_tokens": 64},
             {"sink_tokens": 0, "window_tokens": 32},
             {"prefill_chunk_tokens": 1},
+            {"pin": "system"},
+            {"pin": "none"},
+            {"pin_prompt_tokens": 16},
+            {"pin": "system", "window_tokens": 32},
         ]
     )
 )
