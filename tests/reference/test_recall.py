@@ -8,26 +8,13 @@ over the whole stream (the HF model)."""
 import pytest
 import torch
 
+from tests.reference.test_streaming import _dense_logprobs
 from vllm_sink.reference import StreamingReference
 from vllm_sink.reference.recall import RecallReference
 
 pytestmark = pytest.mark.e2e
 
 LAYOUT = {"sink_tokens": 4, "window_tokens": 64, "block_size": 16}  # S 16, W 64, C 80
-
-
-@pytest.fixture(scope="module")
-def hf_model(default_model_dir):
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM.from_pretrained(default_model_dir, dtype=torch.float32).eval()
-
-
-def _dense_logprobs(model, tokens):
-    with torch.inference_mode():
-        logits = model(torch.tensor([tokens])).logits[0].float()
-    lp = torch.log_softmax(logits, -1)
-    return lp[:-1].gather(1, torch.tensor(tokens[1:])[:, None])[:, 0]
 
 
 def test_recalling_nothing_is_streaming_llm(hf_model, kjv):

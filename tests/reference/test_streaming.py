@@ -10,14 +10,6 @@ from vllm_sink.reference import StreamingReference
 pytestmark = pytest.mark.e2e
 
 
-@pytest.fixture(scope="module")
-def hf_model(default_model_dir):
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(0)
-    return AutoModelForCausalLM.from_pretrained(default_model_dir, dtype=torch.float32).eval()
-
-
 def _dense_logprobs(model, tokens):
     with torch.inference_mode():
         logits = model(torch.tensor([tokens])).logits[0].float()
