@@ -153,7 +153,7 @@ def test_requests_cannot_observe_each_other(servers):
     b = {
         "model": "smol",
         "prompt": "The capital of Italy is",
-        "max_tokens": 300,
+        "max_tokens": 240,
         "temperature": 0,
         "ignore_eos": True,
     }

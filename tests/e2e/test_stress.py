@@ -49,7 +49,7 @@ SINK = {
     # finish_reason "error", HTTP 500 on the server: tests/e2e/test_pool_pressure).
     "max_saved_kv_gib": 0.25,
 }
-STRESS_SECONDS = 60
+STRESS_SECONDS = 45
 FLOOD, FLOOD_TOKENS = 16, 120  # 16 decoding streams past capacity x 5 blocks > the pool's 63
 PHASE_S = 6
 RSS_GROWTH_MIB = 512  # (60 s runs here grew 115-250 MiB after warm-up: allocator pools)

@@ -65,3 +65,29 @@ def test_runs_that_restart_streams_are_not_judged():
     regrows between turns, so there is no single plateau to judge."""
     s = _run(lambda t: 1000, lambda stream: 1.0, mode="chat")
     assert s["kv_plateau_s"] is None and s["kv_blocks_flat"] is None
+
+
+def test_a_session_past_the_deadline_is_cancelled_and_counted(monkeypatch, capsys):
+    """A session that does not end by the deadline (+ grace) does not hang the run: it is
+    cancelled, reported with the frames it waits in, and counted as an error."""
+    import asyncio
+    import time
+
+    import vllm_sink.tools.loadtest as loadtest
+
+    monkeypatch.setattr(loadtest, "DEADLINE_GRACE_S", 0.2)
+
+    class Stuck(LoadTest):
+        async def _session(self, http, session, model):
+            if session == 1:
+                await asyncio.sleep(3600)  # stands for a request that ignores the deadline
+
+    lt = Stuck(LoadConfig(sessions=3, duration=1, quiet=True))
+    lt.deadline = time.monotonic() + 0.1
+    t0 = time.monotonic()
+    asyncio.run(lt._sessions(None, "m"))
+    assert time.monotonic() - t0 < 5
+    assert lt.overdue == 1
+    assert "waits in" in capsys.readouterr().err
+    s = lt.summary("m", 1.0)
+    assert s["errors"] == {"overran_deadline": 1} and s["error_count"] == 1

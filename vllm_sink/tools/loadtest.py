@@ -4,8 +4,11 @@ Each session is either one endless streamed completion (``--mode generate``) or 
 multi-turn chat (``--mode chat``: every turn re-sends the conversation so far, like a
 chat UI). The run is bounded by ``--duration`` seconds and/or ``--tokens`` per session
 (and by ``--max-turns``, per-request ``--timeout``); at the end in-flight requests are
-closed, which the server handles as client disconnects. Only the URL given is
-contacted (default: loopback).
+closed, which the server handles as client disconnects; a session still running
+``DEADLINE_GRACE_S`` past the deadline is cancelled and counted as an
+``overran_deadline`` error, the frames it waited in printed to stderr (and a process
+that is still alive long after that dumps its threads' stacks and exits non-zero). Only
+the URL given is contacted (default: loopback).
 
 Against several replicas behind a router (``scripts/serve-replicas``), give each
 replica's own address with ``--metrics-url`` (repeatable; default ``--url``): samples
@@ -37,6 +40,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import faulthandler
 import json
 import math
 import random
@@ -47,6 +51,9 @@ from dataclasses import asdict, dataclass, field
 from urllib.parse import urlparse
 
 from vllm_sink.tools.servers import SessionTally, merge, parse_prometheus, sample_of
+
+STARTUP_TIMEOUT_S = 60.0  # the server must list its model within this
+DEADLINE_GRACE_S = 30.0  # in-flight requests must close within this after the deadline
 
 __all__ = ["LoadConfig", "LoadTest", "TurnRecord", "format_table", "parse_prometheus"]
 
@@ -211,6 +218,20 @@ def _tree_rss(pid: int) -> int | None:
         return None
 
 
+def _awaiting(coro) -> str:
+    """The chain of frames a suspended coroutine waits in, outermost first (what
+    ``Task.print_stack`` does not show: it stops at the task's own frame)."""
+    lines = []
+    while coro is not None:
+        frame = getattr(coro, "cr_frame", None) or getattr(coro, "gi_frame", None)
+        if frame is not None:
+            lines.append(
+                f"  {frame.f_code.co_filename}:{frame.f_lineno} in {frame.f_code.co_name}\n"
+            )
+        coro = getattr(coro, "cr_await", None) or getattr(coro, "gi_yieldfrom", None)
+    return "".join(lines) or "  (no frames)\n"
+
+
 class LoadTest:
     def __init__(self, config: LoadConfig) -> None:
         config.validate()
@@ -223,6 +244,7 @@ class LoadTest:
         self.stop = asyncio.Event()
         self.capacity: int | None = None  # the engine's vllm_sink:capacity, if served
         self.tally = SessionTally(config.scraped)
+        self.overdue = 0  # sessions cancelled after the deadline's grace
 
     # ---- HTTP ------------------------------------------------------------------------
     def _headers(self, session_id: str | None = None) -> dict[str, str]:
@@ -237,7 +259,13 @@ class LoadTest:
     async def _model(self, http) -> str:
         if self.cfg.model:
             return self.cfg.model
-        async with http.get(self.cfg.url.rstrip("/") + "/v1/models", headers=self._headers()) as r:
+        import aiohttp
+
+        async with http.get(
+            self.cfg.url.rstrip("/") + "/v1/models",
+            headers=self._headers(),
+            timeout=aiohttp.ClientTimeout(total=STARTUP_TIMEOUT_S),
+        ) as r:
             r.raise_for_status()
             return (await r.json())["data"][0]["id"]
 
@@ -498,6 +526,29 @@ class LoadTest:
         sys.stderr.flush()
 
     # ---- run ---------------------------------------------------------------------------
+    async def _sessions(self, http, model: str) -> None:
+        """Run every session; past the deadline (+ a grace for in-flight requests to
+        close) a session still running is overdue: its stack goes to stderr, it is
+        cancelled and counted as an ``overran_deadline`` error."""
+        tasks = [
+            asyncio.create_task(self._session(http, s, model)) for s in range(self.cfg.sessions)
+        ]
+        limit = None
+        if math.isfinite(self.deadline):
+            limit = max(0.0, self.deadline - time.monotonic()) + DEADLINE_GRACE_S
+        done, pending = await asyncio.wait(tasks, timeout=limit)
+        for task in pending:
+            sys.stderr.write(
+                f"vllm-sink loadtest: a session is still running {DEADLINE_GRACE_S:.0f} s "
+                "past the run's deadline; it waits in:\n" + _awaiting(task.get_coro())
+            )
+            task.cancel()
+        if pending:
+            await asyncio.wait(pending, timeout=DEADLINE_GRACE_S)
+            self.overdue = len(pending)
+        for task in done:
+            task.result()  # a session's own exception (a bug) ends the run loudly
+
     async def run(self) -> dict:
         import aiohttp
 
@@ -510,9 +561,7 @@ class LoadTest:
                 self.deadline = self.t0 + self.cfg.duration
             sampler = asyncio.create_task(self._sampler(http))
             try:
-                await asyncio.gather(
-                    *(self._session(http, s, model) for s in range(self.cfg.sessions))
-                )
+                await self._sessions(http, model)
             finally:
                 elapsed = time.monotonic() - self.t0
                 sampler.cancel()
@@ -537,6 +586,8 @@ class LoadTest:
         ttft = [t.ttft for t in self.turns if t.ttft is not None]
         itl = [g for t in self.turns for g in t.itl]
         errors = Counter(t.error for t in self.turns if t.error and not t.retried)
+        if self.overdue:
+            errors["overran_deadline"] = self.overdue
         retried = Counter(t.error for t in self.turns if t.retried)
         chat_ids = self.cfg.mode == "chat" and self.cfg.session_ids
         first_turns = len({t.session for t in self.turns if t.kind == "sink"}) if chat_ids else 0
@@ -798,11 +849,18 @@ def run_from_args(args: argparse.Namespace) -> int:
         dense_tokens=args.dense_tokens,
         quiet=args.quiet,
     )
+    if duration is not None:
+        # Last resort against a hang outside the event loop's reach (a blocking call):
+        # dump every thread's stack and exit non-zero well after the run should be over.
+        faulthandler.dump_traceback_later(
+            duration + STARTUP_TIMEOUT_S + 3 * DEADLINE_GRACE_S + 30, exit=True
+        )
     try:
         summary = asyncio.run(LoadTest(cfg).run())
     except ValueError as e:
         print(f"vllm-sink loadtest: {e}", file=sys.stderr)
         return 2
+    faulthandler.cancel_dump_traceback_later()
     print(format_table(summary))
     if args.json:
         with open(args.json, "w") as fh:
