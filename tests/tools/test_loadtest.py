@@ -91,3 +91,38 @@ def test_a_session_past_the_deadline_is_cancelled_and_counted(monkeypatch, capsy
     assert "waits in" in capsys.readouterr().err
     s = lt.summary("m", 1.0)
     assert s["errors"] == {"overran_deadline": 1} and s["error_count"] == 1
+
+
+def test_a_blocking_memory_read_does_not_stall_the_streams(monkeypatch):
+    """Reading a server's RSS can block (its /proc files wait on the process's memory
+    map lock); that read runs on a daemon thread, so the event loop that times streams
+    and enforces the deadline keeps its pace, and the newest reading is still reported."""
+    import asyncio
+    import threading
+    import time
+
+    import vllm_sink.tools.loadtest as loadtest
+
+    release = threading.Event()
+
+    def slow_rss(pid):
+        release.wait(10)
+        return 7 << 20
+
+    monkeypatch.setattr(loadtest, "_local_server_pid", lambda port: 4242)
+    monkeypatch.setattr(loadtest, "_tree_rss", slow_rss)
+    probe = loadtest.RssProbe([8000], interval=0.01).start()
+
+    async def ticks():
+        t0 = time.monotonic()
+        for _ in range(10):
+            await asyncio.sleep(0.01)
+        return time.monotonic() - t0
+
+    assert asyncio.run(ticks()) < 1.0 and probe.latest is None
+    release.set()
+    deadline = time.monotonic() + 5
+    while probe.latest is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    probe.close()
+    assert probe.latest == 7 << 20

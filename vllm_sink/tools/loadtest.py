@@ -25,8 +25,8 @@ the endless streams in the same batch; figures are then also reported per kind.
 Measures per token (streamed with continuous usage stats, so token counts are exact):
 time to first token, inter-token latency, aggregate tokens/s, errors by kind; samples
 the server's /metrics (``vllm_sink:kv_blocks_reserved``, active requests, KV usage)
-and, for a local server, the resident memory of its process tree, every
-``--metrics-interval`` seconds. Prints a table; ``--json PATH`` writes everything.
+and, for a local server, the resident memory of its process tree (read on a thread),
+every ``--metrics-interval`` seconds. Prints a table; ``--json PATH`` writes everything.
 
 KV flatness: streams take blocks on demand, so the blocks in use grow until every
 stream's cache holds its capacity (prompt + generated tokens past ``vllm_sink:capacity``).
@@ -218,6 +218,41 @@ def _tree_rss(pid: int) -> int | None:
         return None
 
 
+class RssProbe:
+    """The resident memory of local servers' process trees, read on a daemon thread.
+
+    psutil reads /proc, and a read of a busy process's /proc files can block (it waits
+    for that process's memory map lock) for many seconds on a loaded machine. Done on
+    the event loop, such a read stalls every stream the loop times, and the deadline
+    with them; here it only delays the next reading. ``latest`` is the newest complete
+    reading (None until one exists or when a server cannot be read)."""
+
+    def __init__(self, ports: list[int], interval: float) -> None:
+        import threading
+
+        self.latest: int | None = None
+        self._ports, self._interval = ports, interval
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="rss-probe", daemon=True)
+
+    def start(self) -> RssProbe:
+        if self._ports:
+            self._thread.start()
+        return self
+
+    def close(self) -> None:
+        self._stop.set()  # a daemon thread blocked in a read never holds up the exit
+
+    def _loop(self) -> None:
+        pids = [_local_server_pid(p) for p in self._ports]
+        if not pids or any(p is None for p in pids):
+            return
+        while not self._stop.is_set():
+            rss = [_tree_rss(p) for p in pids]
+            self.latest = sum(rss) if all(r is not None for r in rss) else None
+            self._stop.wait(self._interval)
+
+
 def _awaiting(coro) -> str:
     """The chain of frames a suspended coroutine waits in, outermost first (what
     ``Task.print_stack`` does not show: it stops at the task's own frame)."""
@@ -245,6 +280,11 @@ class LoadTest:
         self.capacity: int | None = None  # the engine's vllm_sink:capacity, if served
         self.tally = SessionTally(config.scraped)
         self.overdue = 0  # sessions cancelled after the deadline's grace
+        local = [urlparse(u) for u in config.scraped]
+        self.rss = RssProbe(
+            [u.port or 80 for u in local if u.hostname in ("127.0.0.1", "localhost", "::1")],
+            config.metrics_interval,
+        )
 
     # ---- HTTP ------------------------------------------------------------------------
     def _headers(self, session_id: str | None = None) -> dict[str, str]:
@@ -489,12 +529,6 @@ class LoadTest:
 
     # ---- sampling and display ----------------------------------------------------------
     async def _sampler(self, http) -> None:
-        pids = []
-        for url in self.cfg.scraped:
-            parsed = urlparse(url)
-            if parsed.hostname in ("127.0.0.1", "localhost", "::1"):
-                pids.append(_local_server_pid(parsed.port or 80))
-        pids = [p for p in pids if p is not None]
         while True:
             sample: dict = {"t": round(time.monotonic() - self.t0, 3)}
             texts = await self._scrape_all(http)
@@ -502,9 +536,8 @@ class LoadTest:
             lost = [u for u, t in zip(self.cfg.scraped, texts) if t is None]
             if lost:
                 sample["unreachable"] = lost
-            rss = [_tree_rss(p) for p in pids]
-            if pids and all(r is not None for r in rss):
-                sample["server_rss_bytes"] = sum(rss)
+            if self.rss.latest is not None:
+                sample["server_rss_bytes"] = self.rss.latest
             self.samples.append(sample)
             if not self.cfg.quiet:
                 self._progress(sample)
@@ -550,6 +583,13 @@ class LoadTest:
             task.result()  # a session's own exception (a bug) ends the run loudly
 
     async def run(self) -> dict:
+        self.rss.start()
+        try:
+            return await self._run()
+        finally:
+            self.rss.close()
+
+    async def _run(self) -> dict:
         import aiohttp
 
         conn = aiohttp.TCPConnector(limit=self.cfg.sessions + 4)
