@@ -245,7 +245,7 @@ class RssProbe:
 
     def _loop(self) -> None:
         pids = [_local_server_pid(p) for p in self._ports]
-        if not pids or any(p is None for p in pids):
+        if any(p is None for p in pids):
             return
         while not self._stop.is_set():
             rss = [_tree_rss(p) for p in pids]
