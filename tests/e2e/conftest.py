@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from vllm_sink.tools.harness import KV_BYTES, gpu_share, make_llm, shutdown
+from vllm_sink.tools.harness import KV_BYTES, gpu_share, make_llm, shutdown, worker_stats
 
 
 @pytest.fixture
@@ -147,7 +147,7 @@ def greedy_in_fresh_engine(model: str, sink: dict, prompts, max_tokens: int, **e
     llm = make_llm(model, sink, **engine_kw)
     try:
         outs = greedy_with_logprobs(llm, prompts, max_tokens)
-        return outs, llm.collective_rpc("sink_stats")[0]
+        return outs, worker_stats(llm)
     finally:
         shutdown(llm)
 

@@ -52,7 +52,7 @@ def _run(model, monkeypatch=None, **kw):
 
     if kw.get("tensor_parallel_size", 1) > 1:
         monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", _split_cpus(kw["tensor_parallel_size"]))
-    llm = make_llm(model, SINK, dtype="float32", **kw)
+    llm = make_llm(model, SINK, dtype="float32", in_process=False, **kw)
     try:
         outs = llm.generate(
             [{"prompt_token_ids": list(range(1000, 1000 + n))} for n in (7, 40)],

@@ -11,7 +11,7 @@ same request attended different tokens under load)."""
 import pytest
 import torch
 
-from vllm_sink.tools.harness import make_llm, shutdown
+from vllm_sink.tools.harness import make_llm, shutdown, worker_stats
 
 pytestmark = pytest.mark.e2e
 
@@ -45,7 +45,7 @@ def test_prompt_logprobs_alone_equal_under_load(default_model_dir, kjv):
         )
         params = [busy] * 8 + [scored] + [busy] * 8
         outs = llm.generate(batch, params, use_tqdm=False)
-        stats = llm.collective_rpc("sink_stats")[0]
+        stats = worker_stats(llm)
     finally:
         shutdown(llm)
     a, b = _prompt_logprobs(alone, target), _prompt_logprobs(outs[8], target)

@@ -10,7 +10,7 @@ import torch
 
 from tests.e2e.conftest import check_against_reference
 from vllm_sink.reference import StreamingReference
-from vllm_sink.tools.harness import make_llm, shutdown
+from vllm_sink.tools.harness import make_llm, shutdown, worker_stats
 
 pytestmark = pytest.mark.e2e
 
@@ -61,7 +61,7 @@ def test_mixed_batch_each_matches_its_own_reference(default_model_dir, reference
     llm = make_llm(default_model_dir, SINK, dtype="float32", disable_log_stats=False)
     try:
         outs = _run(llm, dense + [(p, extra) for p, extra, _ in streams], 300)
-        stats = llm.collective_rpc("sink_stats")[0]
+        stats = worker_stats(llm)
     finally:
         shutdown(llm)
     vanilla = make_llm(default_model_dir, dtype="float32", block_size=32, max_model_len=1024)
@@ -104,7 +104,7 @@ def test_preempted_streams_continue_exactly(default_model_dir, reference_model, 
     try:
         assert llm.llm_engine.vllm_config.cache_config.num_gpu_blocks == 10
         outs = _run(llm, [(p, None) for p in prompts], 400)
-        stats = llm.collective_rpc("sink_stats")[0]
+        stats = worker_stats(llm)
         metrics = {m.name: getattr(m, "value", None) for m in llm.llm_engine.get_metrics()}
     finally:
         shutdown(llm)

@@ -16,7 +16,7 @@ from tests.e2e.conftest import (
 )
 from vllm_sink.core.policy import prefill_steps
 from vllm_sink.reference import StreamingReference
-from vllm_sink.tools.harness import make_llm, shutdown
+from vllm_sink.tools.harness import make_llm, shutdown, worker_stats
 
 pytestmark = pytest.mark.e2e
 
@@ -67,7 +67,7 @@ def test_rebase_and_streamed_prompt_match_reference(default_model_dir, reference
             SamplingParams(max_tokens=1, prompt_logprobs=0),
             use_tqdm=False,
         )
-        stats = llm.collective_rpc("sink_stats")[0]
+        stats = worker_stats(llm)
     finally:
         shutdown(llm)
     assert stats["rebases"] >= 3, stats
@@ -141,7 +141,7 @@ def test_long_prompt_read_at_full_window(default_model_dir, reference_model, kjv
             ),
             use_tqdm=False,
         )
-        stats = llm.collective_rpc("sink_stats")[0]
+        stats = worker_stats(llm)
     finally:
         shutdown(llm)
     ref = StreamingReference(reference_model, block_size=32, **SINK)

@@ -14,7 +14,7 @@ import torch
 from tests.e2e.conftest import check_against_reference
 from vllm_sink.core.pin import system_part_tokens
 from vllm_sink.reference import StreamingReference
-from vllm_sink.tools.harness import Server, make_llm, shutdown
+from vllm_sink.tools.harness import Server, make_llm, shutdown, worker_stats
 
 pytestmark = pytest.mark.e2e
 
@@ -68,7 +68,7 @@ def test_pinned_streams_match_reference_through_rebases_and_preemption(
             for _, pin in requests_
         ]
         outs = llm.generate([{"prompt_token_ids": p} for p, _ in requests_], params, use_tqdm=False)
-        stats = llm.collective_rpc("sink_stats")[0]
+        stats = worker_stats(llm)
         metrics = {m.name: getattr(m, "value", None) for m in llm.llm_engine.get_metrics()}
     finally:
         shutdown(llm)

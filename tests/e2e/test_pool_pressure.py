@@ -28,18 +28,16 @@ SINK = {
 
 @pytest.fixture(scope="module")
 def engine(default_model_dir):
-    import vllm.envs
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-        llm = make_llm(default_model_dir, SINK, kv_cache_memory_bytes=POOL_BLOCKS * BLOCK_BYTES)
-        try:
-            yield Stepper(llm)
-        finally:
-            shutdown(llm)
-            # vLLM caches environment variables once an engine core started in this
-            # process: later modules must see their own (multiprocessing) again.
-            vllm.envs.disable_envs_cache()
+    llm = make_llm(
+        default_model_dir,
+        SINK,
+        in_process=True,
+        kv_cache_memory_bytes=POOL_BLOCKS * BLOCK_BYTES,
+    )
+    try:
+        yield Stepper(llm)
+    finally:
+        shutdown(llm)
 
 
 class Stepper:

@@ -13,7 +13,7 @@ import requests
 import torch
 
 from vllm_sink.reference import StreamingReference
-from vllm_sink.tools.harness import Server, make_llm, shutdown
+from vllm_sink.tools.harness import Server, make_llm, shutdown, worker_stats
 
 pytestmark = pytest.mark.e2e
 
@@ -54,7 +54,7 @@ def test_resumed_conversation_equals_one_stream(default_model_dir):
         p3 = p2 + g2 + u3
         g3, l3 = turn(p3, 100)
         stats = board.read()
-        worker = llm.collective_rpc("sink_stats")[0]
+        worker = worker_stats(llm)
     finally:
         shutdown(llm)
     assert stats["resumes"] == 2 and stats["miss_none_parked"] == 1

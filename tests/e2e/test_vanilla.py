@@ -59,5 +59,7 @@ def test_within_capacity_equals_vanilla(vanilla, default_model_dir, engine_facto
     expected = greedy_top(vanilla, prompts, 80)
     sink = engine_factory(default_model_dir, {"sink_tokens": 4, "window_tokens": 224})
     assert_greedy_close(greedy_top(sink, prompts, 80), expected, ("sink", "vanilla"))
-    stats = sink.collective_rpc("sink_stats")[0]
+    from vllm_sink.tools.harness import worker_stats
+
+    stats = worker_stats(sink)
     assert stats["evictions"] == 0 and stats["requests"] == len(PROMPTS)
