@@ -236,3 +236,58 @@ def test_snapshot_stays_put_on_cpu():
 
     snap = torch.randn(3, 4)
     assert to_host(snap) is snap and to_device(snap, torch.device("cpu")) is snap
+
+
+STACKED = ["NHD", "HND", "block_outer", "head_outer", "cpu_vec"]
+
+
+def _check_fused(kind, dtype, device, with_source, fused):
+    """The fused Triton kernel against the reference, on every stacked layout. float32:
+    the same products (an FMA on a GPU may differ in the last place). bf16: within one
+    bf16 unit in the last place (a wrong angle or partner is off by far more); on a GPU
+    the cast rounds to nearest like torch's, so keys differ only where an FMA moved a
+    product across a rounding boundary; Triton's interpreter truncates the cast."""
+    layers, rel = make_layout(kind, dtype, device)
+    storage = layers[0].untyped_storage()
+    base = torch.empty(0, dtype=dtype, device=device).set_(storage).clone()
+    twins = [base.as_strided(t.shape, t.stride(), t.storage_offset()) for t in layers]
+    table = _table()
+    blocks, deltas = [5, 0, 3, 2], [7, -12, 0, 40]
+    source = torch.randn(L, len(blocks), N, H, D).to(dtype).to(device) if with_source else None
+    cache = KeyCache(layers, rel, N, H, D, table, kind != "HND", fused=fused)
+    assert cache.mode == "stacked"
+    cache.rotate(blocks, deltas, source)
+    rotate_reference(twins, rel, N, H, D, table, kind != "HND", blocks, deltas, source)
+    for a, b in zip(layers, twins):
+        if dtype == torch.float32:
+            torch.testing.assert_close(a, b, rtol=2e-7, atol=1e-6)
+        else:
+            diff = (a.float() - b.float()).abs()
+            ulp = b.float().abs() * 2**-7 + 1e-30
+            assert bool((diff <= ulp).all()), f"max {diff.max()}"
+            if fused is True:
+                assert float((diff > 0).float().mean()) < 0.01
+
+
+@pytest.mark.cpu
+@pytest.mark.parametrize("kind", STACKED)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("with_source", [False, True])
+def test_fused_rotate_matches_reference_interpreted(kind, dtype, with_source):
+    pytest.importorskip("triton", reason="the fused key op is a Triton kernel")
+    _check_fused(kind, dtype, "cpu", with_source, "interpret")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kind", STACKED)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("with_source", [False, True])
+def test_fused_rotate_matches_reference_cuda(kind, dtype, with_source):
+    _check_fused(kind, dtype, "cuda", with_source, True)
+
+
+@pytest.mark.cpu
+def test_fused_rotate_needs_a_stacked_cache():
+    layers, rel = make_layout("separate")
+    with pytest.raises(ValueError, match="one stacked view; this cache is strided"):
+        KeyCache(layers, rel, N, H, D, _table(), True, fused=True)

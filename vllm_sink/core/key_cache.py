@@ -24,6 +24,10 @@ picked once at construction:
 ``vllm_sink.core.rotary``) for a whole batch of blocks and layers at once, in float32,
 optionally from a ``source`` (the pristine sink snapshot) instead of the cache itself.
 ``vllm_sink.reference.key_cache.rotate_reference`` is the one-layer, one-block-at-a-time reference.
+
+``fused=True`` (stacked mode only) rotates each batch with one Triton kernel instead
+(``vllm_sink.core.key_rotate_fused``): no scratch copy, one read and one write of each key;
+``fused="interpret"`` runs that kernel in Triton's interpreter, on CPU tensors (tests).
 """
 
 from __future__ import annotations
@@ -91,6 +95,7 @@ class KeyCache:
         D: int,
         cos_sin_f32: torch.Tensor,
         is_neox: bool,
+        fused: bool | str = False,
     ) -> None:
         # Layers sharing one cache (KV sharing) are rotated once: keep distinct views.
         self.layers = distinct(layers)
@@ -121,6 +126,13 @@ class KeyCache:
             )
             self.tables = [kv.as_strided((span,), (1,), kv.storage_offset()) for kv in self.layers]
             self._rel_dev = self.rel.to(self.device)
+        if fused not in (False, True, "interpret"):
+            raise ValueError(f"fused must be False, True or 'interpret', not {fused!r}")
+        if fused and self.stack is None:
+            raise ValueError(
+                f"the fused key op needs the layers in one stacked view; this cache is {self.mode}"
+            )
+        self.fused = fused
 
     @property
     def mode(self) -> str:
@@ -187,12 +199,20 @@ class KeyCache:
         # the rotation multipliers (``Rotations``): [n] int64 then [n, 2, D] float32.
         n = len(blocks)
         ids = np.asarray(blocks, dtype=np.int64)
-        rotating = any(deltas)
+        rotating = bool(self.fused) or any(deltas)
         parts = [ids.view(np.uint8)]
         if rotating:
             parts.append(self.rotations.multipliers(deltas).reshape(-1).view(np.uint8))
         packed = to_device(torch.from_numpy(np.concatenate(parts)), self.device)
         idx = packed[: 8 * n].view(torch.int64)
+        if self.fused:
+            from vllm_sink.core.key_rotate_fused import rotate_blocks
+
+            mult = packed[8 * n :].view(torch.float32).view(n, 2, self.D)
+            if source is not None and source.dtype != self.dtype:
+                source = source.to(self.dtype)
+            rotate_blocks(self.stack, idx, mult, self._perm, source, self.fused == "interpret")
+            return
         keys = self.read(idx) if source is None else source
         if rotating:
             c, s = packed[8 * n :].view(torch.float32).view(n, 2, 1, 1, self.D).unbind(1)
