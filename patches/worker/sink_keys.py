@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from vllm_sink.core import backends
+from vllm_sink.core import backends, key_rotate_fused
 from vllm_sink.core.key_cache import BlockStack, KeyCache, to_device
 from vllm_sink.patches._patching import release
 from vllm_sink.patches.worker.kv_keys import probe_key_layout
@@ -46,6 +46,16 @@ class SinkKeys:
         from vllm_sink.core.config import SinkConfigError
 
         caches, factors, stacks = [], [], []
+        try:
+            fused = key_rotate_fused.requested()
+        except ValueError as e:
+            raise SinkConfigError(str(e)) from None
+        why = key_rotate_fused.available() if fused else None
+        if why is not None:
+            raise SinkConfigError(
+                f"{key_rotate_fused.KEY_OP_ENV}=fused needs Triton on a CUDA device: {why}. "
+                "Unset it to rotate keys with torch ops."
+            )
         for g, group in enumerate(kv_cache_config.kv_cache_groups):
             spec = group.kv_cache_spec
             first = forward_context[group.layer_names[0]]
@@ -82,24 +92,30 @@ class SinkKeys:
             stacks.append(BlockStack([forward_context[n].kv_cache for n in group.layer_names]))
             for (_, neox), (table, names) in by_table.items():
                 layers = [forward_context[n].kv_cache for n in names]
-                caches.append(
-                    (
-                        g,
-                        KeyCache(
-                            layers,
-                            rel,
-                            kernel_block,
-                            spec.num_kv_heads,
-                            spec.head_size,
-                            table,
-                            neox,
-                        ),
+                try:
+                    cache = KeyCache(
+                        layers,
+                        rel,
+                        kernel_block,
+                        spec.num_kv_heads,
+                        spec.head_size,
+                        table,
+                        neox,
+                        fused=fused,
                     )
-                )
+                except ValueError as e:
+                    raise SinkConfigError(
+                        f"{key_rotate_fused.KEY_OP_ENV}=fused: {e} (backend {backend}). "
+                        "Unset it to rotate keys with torch ops."
+                    ) from None
+                caches.append((g, cache))
         return cls(caches, factors, stacks)
 
     def describe(self) -> str:
-        return ", ".join(f"{c.num_layers} layers {c.mode}" for _, c in self.caches)
+        return ", ".join(
+            f"{c.num_layers} layers {c.mode}{' (fused key op)' if c.fused else ''}"
+            for _, c in self.caches
+        )
 
     def _kernel_blocks(self, g: int, spans: Sequence[BlockSpan]) -> tuple[list[int], list[int]]:
         """Kernel block ids of ``spans`` in group g, and how many belong to each span."""

@@ -291,3 +291,16 @@ def test_fused_rotate_needs_a_stacked_cache():
     layers, rel = make_layout("separate")
     with pytest.raises(ValueError, match="one stacked view; this cache is strided"):
         KeyCache(layers, rel, N, H, D, _table(), True, fused=True)
+
+
+@pytest.mark.cpu
+def test_key_op_setting(monkeypatch):
+    from vllm_sink.core import key_rotate_fused
+
+    monkeypatch.delenv("VLLM_SINK_KEY_OP", raising=False)
+    assert key_rotate_fused.requested() is False
+    monkeypatch.setenv("VLLM_SINK_KEY_OP", "fused")
+    assert key_rotate_fused.requested() is True
+    monkeypatch.setenv("VLLM_SINK_KEY_OP", "triton")
+    with pytest.raises(ValueError, match="'torch' or 'fused'"):
+        key_rotate_fused.requested()

@@ -28,6 +28,7 @@ CPU tensors: how the CPU test checks it against the pure-torch reference.
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
 
@@ -97,6 +98,18 @@ def _kernel(interpret: bool):
     import triton
 
     return triton.jit(fn)
+
+
+KEY_OP_ENV = "VLLM_SINK_KEY_OP"
+
+
+def requested() -> bool:
+    """Whether the workers rotate keys with the fused kernel: ``VLLM_SINK_KEY_OP=fused``
+    (``torch``, the default: the torch ops of ``KeyCache``)."""
+    v = os.environ.get(KEY_OP_ENV, "torch") or "torch"
+    if v not in ("torch", "fused"):
+        raise ValueError(f"{KEY_OP_ENV} must be 'torch' or 'fused', not {v!r}")
+    return v == "fused"
 
 
 def available() -> str | None:
