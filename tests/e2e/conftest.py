@@ -11,7 +11,14 @@ import sys
 
 import pytest
 
-from vllm_sink.tools.harness import KV_BYTES, gpu_share, make_llm, shutdown, worker_stats
+from vllm_sink.tools.harness import (
+    KV_BYTES,
+    engine_in_process,
+    gpu_share,
+    make_llm,
+    shutdown,
+    worker_stats,
+)
 
 
 @pytest.fixture
@@ -37,7 +44,8 @@ def generate_in_subprocess(
     **engine_kw,
 ) -> list:
     """Greedy generations from a fresh Python process (e.g. with plugins disabled): the
-    token ids per prompt, or with ``top_logprobs`` what ``greedy_top`` returns."""
+    token ids per prompt, or with ``top_logprobs`` what ``greedy_top`` returns. Its
+    engine core runs where ``make_llm``'s would (``engine_in_process``)."""
     script = os.path.join(os.path.dirname(__file__), "_generate.py")
     args = json.dumps(
         {
@@ -56,7 +64,11 @@ def generate_in_subprocess(
     )
     out = subprocess.run(
         [sys.executable, script, args],
-        env={**os.environ, **env},
+        env={
+            **os.environ,
+            "VLLM_ENABLE_V1_MULTIPROCESSING": "0" if engine_in_process() else "1",
+            **env,
+        },
         capture_output=True,
         text=True,
         timeout=600,
