@@ -60,6 +60,11 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=50)
     ap.add_argument("--out", default=os.environ.get("OUT", str(Path(__file__).parent / "results")))
     args = ap.parse_args()
+    from vllm_sink.core.key_rotate_fused import available
+
+    why = available()
+    if why is not None:
+        raise SystemExit(f"key_op.py times a CUDA kernel: {why} here")
     nblocks = 2 * max(args.batches) + 8
     buf = torch.randn(L, 2, nblocks, N, H, D, device="cuda").to(torch.bfloat16)
     torch_op, fused_op = make_cache(nblocks, False, buf), make_cache(nblocks, True, buf)
