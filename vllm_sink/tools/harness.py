@@ -72,12 +72,12 @@ def _engine_process(in_process: bool):
     """``VLLM_ENABLE_V1_MULTIPROCESSING`` for one engine's construction, restored after.
     vLLM caches its environment once an engine core started in this process; the cache
     is dropped so that the next engine reads its own setting."""
-    import vllm.envs
+    from vllm_sink.patches._envs import refresh
 
     key = "VLLM_ENABLE_V1_MULTIPROCESSING"
     before = os.environ.get(key)
     os.environ[key] = "0" if in_process else "1"
-    vllm.envs.disable_envs_cache()
+    refresh()
     try:
         yield
     finally:
@@ -85,7 +85,7 @@ def _engine_process(in_process: bool):
             os.environ.pop(key, None)
         else:
             os.environ[key] = before
-        vllm.envs.disable_envs_cache()
+        refresh()
 
 
 def worker_stats(llm) -> dict:
