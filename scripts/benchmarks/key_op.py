@@ -32,7 +32,7 @@ from vllm_sink.core.rotary import rope_table
 L, N, H, D = 32, 16, 8, 128
 
 
-def make_cache(blocks: int, fused: bool, buf: torch.Tensor) -> KeyCache:
+def make_cache(fused: bool, buf: torch.Tensor) -> KeyCache:
     layers = [buf[layer, 0] for layer in range(L)]  # keys of layer l: [blocks, N, H, D]
     inv_freq = 1.0 / (500000 ** (torch.arange(0, D, 2).float() / D))
     table = rope_table(inv_freq, 1 << 17)
@@ -67,7 +67,7 @@ def main() -> None:
         raise SystemExit(f"key_op.py times a CUDA kernel: {why} here")
     nblocks = 2 * max(args.batches) + 8
     buf = torch.randn(L, 2, nblocks, N, H, D, device="cuda").to(torch.bfloat16)
-    torch_op, fused_op = make_cache(nblocks, False, buf), make_cache(nblocks, True, buf)
+    torch_op, fused_op = make_cache(False, buf), make_cache(True, buf)
     assert torch_op.mode == fused_op.mode == "stacked"
 
     # agreement: the same rotation through both ops from the same keys

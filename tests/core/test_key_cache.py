@@ -93,13 +93,20 @@ def test_layout_modes(kind, mode):
             assert torch.equal(got[layer, i], read_block(layers[layer], rel, b, N, H, D))
 
 
+def _twins(kind, layers):
+    """An independent copy of ``layers`` with the same views (and so the same layout)."""
+    if kind == "separate":
+        return [t.clone() for t in layers]
+    # one buffer: clone the whole storage, rebuild the same views
+    first = layers[0]
+    base = torch.empty(0, dtype=first.dtype, device=first.device)
+    base = base.set_(first.untyped_storage()).clone()
+    return [base.as_strided(t.shape, t.stride(), t.storage_offset()) for t in layers]
+
+
 def _check_rotate(kind, dtype, device, with_source):
     layers, rel = make_layout(kind, dtype, device)
-    twins = [t.clone() for t in layers] if kind == "separate" else None
-    if twins is None:  # one buffer: clone the whole storage, rebuild the same views
-        storage = layers[0].untyped_storage()
-        base = torch.empty(0, dtype=dtype, device=device).set_(storage).clone()
-        twins = [base.as_strided(t.shape, t.stride(), t.storage_offset()) for t in layers]
+    twins = _twins(kind, layers)
     table = _table()
     blocks, deltas = [5, 0, 3, 2], [7, -12, 0, 40]
     source = None
@@ -248,9 +255,7 @@ def _check_fused(kind, dtype, device, with_source, fused):
     the cast rounds to nearest like torch's, so keys differ only where an FMA moved a
     product across a rounding boundary; Triton's interpreter truncates the cast."""
     layers, rel = make_layout(kind, dtype, device)
-    storage = layers[0].untyped_storage()
-    base = torch.empty(0, dtype=dtype, device=device).set_(storage).clone()
-    twins = [base.as_strided(t.shape, t.stride(), t.storage_offset()) for t in layers]
+    twins = _twins(kind, layers)
     table = _table()
     blocks, deltas = [5, 0, 3, 2], [7, -12, 0, 40]
     source = torch.randn(L, len(blocks), N, H, D).to(dtype).to(device) if with_source else None

@@ -70,8 +70,9 @@ def engine_in_process() -> bool:
 @contextmanager
 def _engine_process(in_process: bool):
     """``VLLM_ENABLE_V1_MULTIPROCESSING`` for one engine's construction, restored after.
-    vLLM caches its environment once an engine core started in this process; the cache
-    is dropped so that the next engine reads its own setting."""
+    vLLM caches its environment once an engine core started in this process (and an
+    in-process engine keeps reading that cache while it runs); the cache is dropped
+    before each build, so that every engine reads the environment as it is then."""
     from vllm_sink.patches._envs import refresh
 
     key = "VLLM_ENABLE_V1_MULTIPROCESSING"
@@ -85,7 +86,6 @@ def _engine_process(in_process: bool):
             os.environ.pop(key, None)
         else:
             os.environ[key] = before
-        refresh()
 
 
 def worker_stats(llm) -> dict:
